@@ -1,0 +1,34 @@
+# rci_fast: `make demo` and `make test` work from a fresh clone; both are idempotent.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# CPU machines get the pinned CPU build of torch (a plain `pip install torch` pulls a multi-GB CUDA build).
+TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[train,test]"
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+demo: setup
+	$(VPY) -m rci_fast sandbox demo
+	$(VPY) bench/bench_sandbox.py --quick
+
+bench: setup
+	$(VPY) bench/bench_sandbox.py
+
+clean:
+	rm -rf build *.egg-info $(VENV) sandbox/*.so

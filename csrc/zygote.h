@@ -1,0 +1,43 @@
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "landlock.h"
+#include "protocol.h"
+
+namespace rci {
+
+struct ZygoteConfig {
+  std::string scratch_root;              // one sub-folder per run child, removed after it
+  std::vector<std::string> read_paths;   // what a run may read (Landlock)
+  std::vector<std::string> rw_files;     // files a run may also write, e.g. /dev/null
+  int run_uid = -1;                      // >= 0: runs drop to this uid/gid (only when root)
+  int run_gid = -1;
+  uint32_t max_sessions = 256;           // live session children per worker
+  void (*after_fork_child)() = nullptr;  // re-initialises the interpreter after a fork
+};
+
+// Serves the host on `control_fd`: on each 'W' byte forks a worker and sends back one end of a
+// socketpair plus the worker pid (SCM_RIGHTS). Never returns in the template or in workers (they
+// _exit when the host closes its end); returns inside a new spare child, which then prepares
+// itself in Python and calls child_start() to wait for code.
+void serve_template(int control_fd, const ZygoteConfig& config);
+
+// In a spare child: wait for the first code, then lock the process down (rlimits, capabilities,
+// no_new_privs, Landlock, seccomp). False: the worker is gone.
+bool child_start(std::string* code, bool* session);
+
+// In a run child: report how the last piece of code ended, then (session mode) wait for the next.
+void child_report(int exit_code, bool memory_error);
+bool child_next(std::string* code);  // false: the worker closed the session
+
+// Errors the setup reports to Python before any fork.
+struct SandboxSetupError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace rci

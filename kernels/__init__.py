@@ -1,0 +1,1 @@
+"""rci_fast.kernels: Triton kernels and their torch reference/fallback."""

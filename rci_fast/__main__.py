@@ -1,0 +1,3 @@
+from rci_fast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""The `rci-fast` command: parses arguments and dispatches; the work lives in the subpackages."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rci_fast import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rci-fast",
+        description="rci_fast: train LLMs to reason with a code interpreter "
+                    "(multi-turn SFT + curriculum GRPO), fast.")
+    parser.add_argument("--version", action="version", version=f"rci_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from rci_fast.sandbox import cli as sandbox_cli
+
+    sandbox_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
