@@ -1,0 +1,281 @@
+"""fused_linear_logprob (torch path and Triton path) against a float64 reference.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1). Tolerances, absolute unless said otherwise:
+  fp32 inputs: logp within 1e-5 (the issue's bar); entropy within 1e-5 + 1e-5 x entropy (a sum of V
+    fp32 terms p log p, up to log V ~ 11 in size); gradients within 1e-5 + 1e-4 x |reference|.
+  bf16 inputs: the reference gets the same bf16-valued inputs in float64. Logits are formed in fp32
+    from them, so logp and entropy keep the fp32 bounds; gradients are returned in bf16 (rounding
+    2^-9 relative), so within 8e-3 x |reference| + 4e-3 x max|reference| on CPU; on CUDA d/dlogits
+    is also rounded to bf16 for the tensor-core matmuls: 2e-2 x max|reference|.
+On a GPU machine the Triton backend runs on CUDA tensors instead of the interpreter.
+"""
+import os
+
+import pytest
+import torch
+
+from rci_fast.kernels import fused_linear_logprob
+from rci_fast.kernels import logprob_rows_torch
+
+BACKENDS = ["torch", "triton"]
+FP32_TOL = dict(atol=1e-5, rtol=0.0)
+FP32_ENTROPY_TOL = dict(atol=1e-5, rtol=1e-5)
+FP32_GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
+BF16_GRAD_TOL = dict(rtol=8e-3, max_frac=4e-3 if not torch.cuda.is_available() else 2e-2)
+
+
+def _needs_triton(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no GPU and TRITON_INTERPRET is not set")
+
+
+def make_inputs(T, H, V, dtype=torch.float32, scale=1.0, seed=0, n_ignored=0):
+    """Logits have standard deviation about `scale` (larger scale: peakier, lower-entropy rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) * (scale / H ** 0.5)
+    targets = torch.randint(0, V, (T,), generator=gen)
+    if n_ignored:
+        targets[torch.randperm(T, generator=gen)[:n_ignored]] = -100
+    return hidden.to(dtype), weight.to(dtype), targets, gen
+
+
+def reference(hidden, weight, targets, temperature, g_logp, g_ent):
+    """float64 logp, entropy, d/dhidden, d/dweight of sum(g_logp * logp + g_ent * entropy)."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp_all = torch.log_softmax(h @ w.t() / temperature, dim=-1)
+    ignored = targets == -100
+    logp = logp_all.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).masked_fill(ignored, 0.0)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(ignored, 0.0)
+    (g_logp.double() * logp + g_ent.double() * entropy).sum().backward()
+    return logp, entropy, h.grad, w.grad
+
+
+def device_for(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def run(hidden, weight, targets, temperature, g_logp, g_ent, backend, **kw):
+    """fused_linear_logprob forward + backward on the backend's device; results come back on CPU."""
+    dev = device_for(backend)
+    h = hidden.detach().to(dev).requires_grad_()
+    w = weight.detach().to(dev).requires_grad_()
+    logp, entropy = fused_linear_logprob(h, w, targets.to(dev), temperature, return_entropy=True,
+                                         backend=backend, **kw)
+    (g_logp.to(dev) * logp + g_ent.to(dev) * entropy).sum().backward()
+    return logp.cpu(), entropy.cpu(), h.grad.cpu(), w.grad.cpu()
+
+
+def check_fp32(got, want):
+    logp, entropy, gh, gw = got
+    r_logp, r_entropy, r_gh, r_gw = want
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), r_logp, **FP32_TOL)
+    torch.testing.assert_close(entropy.double(), r_entropy, **FP32_ENTROPY_TOL)
+    torch.testing.assert_close(gh.double(), r_gh, **FP32_GRAD_TOL)
+    torch.testing.assert_close(gw.double(), r_gw, **FP32_GRAD_TOL)
+
+
+# (T, H, V): one token, odd T, T > one chunk; V = 1000 (< one 1024 tile), 50257 (GPT-2, 13 tiles, last
+# partial), 1237 (prime: a multiple of no block size); H never a multiple of 128.
+SHAPES = [(1, 40, 1000), (7, 72, 1237), (129, 40, 1000), (7, 24, 50257)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,H,V", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_matches_float64(backend, T, H, V, temperature):
+    _needs_triton(backend)
+    hidden, weight, targets, gen = make_inputs(T, H, V, scale=3.0, seed=T * V)
+    g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
+    # chunk_size=5 splits T = 7 and 129 into uneven chunks.
+    got = run(hidden, weight, targets, temperature, g_logp, g_ent, backend, chunk_size=5)
+    check_fp32(got, reference(hidden, weight, targets, temperature, g_logp, g_ent))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_many_tokens_large_vocab(backend):
+    _needs_triton(backend)
+    T, H, V = 129, 72, 50257
+    hidden, weight, targets, gen = make_inputs(T, H, V, scale=4.0, seed=3, n_ignored=9)
+    g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
+    got = run(hidden, weight, targets, 0.9, g_logp, g_ent, backend, chunk_size=64)
+    check_fp32(got, reference(hidden, weight, targets, 0.9, g_logp, g_ent))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,H,V", [(1, 40, 1000), (7, 72, 1237), (33, 24, 50257)])
+def test_bf16_matches_float64(backend, T, H, V):
+    _needs_triton(backend)
+    hidden, weight, targets, gen = make_inputs(T, H, V, dtype=torch.bfloat16, scale=3.0, seed=V)
+    g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
+    logp, entropy, gh, gw = run(hidden, weight, targets, 0.8, g_logp, g_ent, backend, chunk_size=4)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16 and logp.dtype == torch.float32
+    r_logp, r_entropy, r_gh, r_gw = reference(hidden, weight, targets, 0.8, g_logp, g_ent)
+    torch.testing.assert_close(logp.double(), r_logp, **FP32_TOL)
+    torch.testing.assert_close(entropy.double(), r_entropy, **FP32_ENTROPY_TOL)
+    for got, want in ((gh, r_gh), (gw, r_gw)):
+        atol = BF16_GRAD_TOL["max_frac"] * want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=BF16_GRAD_TOL["rtol"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_tokens_have_zero_logp_entropy_and_gradient(backend):
+    _needs_triton(backend)
+    T, H, V = 9, 40, 1000
+    hidden, weight, targets, gen = make_inputs(T, H, V, seed=5, n_ignored=4)
+    ignored = targets == -100
+    g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
+    got = run(hidden, weight, targets, 1.3, g_logp, g_ent, backend, chunk_size=4)
+    check_fp32(got, reference(hidden, weight, targets, 1.3, g_logp, g_ent))
+    logp, entropy, gh, _ = got
+    assert ignored.sum() == 4
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all() and (gh[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logp_only_backward(backend):
+    """Entropy not requested: its gradient is None inside the backward and must count as zero."""
+    _needs_triton(backend)
+    hidden, weight, targets, gen = make_inputs(7, 40, 1237, seed=11)
+    dev = device_for(backend)
+    h, w = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
+    logp = fused_linear_logprob(h, w, targets.to(dev), backend=backend)
+    assert logp.shape == (7,)
+    g = torch.randn(7, generator=gen)
+    (g.to(dev) * logp).sum().backward()
+    _, _, r_gh, r_gw = reference(hidden, weight, targets, 1.0, g, torch.zeros(7))
+    torch.testing.assert_close(h.grad.cpu().double(), r_gh, **FP32_GRAD_TOL)
+    torch.testing.assert_close(w.grad.cpu().double(), r_gw, **FP32_GRAD_TOL)
+
+
+def test_gradient_only_for_inputs_that_require_it():
+    hidden, weight, targets, _ = make_inputs(5, 40, 1000)
+    w = weight.clone().requires_grad_()
+    fused_linear_logprob(hidden, w, targets, backend="torch").sum().backward()
+    _, _, _, r_gw = reference(hidden, weight, targets, 1.0, torch.ones(5), torch.zeros(5))
+    torch.testing.assert_close(w.grad.double(), r_gw, **FP32_GRAD_TOL)
+
+
+def test_triton_rows_with_many_partial_tiles():
+    """Row kernels alone on hand-made logits: V = 1000 in 256-wide tiles (last tile 232 wide), and
+    rows of large negative logits, where a column past V read as 0 instead of -inf would dominate."""
+    backend = "triton"
+    _needs_triton(backend)
+    from rci_fast.kernels import logprob_rows_triton
+    gen = torch.Generator().manual_seed(7)
+    C, V, dev = 6, 1000, device_for(backend)
+    logits = torch.randn(C, V, generator=gen) * 4
+    logits[3:] -= 60.0
+    targets = torch.randint(0, V, (C,), generator=gen)
+    targets[1] = -100
+    g, g_ent = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
+    want = logprob_rows_torch.forward_stats(logits.clone().double(), targets, 0.5, -100)
+    _, lse, entropy = (x.float() for x in want)
+    want_dz = logprob_rows_torch.grad_logits_(logits.clone().double(), targets, lse.double(),
+                                              entropy.double(), g, g_ent, 0.5, -100)
+    on_dev = (lambda *xs: [x.to(dev) for x in xs])
+    for block_v in (256, 1024):
+        got = logprob_rows_triton.forward_stats(*on_dev(logits, targets), 0.5, -100, block_v=block_v)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu().double(), b, atol=2e-5, rtol=1e-6)
+        got_dz = logprob_rows_triton.grad_logits_(*on_dev(logits.clone(), targets, lse, entropy, g, g_ent),
+                                                  0.5, -100, block_v=block_v)
+        torch.testing.assert_close(got_dz.cpu().double(), want_dz, atol=1e-6, rtol=1e-5)
+
+
+def test_chunking_does_not_change_the_result():
+    hidden, weight, targets, _ = make_inputs(37, 40, 1237, seed=2)
+    one = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=1)
+    all_ = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=37)
+    odd = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=10)
+    torch.testing.assert_close(one, all_, atol=2e-6, rtol=0)
+    torch.testing.assert_close(odd, all_, atol=2e-6, rtol=0)
+
+
+def test_never_saves_full_logits_for_backward():
+    """Memory contract: nothing of T x V size is kept between forward and backward."""
+    T, H, V = 64, 16, 3000
+    hidden, weight, targets, _ = make_inputs(T, H, V)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logp, entropy = fused_linear_logprob(h, w, targets, return_entropy=True, backend="torch", chunk_size=16)
+    assert saved and max(saved) <= V * H < T * V
+    (logp + entropy).sum().backward()
+    assert h.grad is not None and w.grad is not None
+
+
+def test_zero_tokens():
+    hidden, weight, targets, _ = make_inputs(0, 8, 50)
+    h = hidden.clone().requires_grad_()
+    logp, entropy = fused_linear_logprob(h, weight, targets, return_entropy=True)
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    logp.sum().backward()
+    assert h.grad.shape == (0, 8)
+
+
+def test_auto_backend_on_cpu_is_the_torch_path():
+    hidden, weight, targets, _ = make_inputs(5, 16, 300)
+    torch.testing.assert_close(fused_linear_logprob(hidden, weight, targets),
+                               fused_linear_logprob(hidden, weight, targets, backend="torch"), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case,error,message", [
+    ("hidden_3d", ValueError, "hidden must be"),
+    ("weight_1d", ValueError, "weight must be"),
+    ("hidden_size", ValueError, "hidden size mismatch"),
+    ("targets_len", ValueError, "targets has"),
+    ("targets_2d", ValueError, "targets must be"),
+    ("int32_targets", TypeError, "int64"),
+    ("dtype_mismatch", TypeError, "differs"),
+    ("int_hidden", TypeError, "float32, bfloat16"),
+    ("target_too_big", ValueError, "out of range"),
+    ("target_negative", ValueError, "out of range"),
+    ("device_mismatch", ValueError, "different devices"),
+    ("zero_temperature", ValueError, "temperature"),
+    ("bad_backend", ValueError, "backend"),
+])
+def test_bad_input_raises_clear_error(case, error, message):
+    hidden, weight, targets, _ = make_inputs(4, 8, 50)
+    kw = {}
+    if case == "hidden_3d":
+        hidden = hidden[None]
+    elif case == "weight_1d":
+        weight = weight[0]
+    elif case == "hidden_size":
+        weight = weight[:, :7]
+    elif case == "targets_len":
+        targets = targets[:3]
+    elif case == "targets_2d":
+        targets = targets[:, None]
+    elif case == "int32_targets":
+        targets = targets.int()
+    elif case == "dtype_mismatch":
+        weight = weight.double()
+    elif case == "int_hidden":
+        hidden, weight = hidden.long(), weight.long()
+    elif case == "target_too_big":
+        targets[2] = 50
+    elif case == "target_negative":
+        targets[0] = -1
+    elif case == "device_mismatch":
+        weight = weight.to("meta")
+    elif case == "zero_temperature":
+        kw["temperature"] = 0.0
+    elif case == "bad_backend":
+        kw["backend"] = "cuda"
+    with pytest.raises(error, match=message):
+        fused_linear_logprob(hidden, weight, targets, **kw)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, targets, _ = make_inputs(4, 8, 50)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused_linear_logprob(hidden, weight, targets, backend="triton")
