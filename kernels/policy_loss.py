@@ -1,0 +1,126 @@
+"""Clipped policy-gradient loss (PPO / GRPO / DAPO clip-higher / Dr.GRPO) over packed tokens.
+
+Every input is per token, [T] (sequences packed without padding). The heavy part of the op is
+computing logp, done by fused_linear_logprob; this part is O(T) elementwise work in torch
+(autograd fuses nothing here, but it is < 0.1% of the step's FLOPs).
+
+Per token, with r = exp(logp - old_logp):
+    pg  = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+    kl  = k1: logp - ref_logp      k3 (= low_var_kl): exp(ref - logp) - (ref - logp) - 1
+    loss_t = pg + kl_coef * kl - entropy_coef * entropy
+Aggregations (normalisers are global, so the gradient does not depend on how the batch is split):
+    "token-mean":               sum(mask * loss_t) / global_tokens
+    "seq-mean-token-mean":      sum over sequences of (seq's masked token mean) / global_seqs
+    "seq-mean-token-sum-norm":  sum(mask * loss_t) / norm   (Dr.GRPO: a constant, e.g. max_len * n_seqs)
+"""
+import torch
+
+from .linear_logprob import fused_linear_logprob
+
+LOG_RATIO_CLAMP = 20.0  # as in verl: exp(+-20) stays finite in fp32; such tokens are clipped anyway
+KL_CLAMP = 10.0         # verl's low_var_kl bound on the k3 estimate
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def kl_penalty(logp, ref_logp, estimator):
+    """Per-token KL(pi || ref) estimate from sampled tokens."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator in ("k3", "low_var_kl"):
+        log_ratio = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return (torch.exp(log_ratio) - log_ratio - 1).clamp(-KL_CLAMP, KL_CLAMP)
+    raise ValueError(f"kl estimator must be 'k1', 'k3' or 'low_var_kl', got {estimator!r}")
+
+
+def _check(logp, named):
+    if logp.dim() != 1:
+        raise ValueError(f"logp must be [T], got shape {tuple(logp.shape)}")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor")
+        if t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logp.shape)} like logp")
+        if t.device != logp.device:
+            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None,
+                ref_logp=None, kl_coef=0.0, kl_estimator="low_var_kl",
+                entropy=None, entropy_coef=0.0,
+                aggregation="token-mean", global_tokens=None,
+                seq_ids=None, global_seqs=None, norm=None):
+    """Returns (loss, stats). stats holds detached per-token tensors "ratio", "clipped", "kl" (when
+    ref_logp is given) and masked means "clip_frac", "ratio_mean", "kl_mean", "entropy_mean" over the
+    local tokens (for logging). global_tokens / global_seqs default to the local counts; pass the
+    counts over all ranks and micro-batches to make the loss split-invariant."""
+    _check(logp, dict(old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
+                      entropy=entropy, seq_ids=seq_ids))
+    if clip_high is None:
+        clip_high = clip_low
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef is set but ref_logp is None")
+    if entropy_coef and entropy is None:
+        raise ValueError("entropy_coef is set but entropy is None")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if seq_ids is not None and seq_ids.dtype != torch.int64:
+        raise TypeError(f"seq_ids must be int64, got {seq_ids.dtype}")
+
+    mask = mask.to(logp.dtype)
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+    stats = {"ratio": ratio.detach(), "clipped": (pg_clipped > pg_unclipped).detach()}
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        stats["kl"] = kl.detach()
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    if entropy is not None and entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+
+    masked = per_token * mask
+    if aggregation == "token-mean":
+        denom = mask.sum() if global_tokens is None else global_tokens
+        loss = masked.sum() / max(float(denom), 1.0)
+    elif aggregation == "seq-mean-token-mean":
+        if seq_ids is None:
+            raise ValueError("aggregation='seq-mean-token-mean' needs seq_ids [T] (sequence index per token)")
+        n_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+        seq_sum = masked.new_zeros(n_seqs).index_add_(0, seq_ids, masked)
+        seq_len = mask.new_zeros(n_seqs).index_add_(0, seq_ids, mask)
+        seq_mean = seq_sum / seq_len.clamp(min=1.0)  # a fully masked sequence contributes 0
+        loss = seq_mean.sum() / max(float(n_seqs if global_seqs is None else global_seqs), 1.0)
+    else:
+        if norm is None or not norm > 0:
+            raise ValueError("aggregation='seq-mean-token-sum-norm' needs a positive constant norm")
+        loss = masked.sum() / float(norm)
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1.0)
+        stats["clip_frac"] = (stats["clipped"].to(mask.dtype) * mask).sum() / n
+        stats["ratio_mean"] = (ratio * mask).sum() / n
+        if "kl" in stats:
+            stats["kl_mean"] = (stats["kl"] * mask).sum() / n
+        if entropy is not None:
+            stats["entropy_mean"] = (entropy * mask).sum() / n
+    return loss, stats
+
+
+def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, temperature=1.0,
+                       backend="auto", chunk_size=None, **loss_kwargs):
+    """policy_loss on log-probs computed straight from hidden states (fused_linear_logprob): the
+    [T x V] logits never exist. The entropy comes from the same pass at no extra matmul; it enters
+    the loss only through entropy_coef. Returns (loss, stats) with stats["logp"] added."""
+    logp, entropy = fused_linear_logprob(hidden, weight, targets, temperature, return_entropy=True,
+                                         backend=backend, chunk_size=chunk_size)
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **loss_kwargs)
+    stats["logp"] = logp.detach()
+    return loss, stats
