@@ -12,9 +12,10 @@ import torch
 
 from . import logprob_rows_torch
 
-# Bytes of fp32 logits per chunk. Small on CPU (memory is the point there, matmuls stay efficient at
-# ~100 rows); larger on GPU so each chunk's matmuls are big enough to reach the tensor-core roofline.
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+# Bytes of fp32 logits per chunk. On CPU 128 MiB (~200 rows at V = 152k): fwd+bwd measured 16%
+# faster than at 64 MiB, as dW's read-modify-write is amortised over more rows. On GPU 1 GiB, so each
+# chunk's matmuls are big enough to reach the tensor-core roofline.
+CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
 
 
 def _triton_rows():
