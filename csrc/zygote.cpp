@@ -123,6 +123,7 @@ struct Child {
   pid_t pid = -1;
   int control_w = -1;  // worker -> child: code
   int out_r = -1, err_r = -1, report_r = -1;
+  int pidfd = -1;  // readable once the child has exited
   std::string scratch;
   bool session = false;
 };
@@ -275,6 +276,8 @@ class Worker {
     c.err_r = err[0];
     c.report_r = report[0];
     for (int fd : {c.out_r, c.err_r, c.report_r}) fcntl(fd, F_SETFL, O_NONBLOCK);
+    c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));  // -1 before Linux 5.3
+    if (c.pidfd >= 0) fcntl(c.pidfd, F_SETFD, FD_CLOEXEC);
     return c;
   }
 
@@ -282,7 +285,7 @@ class Worker {
   // kernel has torn down its address space (a millisecond or more), off the request path.
   void finish(Child& c) {
     if (c.pid > 0) kill(c.pid, SIGKILL);
-    for (int fd : {c.control_w, c.out_r, c.err_r, c.report_r})
+    for (int fd : {c.control_w, c.out_r, c.err_r, c.report_r, c.pidfd})
       if (fd >= 0) close(fd);
     if (c.pid > 0 || !c.scratch.empty()) graveyard_.push_back(c);
     c = Child{};
@@ -332,7 +335,7 @@ class Worker {
     }
     const double deadline = t0 + limits.timeout_s * 1e3;
     const size_t cap = limits.max_output_bytes;
-    bool out_open = true, err_open = true, report_open = true, reported = false;
+    bool out_open = true, err_open = true, report_open = true, reported = false, exited = false;
     int killed_for = -1;
     ChildReport rep{};
     size_t rep_have = 0;
@@ -350,14 +353,18 @@ class Worker {
       }
     };
 
-    while (killed_for < 0 && !reported && report_open) {
+    // Ends on the report, the child's exit (its pidfd: the code may close the report pipe and go
+    // on running), the deadline or too much output.
+    while (killed_for < 0 && !reported && !exited) {
       double left = deadline - now_ms();
       if (left <= 0) { killed_for = ST_TIMEOUT; break; }
-      pollfd p[3];
+      if (!report_open && c.pidfd < 0) { exited = true; break; }  // no pidfd: EOF is the best sign
+      pollfd p[4];
       int n = 0;
       if (out_open) p[n++] = {c.out_r, POLLIN, 0};
       if (err_open) p[n++] = {c.err_r, POLLIN, 0};
-      p[n++] = {c.report_r, POLLIN, 0};
+      if (report_open) p[n++] = {c.report_r, POLLIN, 0};
+      if (c.pidfd >= 0) p[n++] = {c.pidfd, POLLIN, 0};
       int r = poll(p, n, static_cast<int>(std::ceil(left)));
       if (r < 0 && errno != EINTR) { killed_for = ST_ERROR; break; }
       if (r <= 0) continue;
@@ -365,6 +372,7 @@ class Worker {
         if (!p[i].revents) continue;
         if (p[i].fd == c.out_r) drain(c.out_r, o.out, RF_STDOUT_TRUNCATED, out_open);
         else if (p[i].fd == c.err_r) drain(c.err_r, o.err, RF_STDERR_TRUNCATED, err_open);
+        else if (p[i].fd == c.pidfd) exited = true;
         else {
           ssize_t k = read(c.report_r, reinterpret_cast<char*>(&rep) + rep_have, sizeof rep - rep_have);
           if (k == 0) report_open = false;
@@ -373,8 +381,9 @@ class Worker {
       }
     }
     o.h.wall_ms = now_ms() - t0;
+    if (reported && rep.magic != kReportMagic) killed_for = ST_VIOLATION;  // forged by the code
 
-    if (reported && rep.magic == kReportMagic && killed_for < 0) {
+    if (reported && killed_for < 0) {
       // Everything printed before the report is already in the pipes.
       if (out_open) drain(c.out_r, o.out, RF_STDOUT_TRUNCATED, out_open);
       if (err_open) drain(c.err_r, o.err, RF_STDERR_TRUNCATED, err_open);

@@ -1,0 +1,240 @@
+"""The sandbox's Python API on real runs: statuses, limits, sessions, concurrency, recovery."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rci_fast.sandbox import Sandbox, SandboxError
+
+
+@pytest.fixture(scope="module")
+def sb():
+    with Sandbox(workers=2, timeout_s=5.0) as box:
+        yield box
+
+
+def test_import_does_not_pull_torch():
+    code = "import sys, rci_fast.sandbox; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_print_one(sb):
+    r = sb.run("print(1)")
+    assert (r.status, r.stdout, r.stderr, r.exit_code) == ("ok", "1\n", "", 0)
+    assert 0 < r.wall_ms < 1000
+
+
+def test_exception_gives_error_with_traceback(sb):
+    r = sb.run("x = 1\nprint('before')\n1 / x / 0\n")
+    assert r.status == "error" and r.exit_code == 1
+    assert r.stdout == "before\n"
+    assert 'File "<code>", line 3' in r.stderr and "ZeroDivisionError" in r.stderr
+    assert "_zygote" not in r.stderr  # the sandbox's own frames are hidden
+
+
+@pytest.mark.parametrize("code,status,exit_code,stderr_has", [
+    ("", "ok", 0, ""),
+    ("raise SystemExit", "ok", 0, ""),
+    ("import sys; sys.exit(0)", "ok", 0, ""),
+    ("import sys; sys.exit(3)", "error", 3, ""),
+    ("import sys; sys.exit('bad input')", "error", 1, "bad input"),
+    ("def f(:\n  pass", "error", 1, "SyntaxError"),
+    ("raise KeyboardInterrupt", "error", 1, "KeyboardInterrupt"),
+    ("import os; os._exit(7)", "error", 7, ""),
+])
+def test_exit_paths(sb, code, status, exit_code, stderr_has):
+    r = sb.run(code)
+    assert (r.status, r.exit_code) == (status, exit_code), r
+    assert stderr_has in r.stderr
+
+
+def test_timeout_is_enforced_quickly(sb):
+    t0 = time.monotonic()
+    r = sb.run("while True:\n    pass", timeout_s=0.5)
+    assert r.status == "timeout"
+    assert 450 <= r.wall_ms < 1500 and time.monotonic() - t0 < 3
+
+
+def test_sleep_forever_times_out(sb):
+    r = sb.run("import time\nprint('start', flush=True)\ntime.sleep(10**6)", timeout_s=0.3)
+    assert r.status == "timeout" and r.stdout == "start\n"
+
+
+def test_memory_limit(sb):
+    r = sb.run("x = bytearray(2 << 30)", memory_mb=256)
+    assert r.status == "memory_limit" and "MemoryError" in r.stderr
+    r = sb.run("import numpy as np\na = np.ones((1 << 30,), dtype=np.float64)", memory_mb=256)
+    assert r.status == "memory_limit"
+    assert sb.run("x = bytearray(64 << 20); print(len(x))", memory_mb=256).stdout == f"{64 << 20}\n"
+
+
+def test_output_is_capped_and_run_stopped(sb):
+    t0 = time.monotonic()
+    r = sb.run("while True:\n    print('x' * 1000)", max_output_bytes=10_000)
+    assert r.status == "output_limit" and r.stdout_truncated
+    assert len(r.stdout) == 10_000 and time.monotonic() - t0 < 2
+    r = sb.run("import sys\nwhile True:\n    sys.stderr.write('e' * 4096)", max_output_bytes=5000)
+    assert r.status == "output_limit" and r.stderr_truncated and len(r.stderr) == 5000
+
+
+def test_non_utf8_and_unencodable_output(sb):
+    r = sb.run("import sys\nsys.stdout.buffer.write(b'ok \\xff\\xfe end')\nprint('\\udc80')")
+    assert r.status == "ok"
+    assert r.stdout.startswith("ok \ufffd\ufffd end") and "\\udc80" in r.stdout
+
+
+def test_closing_stdout_is_harmless(sb):
+    r = sb.run("import os, sys\nprint('a', flush=True)\nos.close(1)\nprint('b')")
+    assert r.status in ("ok", "error") and r.stdout == "a\n"
+    r = sb.run("import sys\nsys.stdout.close()\nsys.stderr.close()")
+    assert r.status == "ok"
+
+
+def test_threads_work_and_do_not_outlive_the_run(sb):
+    code = ("import threading, time\n"
+            "res = []\n"
+            "ts = [threading.Thread(target=lambda i=i: res.append(i * i)) for i in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "threading.Thread(target=lambda: time.sleep(100), daemon=True).start()\n"
+            "print(sorted(res))")
+    r = sb.run(code)
+    assert r.status == "ok" and r.stdout == "[0, 1, 4, 9, 16, 25, 36, 49]\n"
+    assert r.wall_ms < 1000
+
+
+def test_warm_modules_cost_no_import_time(sb):
+    code = ("import numpy as np, sympy as sp\nx = sp.Symbol('x')\n"
+            "print(sp.solve(x**2 - 4, x), int(np.arange(10).sum()))")
+    r = sb.run(code)
+    assert r.status == "ok" and r.stdout == "[-2, 2] 45\n"
+    assert r.wall_ms < 100  # a cold `import sympy` alone takes ~1 s here
+
+
+def test_big_integers_print(sb):
+    r = sb.run("print(len(str(7 ** 20000)))")
+    assert r.status == "ok" and r.stdout == "16902\n"
+
+
+def test_no_state_leaks_between_runs(sb):
+    sb.run("import builtins, os, sys\nbuiltins.leak = 1\nsys.leak = 1\nos.environ['LEAK'] = '1'\n"
+           "open('leak.txt', 'w').write('x')\nimport json\njson.leak = 1\nglobal_leak = 1")
+    for _ in range(4):  # every worker
+        r = sb.run("import builtins, os, sys, json\n"
+                   "print(hasattr(builtins, 'leak'), hasattr(sys, 'leak'), 'LEAK' in os.environ, "
+                   "os.path.exists('leak.txt'), hasattr(json, 'leak'), 'global_leak' in globals())")
+        assert r.stdout == "False False False False False False\n"
+
+
+def test_each_run_gets_fresh_randomness(sb):
+    outs = {sb.run("import random, numpy as np; print(random.random(), np.random.rand())").stdout
+            for _ in range(4)}
+    assert len(outs) == 4
+
+
+def test_scratch_folder_is_private_and_writable(sb):
+    r = sb.run("import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
+               "with tempfile.NamedTemporaryFile('w', delete=False) as f: f.write('t')\n"
+               "print(open('a.txt').read(), os.path.dirname(f.name) == os.getcwd())")
+    assert r.status == "ok" and r.stdout == "hi True\n"
+
+
+def test_environment_is_scrubbed():
+    os.environ["RCI_TEST_HOST_SECRET"] = "hunter2"
+    try:
+        with Sandbox(workers=1) as box:
+            r = box.run("import os\nprint(sorted(os.environ))\nprint(open('/proc/self/environ').read())")
+    finally:
+        del os.environ["RCI_TEST_HOST_SECRET"]
+    assert "hunter2" not in r.stdout and "RCI_TEST_HOST_SECRET" not in r.stdout
+    assert "PATH" in r.stdout
+    assert r.status == "error"  # /proc is not readable at all
+
+
+def test_run_many_keeps_order_and_uses_both_workers(sb):
+    codes = [f"import time, os\ntime.sleep(0.2)\nprint({i}, os.getppid())" for i in range(4)]
+    t0 = time.monotonic()
+    rs = sb.run_many(codes)
+    elapsed = time.monotonic() - t0
+    assert [r.stdout.split()[0] for r in rs] == ["0", "1", "2", "3"]
+    assert len({r.stdout.split()[1] for r in rs}) == 2  # two different workers
+    assert elapsed < 0.75  # 4 x 0.2 s on 2 workers: ~0.4 s, not 0.8 s
+
+
+def test_submit_is_non_blocking(sb):
+    t0 = time.monotonic()
+    fut = sb.submit("import time; time.sleep(0.3); print('done')")
+    assert time.monotonic() - t0 < 0.1
+    assert fut.result(timeout=5).stdout == "done\n"
+
+
+def test_session_keeps_variables_and_files(sb):
+    with sb.session() as s:
+        assert s.run("x = 41\nopen('f.txt', 'w').write('kept')").status == "ok"
+        r = s.run("x += 1\nprint(x, open('f.txt').read())")
+        assert r.stdout == "42 kept\n"
+        r = s.run("print(y)")
+        assert r.status == "error" and "NameError" in r.stderr
+        assert s.run("print(x)").stdout == "42\n"  # an exception does not end the session
+    assert s.closed
+    assert s.run("print(x)").status == "error"
+
+
+def test_session_ends_after_timeout_and_fresh_runs_stay_isolated(sb):
+    s = sb.session()
+    s.run("secret = 'session-only'")
+    assert "secret" not in sb.run("print(dir())").stdout
+    r = s.run("while True: pass", timeout_s=0.3)
+    assert r.status == "timeout" and s.closed
+    r = s.run("print(secret)")
+    assert r.status == "error" and "session ended" in r.stderr
+
+
+def test_many_sessions_share_workers(sb):
+    sessions = [sb.session() for _ in range(6)]
+    for i, s in enumerate(sessions):
+        s.run(f"v = {i}")
+    assert [s.run("print(v)").stdout for s in sessions] == [f"{i}\n" for i in range(6)]
+    for s in sessions:
+        s.close()
+
+
+def test_bad_arguments_fail_clearly(sb):
+    with pytest.raises(TypeError, match="unknown sandbox limit"):
+        sb.run("print(1)", memory_gb=1)
+    with pytest.raises(ValueError, match="invalid sandbox limits"):
+        sb.run("print(1)", timeout_s=0)
+    with pytest.raises(ValueError):
+        Sandbox(workers=1, memory_mb=-1)
+
+
+def test_survives_a_killed_worker():
+    with Sandbox(workers=1) as box:
+        os.kill(box.worker_pids[0], 9)
+        r = box.run("print(1)")
+        assert r.status == "error" and "restarted" in r.stderr
+        assert box.run("print(2)").stdout == "2\n"
+
+
+def test_close_leaves_nothing_behind():
+    box = Sandbox(workers=2)
+    box.run("print(1)")
+    pids = [box.template_pid, *box.worker_pids]
+    root = box.scratch_root
+    box.close()
+    time.sleep(0.1)
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
+    assert not os.path.exists(root)
+    with pytest.raises(SandboxError):
+        box.run("print(1)")
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
