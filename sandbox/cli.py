@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -97,7 +98,8 @@ def _demo(args) -> int:
         results = sb.run_many([code for _, code in DEMO_PROGRAMS], timeout_s=2.0, memory_mb=256)
         print(f"{'program':<20}{'status':<14}{'ms':>8}  output")
         for (name, _), r in zip(DEMO_PROGRAMS, results):
-            text = (r.stdout.strip() or r.stderr.strip().splitlines()[-1:] or [""])
-            text = text if isinstance(text, str) else text[0]
+            text = r.stdout.strip() or (r.stderr.strip().splitlines() or [""])[-1]
+            if r.signal:
+                text = f"killed by {signal.Signals(r.signal).name}" + (" (blocked syscall)" if r.signal == signal.SIGSYS else "")
             print(f"{name:<20}{r.status:<14}{r.wall_ms:>8.1f}  {text[:60]!r}")
     return 0
