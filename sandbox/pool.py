@@ -222,6 +222,7 @@ class Sandbox:
         self._startup_timeout_s = startup_timeout_s
         self._run_uid = run_uid
         self._cond = threading.Condition()
+        self._control_lock = threading.Lock()  # one worker request at a time on the template socket
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._workers: list[_Worker] = []
         self._template: subprocess.Popen | None = None
@@ -288,9 +289,13 @@ class Sandbox:
         self._workers = [self._spawn_worker() for _ in range(self.workers)]
 
     def _spawn_worker(self) -> _Worker:
-        self._control.settimeout(30.0)
-        self._control.sendall(b"W")
-        msg, fds, _, _ = socket.recv_fds(self._control, 4, 1)
+        with self._control_lock:
+            try:
+                self._control.settimeout(30.0)
+                self._control.sendall(b"W")
+                msg, fds, _, _ = socket.recv_fds(self._control, 4, 1)
+            except OSError as e:
+                raise SandboxError(f"the sandbox template is gone ({e}); create a new Sandbox") from e
         if len(msg) != 4 or not fds:
             raise SandboxError("sandbox template could not start a worker")
         (pid,) = struct.unpack("<i", msg)
