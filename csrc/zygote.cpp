@@ -162,8 +162,8 @@ SpareState g_spare{};
 // Runs in the spare child right after fork: moves its descriptors in place and prepares its
 // Landlock ruleset. The caller then unwinds into Python, which warms itself up and calls
 // child_start(). (No C++ exception: the first throw in a process faults in the unwind tables.)
-void spare_child(const ChildSetup& s, const std::string& scratch, int control_r,
-                            int out_w, int err_w, int report_w) {
+void spare_child(const ChildSetup& s, const std::string& scratch, int control_r, int out_w,
+                 int err_w, int report_w) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != s.worker_pid) _exit(0);
   setsid();  // own session and process group: kill(0) and terminal signals reach only itself
