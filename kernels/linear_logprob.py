@@ -1,9 +1,12 @@
 """Log-probs (and entropy) of target tokens straight from hidden states and the lm_head weight.
 
-The [T x V] logits never exist: tokens are processed in chunks of C rows. Per chunk, the matmul
-h_c @ W.T writes fp32 logits [C, V]; a row pass (torch or Triton) reduces them to logp, lse and
-entropy. The backward recomputes each chunk's logits, turns them in place into d loss / d logits
-and applies the two remaining matmuls; dW accumulates across chunks in fp32.
+The [T x V] logits never exist: they are produced one tile at a time, C tokens by Vb vocabulary
+columns, as fp32 from a matmul h_c @ W_b.T. A row pass (torch or Triton) reduces each tile to a
+max, a sum of exponentials and a centred first moment, which merge across vocab blocks into lse
+and entropy. The backward recomputes each tile, turns it in place into d loss / d logits and
+applies the two remaining matmuls: dH accumulates over vocab blocks and dW over token chunks, both
+in fp32. Tiling the vocab (not only the tokens) keeps every matmul's inner size large and writes
+each block of dW once per token chunk instead of re-reading all of dW per chunk.
 FLOPs: 2TVH forward + 6TVH backward = the 8*T*H*V the benchmark counts against.
 """
 import os
@@ -12,10 +15,12 @@ import torch
 
 from . import logprob_rows_torch
 
-# Bytes of fp32 logits per chunk. On CPU 128 MiB (~200 rows at V = 152k): fwd+bwd measured 16%
-# faster than at 64 MiB, as dW's read-modify-write is amortised over more rows. On GPU 1 GiB, so each
-# chunk's matmuls are big enough to reach the tensor-core roofline.
-CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
+# Bytes of one fp32 logits tile, and the most tokens per chunk. The tile's vocab width follows:
+# budget / (4 * chunk). CPU: 128 MiB (T = 2048 -> 16k-column blocks; the working set stays small
+# next to the fp32 dW every path returns). GPU: 1 GiB, so each matmul is big enough to reach the
+# tensor-core roofline.
+TILE_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
+MAX_CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
 
 
 def _triton_rows():
@@ -44,93 +49,128 @@ def _pick_rows(backend, device):
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
-# Matmuls of a chunk. On CUDA, half-precision inputs use tensor cores with fp32 accumulation and an
-# fp32 output (no rounding of the logits). CPU half-precision matmuls would round their output to
-# bf16 (0.4% of a logit), so there the weight is cast to fp32 a vocab slice at a time instead.
-CPU_VOCAB_SLICE = 8192
+# Matmuls of a tile. On CUDA, half-precision inputs run on tensor cores with fp32 accumulation and
+# an fp32 result (out_dtype, torch >= 2.8): logits are never rounded to bf16. Older torch rounds
+# the tile's product to bf16 first, as Liger and verl do. A CPU half-precision matmul would round
+# its result too, so there the tile's operands are cast to fp32 first (a [Vb, H] slice).
+_MM_OUT_DTYPE = any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm"))
 
 
-def _logits_fp32(h, weight):
-    """h @ weight.T as fp32 [C, V]."""
+def _tensor_cores(x):
+    return x.is_cuda and x.dtype != torch.float32
+
+
+def _logits_tile(h, w_block):
+    """h @ w_block.T as fp32 [C, Vb]."""
     if h.dtype == torch.float32:
-        return h @ weight.t()
+        return h @ w_block.t()
     if h.is_cuda:
-        return torch.mm(h, weight.t(), out_dtype=torch.float32)
-    h32 = h.float()
-    out = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
-    for s in range(0, weight.shape[0], CPU_VOCAB_SLICE):
-        out[:, s:s + CPU_VOCAB_SLICE] = h32 @ weight[s:s + CPU_VOCAB_SLICE].float().t()
-    return out
+        return torch.mm(h, w_block.t(), out_dtype=torch.float32) if _MM_OUT_DTYPE else (h @ w_block.t()).float()
+    return h.float() @ w_block.float().t()
 
 
-def _grad_hidden(dz, weight, out):
-    """out = dz @ weight, dz fp32 [C, V], out in the hidden dtype."""
-    if weight.dtype == torch.float32:
-        return torch.mm(dz, weight, out=out)
-    if weight.is_cuda:
-        return torch.mm(dz.to(weight.dtype), weight, out=out)
-    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    for s in range(0, weight.shape[0], CPU_VOCAB_SLICE):
-        acc.addmm_(dz[:, s:s + CPU_VOCAB_SLICE], weight[s:s + CPU_VOCAB_SLICE].float())
-    return out.copy_(acc)
+def _add_grad_hidden_(acc, dz, w_block):
+    """acc += dz @ w_block; acc fp32 [C, H], dz fp32 [C, Vb]."""
+    if _tensor_cores(w_block):
+        dz = dz.to(w_block.dtype)
+        if _MM_OUT_DTYPE:
+            return torch.addmm(acc, dz, w_block, out_dtype=torch.float32, out=acc)
+        return acc.add_(dz @ w_block)
+    return acc.addmm_(dz, w_block.float())  # .float(): a no-op for fp32, a [Vb, H] slice otherwise
 
 
-def _accumulate_grad_weight(acc, dz, h):
-    """acc += dz.T @ h, acc fp32 [V, H]: the accumulation across chunks stays in fp32."""
-    if h.is_cuda and h.dtype != torch.float32:
-        return torch.addmm(acc, dz.to(h.dtype).t(), h, out_dtype=torch.float32, out=acc)
-    return acc.addmm_(dz.t(), h.float())  # h.float(): a no-op for fp32, small ([C, H]) otherwise
+def _grad_weight_block_(out, dz, h, accumulate):
+    """out (fp32 [Vb, H]) = or += dz.T @ h."""
+    beta = 1.0 if accumulate else 0.0  # beta 0: out is not read (it may hold garbage)
+    if _tensor_cores(h):
+        dz = dz.to(h.dtype)
+        if _MM_OUT_DTYPE:
+            return torch.addmm(out, dz.t(), h, beta=beta, out_dtype=torch.float32, out=out)
+        return out.add_(dz.t() @ h) if accumulate else out.copy_(dz.t() @ h)
+    return out.addmm_(dz.t(), h.float(), beta=beta)  # h.float(): a no-op for fp32, small otherwise
 
 
-def _chunk_rows(T, V, device, chunk_size):
-    if chunk_size is not None:
-        return max(1, int(chunk_size))
-    rows = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * V)
-    return max(1, min(T, rows if rows < 16 else rows // 16 * 16))
+def merge_block_stats(m, s, a):
+    """Merge per-block (m, s, a) [B, C] into (lse, entropy) [C]."""
+    m_all = m.amax(dim=0)
+    scale = torch.exp(m - m_all)                      # every block's m is finite: no inf - inf
+    s_all = (scale * s).sum(0)
+    a_all = (scale * (a + (m - m_all) * s)).sum(0)    # re-centre each block's a on the global max
+    log_s = torch.log(s_all)
+    return m_all + log_s, log_s - a_all / s_all
+
+
+def tile_sizes(T, V, device, chunk_size=None, vocab_block=None):
+    """(tokens per chunk, vocab columns per block) for the fp32 tile budget of this device."""
+    kind = device.type if device.type in TILE_BYTES else "cpu"
+    chunk = int(chunk_size) if chunk_size else min(max(T, 1), MAX_CHUNK_TOKENS[kind])
+    if vocab_block:
+        return max(1, chunk), max(1, int(vocab_block))
+    block = TILE_BYTES[kind] // (4 * max(chunk, 1))
+    block = block // 128 * 128 if block >= 128 else max(block, 1)  # whole 128-column groups
+    return max(1, chunk), min(V, block)
+
+
+def _spans(n, step):
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, ignore_index, chunk, rows):
-        T = hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, inv_temp, ignore_index, chunk, block, rows):
+        T, V = hidden.shape[0], weight.shape[0]
+        vocab_spans = _spans(V, block)
+        ignored = targets == ignore_index
+        local = targets.masked_fill(ignored, -1)       # -1: the target is in no block
         logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
         lse, entropy = torch.empty_like(logp), torch.empty_like(logp)
-        for s in range(0, T, chunk):
-            e = min(T, s + chunk)
-            logits = _logits_fp32(hidden[s:e], weight)
-            logp[s:e], lse[s:e], entropy[s:e] = rows.forward_stats(logits, targets[s:e], inv_temp, ignore_index)
-            del logits
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.inv_temp, ctx.ignore_index, ctx.chunk, ctx.rows = inv_temp, ignore_index, chunk, rows
+        for t0, t1 in _spans(T, chunk):
+            stats = torch.empty(4, len(vocab_spans), t1 - t0, dtype=torch.float32, device=hidden.device)
+            for b, (v0, v1) in enumerate(vocab_spans):
+                tile = _logits_tile(hidden[t0:t1], weight[v0:v1])
+                m, s, a, zt = rows.block_stats(tile, local[t0:t1] - v0 * (local[t0:t1] >= 0), inv_temp)
+                stats[0, b], stats[1, b], stats[2, b], stats[3, b] = m, s, a, zt
+                del tile
+            lse[t0:t1], entropy[t0:t1] = merge_block_stats(stats[0], stats[1], stats[2])
+            logp[t0:t1] = stats[3].sum(0) - lse[t0:t1]  # z_target is non-zero in one block only
+        logp.masked_fill_(ignored, 0.0)
+        entropy.masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(hidden, weight, local, lse, entropy)
+        ctx.inv_temp, ctx.chunk, ctx.block, ctx.rows = inv_temp, chunk, block, rows
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, local, lse, entropy = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
-            return None, None, None, None, None, None, None
+            return (None,) * 8
+        ignored = local < 0
         zeros = torch.zeros_like(lse)
-        grad_logp = zeros if grad_logp is None else grad_logp
-        grad_entropy = zeros if grad_entropy is None else grad_entropy
-        T = hidden.shape[0]
+        # Ignored tokens get zero upstream gradient: the row kernels need no ignore logic.
+        g = (zeros if grad_logp is None else grad_logp.float()).masked_fill(ignored, 0.0).contiguous()
+        g_ent = (zeros if grad_entropy is None else grad_entropy.float()).masked_fill(ignored, 0.0).contiguous()
+        T, V = hidden.shape[0], weight.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for s in range(0, T, ctx.chunk):
-            e = min(T, s + ctx.chunk)
-            h = hidden[s:e]
-            dz = _logits_fp32(h, weight)
-            ctx.rows.grad_logits_(dz, targets[s:e], lse[s:e], entropy[s:e], grad_logp[s:e],
-                                  grad_entropy[s:e], ctx.inv_temp, ctx.ignore_index)
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for ci, (t0, t1) in enumerate(_spans(T, ctx.chunk)):
+            h = hidden[t0:t1]
+            acc_h = torch.zeros(t1 - t0, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
+            for v0, v1 in _spans(V, ctx.block):
+                dz = _logits_tile(h, weight[v0:v1])
+                ctx.rows.grad_block_(dz, local[t0:t1] - v0 * (local[t0:t1] >= 0), lse[t0:t1],
+                                     entropy[t0:t1], g[t0:t1], g_ent[t0:t1], ctx.inv_temp)
+                if need_h:
+                    _add_grad_hidden_(acc_h, dz, weight[v0:v1])
+                if need_w:
+                    _grad_weight_block_(grad_w[v0:v1], dz, h, accumulate=ci > 0)
+                del dz
             if need_h:
-                _grad_hidden(dz, weight, grad_h[s:e])
-            if need_w:
-                _accumulate_grad_weight(grad_w, dz, h)
-            del dz
+                grad_h[t0:t1] = acc_h
         if grad_w is not None and weight.dtype != torch.float32:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature, ignore_index):
@@ -171,19 +211,21 @@ def _check_inputs(hidden, weight, targets, temperature, ignore_index):
 
 
 def fused_linear_logprob(hidden, weight, targets, temperature=1.0, *, return_entropy=False,
-                         backend="auto", ignore_index=-100, chunk_size=None):
+                         backend="auto", ignore_index=-100, chunk_size=None, vocab_block=None):
     """log softmax(hidden @ weight.T / temperature)[t, targets[t]] for each token t, as fp32 [T].
 
     hidden [T, H] and weight [V, H] (fp32, bf16 or fp16, same dtype and device), targets [T] int64.
     Differentiable w.r.t. hidden and weight. With return_entropy=True also returns the entropy of
     each token's distribution (differentiable too). Tokens whose target is ignore_index get logp 0,
     entropy 0 and no gradient. backend: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch".
-    chunk_size: tokens per chunk (default: as many as fit a fixed fp32 logits budget).
+    chunk_size, vocab_block: the tile, tokens x vocab columns (default: all tokens up to a cap, and
+    as many columns as fit the device's fp32 tile budget). Results do not depend on them beyond
+    fp32 rounding.
     """
     _check_inputs(hidden, weight, targets, temperature, ignore_index)
     rows = _pick_rows(backend, hidden.device)
-    T, V = hidden.shape[0], weight.shape[0]
-    chunk = _chunk_rows(T, V, hidden.device, chunk_size)
+    chunk, block = tile_sizes(hidden.shape[0], weight.shape[0], hidden.device, chunk_size, vocab_block)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    logp, entropy = _LinearLogprob.apply(hidden, weight, targets, 1.0 / float(temperature), int(ignore_index), chunk, rows)
+    logp, entropy = _LinearLogprob.apply(hidden, weight, targets, 1.0 / float(temperature),
+                                         int(ignore_index), chunk, block, rows)
     return (logp, entropy) if return_entropy else logp

@@ -1,41 +1,42 @@
-"""Row-wise log-softmax statistics and their gradient, in plain torch (the reference for the Triton rows).
+"""Row-wise softmax statistics of one logits tile and its gradient, in plain torch (the reference
+for the Triton rows).
 
-Both functions work on one chunk of fp32 logits [C, V] (C tokens), so the caller never holds more
-than C x V floats. With z = logits / temperature and lse = logsumexp(z):
-    logp_y  = z_y - lse
-    entropy = -sum_j p_j log p_j
+A tile is fp32 logits [C, Vb]: C tokens by one block of Vb vocabulary columns. With z = logits / T,
+block_stats returns per row, relative to the row's max m over the tile:
+    s = sum_j exp(z_j - m)        a = sum_j exp(z_j - m) (z_j - m)
+which merge across tiles into lse and entropy (linear_logprob.merge_block_stats), and the target's
+z if the target column lies in this tile (local target in [0, Vb); anything else means "not here").
+grad_block_ needs the merged lse and entropy:
     d logp_y / d z_j  = [j == y] - p_j
     d entropy / d z_j = -p_j (log p_j + entropy)
 """
 import torch
 
 
-def forward_stats(logits, targets, inv_temp, ignore_index):
-    """(logp, lse, entropy), each [C] fp32, from fp32 logits [C, V]. Overwrites `logits`.
+def block_stats(logits, local_targets, inv_temp):
+    """(m, s, a, z_target) for fp32 logits [C, Vb], each [C] fp32; z_target is 0 where the target is
+    not in this tile. Overwrites `logits`."""
+    z = logits.mul_(inv_temp) if inv_temp != 1.0 else logits
+    here = (local_targets >= 0) & (local_targets < z.shape[1])
+    z_target = z.gather(1, local_targets.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1) * here
+    m = z.amax(dim=1)
+    centred = z.sub_(m[:, None])                      # in place: z - m
+    e = centred.exp()                                 # the one extra [C, Vb] buffer
+    s = e.sum(1)
+    a = torch.linalg.vecdot(e, centred)               # sum e (z - m) without another buffer
+    return m, s, a, z_target
 
-    Rows whose target is ignore_index get logp = 0 and entropy = 0.
-    """
-    ignored = targets == ignore_index
-    z = logits.mul_(inv_temp)
-    lse = torch.logsumexp(z, dim=1)
-    z_target = z.gather(1, targets.masked_fill(ignored, 0)[:, None]).squeeze(1)
-    logp_all = z.sub_(lse[:, None])                   # in place: z now holds log p
-    entropy = -logp_all.exp().mul_(logp_all).sum(1)   # one extra [C, V] buffer, freed at once
-    logp = (z_target - lse).masked_fill_(ignored, 0.0)
-    return logp, lse, entropy.masked_fill_(ignored, 0.0)
 
-
-def grad_logits_(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index):
-    """Turn fp32 logits [C, V] in place into d loss / d logits (before the temperature: includes 1/T)."""
-    ignored = targets == ignore_index
-    g = grad_logp.float().masked_fill(ignored, 0.0)
-    g_ent = grad_entropy.float().masked_fill(ignored, 0.0)
+def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp):
+    """Turn fp32 logits [C, Vb] in place into d loss / d logits (the 1/T included).
+    grad_logp and grad_entropy are already zero for ignored tokens."""
+    # dz = p (c1 + c2 log p) + g [j == y], with c1 = -g - g_ent H and c2 = -g_ent; all scaled by 1/T.
+    g, g_ent = grad_logp * inv_temp, grad_entropy * inv_temp
     logp = logits.mul_(inv_temp).sub_(lse[:, None])   # in place: log p
     p = logp.exp()
-    # dz = -g p - g_ent p (log p + H) + g [j == y], built in the logits buffer.
-    dz = logp.add_(entropy[:, None]).mul_(p).mul_(-g_ent[:, None])
-    dz.sub_(p.mul_(g[:, None]))
+    dz = logp.mul_(-g_ent[:, None]).sub_((g + g_ent * entropy)[:, None]).mul_(p)
     del p
-    rows = torch.arange(dz.shape[0], device=dz.device)
-    dz[rows, targets.masked_fill(ignored, 0)] += g     # ignored rows add g = 0
-    return dz.mul_(inv_temp)
+    here = (local_targets >= 0) & (local_targets < dz.shape[1])
+    rows = torch.arange(dz.shape[0], device=dz.device)[here]
+    dz[rows, local_targets[here]] += g[here]
+    return dz

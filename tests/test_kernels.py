@@ -17,6 +17,7 @@ import torch
 
 from rci_fast.kernels import fused_linear_logprob
 from rci_fast.kernels import logprob_rows_torch
+from rci_fast.kernels.linear_logprob import merge_block_stats
 
 BACKENDS = ["torch", "triton"]
 FP32_TOL = dict(atol=1e-5, rtol=0.0)
@@ -88,12 +89,16 @@ SHAPES = [(1, 40, 1000), (7, 72, 1237), (129, 40, 1000), (7, 24, 50257)]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,H,V", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fp32_matches_float64(backend, T, H, V, temperature):
+@pytest.mark.parametrize("tile", [(5, 384), (None, None)], ids=["tiled", "default_tile"])
+def test_fp32_matches_float64(backend, T, H, V, temperature, tile):
     _needs_triton(backend)
     hidden, weight, targets, gen = make_inputs(T, H, V, scale=3.0, seed=T * V)
     g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
-    # chunk_size=5 splits T = 7 and 129 into uneven chunks.
-    got = run(hidden, weight, targets, temperature, g_logp, g_ent, backend, chunk_size=5)
+    # "tiled": 5-token chunks split T = 7 and 129 unevenly; vocab blocks of 384 (25000 for V = 50257,
+    # fewer launches for the interpreter) end in a partial block for every V here. The default tile
+    # is one chunk and one vocab block at these sizes.
+    chunk, block = tile[0], tile[1] and (tile[1] if V < 5000 else 25000)
+    got = run(hidden, weight, targets, temperature, g_logp, g_ent, backend, chunk_size=chunk, vocab_block=block)
     check_fp32(got, reference(hidden, weight, targets, temperature, g_logp, g_ent))
 
 
@@ -104,7 +109,7 @@ def test_fp32_many_tokens_large_vocab(backend):
     T, H, V = 129, 72, 50257
     hidden, weight, targets, gen = make_inputs(T, H, V, scale=4.0, seed=3, n_ignored=9)
     g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
-    got = run(hidden, weight, targets, 0.9, g_logp, g_ent, backend, chunk_size=64)
+    got = run(hidden, weight, targets, 0.9, g_logp, g_ent, backend, chunk_size=64, vocab_block=20000)
     check_fp32(got, reference(hidden, weight, targets, 0.9, g_logp, g_ent))
 
 
@@ -114,7 +119,8 @@ def test_bf16_matches_float64(backend, T, H, V):
     _needs_triton(backend)
     hidden, weight, targets, gen = make_inputs(T, H, V, dtype=torch.bfloat16, scale=3.0, seed=V)
     g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
-    logp, entropy, gh, gw = run(hidden, weight, targets, 0.8, g_logp, g_ent, backend, chunk_size=4)
+    logp, entropy, gh, gw = run(hidden, weight, targets, 0.8, g_logp, g_ent, backend, chunk_size=16,
+                                 vocab_block=min(V - 1, 20000))
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16 and logp.dtype == torch.float32
     r_logp, r_entropy, r_gh, r_gw = reference(hidden, weight, targets, 0.8, g_logp, g_ent)
     torch.testing.assert_close(logp.double(), r_logp, **FP32_TOL)
@@ -131,7 +137,7 @@ def test_ignored_tokens_have_zero_logp_entropy_and_gradient(backend):
     hidden, weight, targets, gen = make_inputs(T, H, V, seed=5, n_ignored=4)
     ignored = targets == -100
     g_logp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
-    got = run(hidden, weight, targets, 1.3, g_logp, g_ent, backend, chunk_size=4)
+    got = run(hidden, weight, targets, 1.3, g_logp, g_ent, backend, chunk_size=4, vocab_block=300)
     check_fp32(got, reference(hidden, weight, targets, 1.3, g_logp, g_ent))
     logp, entropy, gh, _ = got
     assert ignored.sum() == 4
@@ -162,40 +168,57 @@ def test_gradient_only_for_inputs_that_require_it():
     torch.testing.assert_close(w.grad.double(), r_gw, **FP32_GRAD_TOL)
 
 
-def test_triton_rows_with_many_partial_tiles():
-    """Row kernels alone on hand-made logits: V = 1000 in 256-wide tiles (last tile 232 wide), and
-    rows of large negative logits, where a column past V read as 0 instead of -inf would dominate."""
+def test_triton_rows_with_many_partial_steps():
+    """Row kernels alone on hand-made tiles: 1000 columns in 256-wide steps (the last 232 wide), local
+    targets outside the tile, and rows of large negative logits, where a column past the tile's end
+    read as 0 instead of -inf would dominate the sum."""
     backend = "triton"
     _needs_triton(backend)
     from rci_fast.kernels import logprob_rows_triton
     gen = torch.Generator().manual_seed(7)
-    C, V, dev = 6, 1000, device_for(backend)
-    logits = torch.randn(C, V, generator=gen) * 4
+    C, Vb, dev = 6, 1000, device_for(backend)
+    logits = torch.randn(C, Vb, generator=gen) * 4
     logits[3:] -= 60.0
-    targets = torch.randint(0, V, (C,), generator=gen)
-    targets[1] = -100
+    local = torch.randint(0, Vb, (C,), generator=gen)
+    local[1], local[4] = -1, Vb + 3  # target in no block / in a later block
     g, g_ent = torch.randn(C, generator=gen), torch.randn(C, generator=gen)
-    want = logprob_rows_torch.forward_stats(logits.clone().double(), targets, 0.5, -100)
-    _, lse, entropy = (x.float() for x in want)
-    want_dz = logprob_rows_torch.grad_logits_(logits.clone().double(), targets, lse.double(),
-                                              entropy.double(), g, g_ent, 0.5, -100)
+    want = logprob_rows_torch.block_stats(logits.clone().double(), local, 0.5)
+    lse, entropy = (x.float() for x in merge_block_stats(*(x[None] for x in want[:3])))
+    want_dz = logprob_rows_torch.grad_block_(logits.clone().double(), local, lse.double(),
+                                             entropy.double(), g.double(), g_ent.double(), 0.5)
     on_dev = (lambda *xs: [x.to(dev) for x in xs])
     for block_v in (256, 1024):
-        got = logprob_rows_triton.forward_stats(*on_dev(logits, targets), 0.5, -100, block_v=block_v)
+        got = logprob_rows_triton.block_stats(*on_dev(logits, local), 0.5, block_v=block_v)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a.cpu().double(), b, atol=2e-5, rtol=1e-6)
-        got_dz = logprob_rows_triton.grad_logits_(*on_dev(logits.clone(), targets, lse, entropy, g, g_ent),
-                                                  0.5, -100, block_v=block_v)
+            torch.testing.assert_close(a.cpu().double(), b, atol=2e-5, rtol=1e-5)
+        assert got[3][1] == 0 and got[3][4] == 0
+        got_dz = logprob_rows_triton.grad_block_(*on_dev(logits.clone(), local, lse, entropy, g, g_ent),
+                                                 0.5, block_v=block_v)
         torch.testing.assert_close(got_dz.cpu().double(), want_dz, atol=1e-6, rtol=1e-5)
+
+
+def test_block_merge_equals_one_block():
+    """Stats of a row split into vocab blocks merge to those of the whole row."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(5, 999, generator=gen, dtype=torch.float64) * 6
+    local = torch.tensor([0, 998, 500, -1, 333])
+    whole = logprob_rows_torch.block_stats(logits.clone(), local, 1.0)
+    parts = [logprob_rows_torch.block_stats(logits[:, v0:v0 + 400].clone(), local - v0 * (local >= 0), 1.0)
+             for v0 in (0, 400, 800)]
+    stacked = [torch.stack([p[i] for p in parts]) for i in range(4)]
+    for got, want in zip(merge_block_stats(*stacked[:3]), merge_block_stats(*(x[None] for x in whole[:3]))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(stacked[3].sum(0), whole[3], atol=0, rtol=0)
+    want_lse = torch.logsumexp(logits, 1)
+    torch.testing.assert_close(merge_block_stats(*stacked[:3])[0], want_lse, atol=1e-12, rtol=1e-12)
 
 
 def test_chunking_does_not_change_the_result():
     hidden, weight, targets, _ = make_inputs(37, 40, 1237, seed=2)
-    one = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=1)
-    all_ = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=37)
-    odd = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=10)
-    torch.testing.assert_close(one, all_, atol=2e-6, rtol=0)
-    torch.testing.assert_close(odd, all_, atol=2e-6, rtol=0)
+    whole = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=37, vocab_block=1237)
+    for chunk, block in ((1, 1237), (10, 1237), (37, 1), (10, 129), (4, 1000)):
+        got = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=chunk, vocab_block=block)
+        torch.testing.assert_close(got, whole, atol=2e-6, rtol=0)
 
 
 def test_never_saves_full_logits_for_backward():
@@ -205,7 +228,8 @@ def test_never_saves_full_logits_for_backward():
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        logp, entropy = fused_linear_logprob(h, w, targets, return_entropy=True, backend="torch", chunk_size=16)
+        logp, entropy = fused_linear_logprob(h, w, targets, return_entropy=True, backend="torch",
+                                             chunk_size=16, vocab_block=1000)
     assert saved and max(saved) <= V * H < T * V
     (logp + entropy).sum().backward()
     assert h.grad is not None and w.grad is not None
