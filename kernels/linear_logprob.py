@@ -125,10 +125,11 @@ class _LinearLogprob(torch.autograd.Function):
         logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
         lse, entropy = torch.empty_like(logp), torch.empty_like(logp)
         for t0, t1 in _spans(T, chunk):
+            local_c = local[t0:t1]
             stats = torch.empty(4, len(vocab_spans), t1 - t0, dtype=torch.float32, device=hidden.device)
             for b, (v0, v1) in enumerate(vocab_spans):
                 tile = _logits_tile(hidden[t0:t1], weight[v0:v1])
-                m, s, a, zt = rows.block_stats(tile, local[t0:t1] - v0 * (local[t0:t1] >= 0), inv_temp)
+                m, s, a, zt = rows.block_stats(tile, local_c - v0 * (local_c >= 0), inv_temp)
                 stats[0, b], stats[1, b], stats[2, b], stats[3, b] = m, s, a, zt
                 del tile
             lse[t0:t1], entropy[t0:t1] = merge_block_stats(stats[0], stats[1], stats[2])
@@ -153,13 +154,15 @@ class _LinearLogprob(torch.autograd.Function):
         g_ent = (zeros if grad_entropy is None else grad_entropy.float()).masked_fill(ignored, 0.0).contiguous()
         T, V = hidden.shape[0], weight.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # The first token chunk writes every block of dW (beta = 0), so empty() is safe unless T = 0.
+        new_grad_w = torch.empty if T else torch.zeros
+        grad_w = new_grad_w(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for ci, (t0, t1) in enumerate(_spans(T, ctx.chunk)):
-            h = hidden[t0:t1]
+            h, local_c = hidden[t0:t1], local[t0:t1]
             acc_h = torch.zeros(t1 - t0, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
             for v0, v1 in _spans(V, ctx.block):
                 dz = _logits_tile(h, weight[v0:v1])
-                ctx.rows.grad_block_(dz, local[t0:t1] - v0 * (local[t0:t1] >= 0), lse[t0:t1],
+                ctx.rows.grad_block_(dz, local_c - v0 * (local_c >= 0), lse[t0:t1],
                                      entropy[t0:t1], g[t0:t1], g_ent[t0:t1], ctx.inv_temp)
                 if need_h:
                     _add_grad_hidden_(acc_h, dz, weight[v0:v1])

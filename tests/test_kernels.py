@@ -11,6 +11,8 @@ TRITON_INTERPRET=1). Tolerances, absolute unless said otherwise:
 On a GPU machine the Triton backend runs on CUDA tensors instead of the interpreter.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,11 +239,11 @@ def test_never_saves_full_logits_for_backward():
 
 def test_zero_tokens():
     hidden, weight, targets, _ = make_inputs(0, 8, 50)
-    h = hidden.clone().requires_grad_()
-    logp, entropy = fused_linear_logprob(h, weight, targets, return_entropy=True)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = fused_linear_logprob(h, w, targets, return_entropy=True)
     assert logp.shape == (0,) and entropy.shape == (0,)
-    logp.sum().backward()
-    assert h.grad.shape == (0, 8)
+    (logp.sum() + entropy.sum()).backward()
+    assert h.grad.shape == (0, 8) and w.grad.shape == (50, 8) and (w.grad == 0).all()
 
 
 def test_auto_backend_on_cpu_is_the_torch_path():
@@ -303,3 +305,25 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     hidden, weight, targets, _ = make_inputs(4, 8, 50)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fused_linear_logprob(hidden, weight, targets, backend="triton")
+
+
+def test_torch_path_works_without_triton_installed():
+    """kernels/ imports triton lazily: with triton unimportable the torch path still runs, and asking
+    for Triton says what is missing."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from rci_fast.kernels import fused_linear_logprob\n"
+        "h, w, y = torch.randn(3, 8, requires_grad=True), torch.randn(20, 8), torch.tensor([0, 5, 19])\n"
+        "fused_linear_logprob(h, w, y).sum().backward()\n"
+        "assert h.grad is not None\n"
+        "try:\n"
+        "    fused_linear_logprob(h, w, y, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('backend=triton did not fail without triton')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
