@@ -148,10 +148,10 @@ class _LinearLogprob(torch.autograd.Function):
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
             return (None,) * 8
         ignored = local < 0
-        zeros = torch.zeros_like(lse)
         # Ignored tokens get zero upstream gradient: the row kernels need no ignore logic.
-        g = (zeros if grad_logp is None else grad_logp.float()).masked_fill(ignored, 0.0).contiguous()
-        g_ent = (zeros if grad_entropy is None else grad_entropy.float()).masked_fill(ignored, 0.0).contiguous()
+        # No entropy gradient (the usual case) stays None: the rows then skip its terms.
+        g = (torch.zeros_like(lse) if grad_logp is None else grad_logp.float()).masked_fill(ignored, 0.0).contiguous()
+        g_ent = None if grad_entropy is None else grad_entropy.float().masked_fill(ignored, 0.0).contiguous()
         T, V = hidden.shape[0], weight.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
         # The first token chunk writes every block of dW (beta = 0), so empty() is safe unless T = 0.
@@ -162,8 +162,8 @@ class _LinearLogprob(torch.autograd.Function):
             acc_h = torch.zeros(t1 - t0, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
             for v0, v1 in _spans(V, ctx.block):
                 dz = _logits_tile(h, weight[v0:v1])
-                ctx.rows.grad_block_(dz, local_c - v0 * (local_c >= 0), lse[t0:t1],
-                                     entropy[t0:t1], g[t0:t1], g_ent[t0:t1], ctx.inv_temp)
+                ctx.rows.grad_block_(dz, local_c - v0 * (local_c >= 0), lse[t0:t1], entropy[t0:t1],
+                                     g[t0:t1], None if g_ent is None else g_ent[t0:t1], ctx.inv_temp)
                 if need_h:
                     _add_grad_hidden_(acc_h, dz, weight[v0:v1])
                 if need_w:

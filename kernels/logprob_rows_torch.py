@@ -23,19 +23,24 @@ def block_stats(logits, local_targets, inv_temp):
     centred = z.sub_(m[:, None])                      # in place: z - m
     e = centred.exp()                                 # the one extra [C, Vb] buffer
     s = e.sum(1)
-    a = torch.linalg.vecdot(e, centred)               # sum e (z - m) without another buffer
+    a = e.mul_(centred).sum(1)                        # in place; torch's cascade sum keeps fp32 accurate
     return m, s, a, z_target
 
 
 def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp):
     """Turn fp32 logits [C, Vb] in place into d loss / d logits (the 1/T included).
-    grad_logp and grad_entropy are already zero for ignored tokens."""
-    # dz = p (c1 + c2 log p) + g [j == y], with c1 = -g - g_ent H and c2 = -g_ent; all scaled by 1/T.
-    g, g_ent = grad_logp * inv_temp, grad_entropy * inv_temp
-    logp = logits.mul_(inv_temp).sub_(lse[:, None])   # in place: log p
-    p = logp.exp()
-    dz = logp.mul_(-g_ent[:, None]).sub_((g + g_ent * entropy)[:, None]).mul_(p)
-    del p
+    grad_logp and grad_entropy are already zero for ignored tokens; grad_entropy may be None."""
+    g = grad_logp * inv_temp
+    z = logits.mul_(inv_temp) if inv_temp != 1.0 else logits
+    logp = z.sub_(lse[:, None])                       # in place: log p
+    if grad_entropy is None:                          # dz = -g p + g [j == y]: no second buffer
+        dz = logp.exp_().mul_(-g[:, None])
+    else:
+        # dz = p (c1 + c2 log p) + g [j == y], with c1 = -g - g_ent H and c2 = -g_ent (all over T).
+        g_ent = grad_entropy * inv_temp
+        p = logp.exp()
+        dz = logp.mul_(-g_ent[:, None]).sub_((g + g_ent * entropy)[:, None]).mul_(p)
+        del p
     here = (local_targets >= 0) & (local_targets < dz.shape[1])
     rows = torch.arange(dz.shape[0], device=dz.device)[here]
     dz[rows, local_targets[here]] += g[here]

@@ -86,6 +86,8 @@ def block_stats(logits, local_targets, inv_temp, block_v=None):
 def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp, block_v=None):
     """Same contract as logprob_rows_torch.grad_block_: logits becomes d loss / d logits in place."""
     C, Vb = logits.shape
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(grad_logp)
     if C:
         _grad_block_kernel[(C,)](logits, logits.stride(0), local_targets, lse, entropy,
                                  grad_logp, grad_entropy, Vb, inv_temp, BLOCK_V=_block_v(Vb, block_v))
