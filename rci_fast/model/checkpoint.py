@@ -1,0 +1,111 @@
+"""Hugging Face checkpoint I/O: config.json + *.safetensors (single file or sharded with an index)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rci_fast.model.config import ModelConfig
+from rci_fast.model.transformer import Transformer, rope_inv_freq
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def load_pretrained(path: str, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Transformer:
+    """Builds the model from `path/config.json` and loads its safetensors weights."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in {path!r}")
+    with open(config_path) as f:
+        cfg = ModelConfig.from_hf(json.load(f))
+    state = _read_safetensors(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise KeyError(f"checkpoint {path!r} lacks tensors: {', '.join(missing[:8])}"
+                       + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise KeyError(f"checkpoint {path!r} has tensors this architecture does not use: "
+                       f"{', '.join(unexpected[:8])}")
+    model = model.to_empty(device=device)
+    model.load_state_dict(state, strict=False)  # only a tied lm_head is absent, checked above
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to(dtype or next(iter(state.values())).dtype)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # not in checkpoints; stays float32
+    return model.eval()
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, SINGLE)):
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path!r}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state
+
+
+def save_pretrained(model: Transformer, out_dir: str, max_shard_bytes: int | None = None) -> None:
+    """Writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers
+    loads. The folder is written next to `out_dir` and renamed into place: never half-written."""
+    cfg = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        shards = _shard(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            hf = cfg.to_hf()
+            hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+            json.dump(hf, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shard(state: dict, max_bytes: int | None) -> list[dict]:
+    if not max_bytes:
+        return [state]
+    shards, current, size = [], {}, 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += n
+    return shards + [current] if current else shards
+
+
+Transformer.save_pretrained = save_pretrained

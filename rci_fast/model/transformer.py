@@ -1,0 +1,227 @@
+"""A decoder-only transformer for the Qwen2 and Llama families.
+
+Parameter names match Hugging Face's, so checkpoints load and save without a name map. The model
+knows nothing of distributed training, rollouts or tasks: FSDP is applied from outside.
+
+Three ways to run attention:
+  - dense [B, T]: every row is one sequence, causal;
+  - packed [1, N] with `cu_seqlens`: several sequences back to back, no padding; flash-attn's
+    varlen kernel on CUDA when installed, one SDPA call per sequence otherwise;
+  - cached [B, T] with a KVCache: the rollout engine's decode and extend steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rci_fast.model.config import ModelConfig
+
+try:  # optional, GPU only
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    # float32 exactly as transformers computes it, so that greedy decoding agrees token for token
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # Llama 3.1: stretch low frequencies, keep high ones, blend between
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape [..., T, head_dim] for integer positions [..., T]."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class KVCache:
+    """Keys and values of `num_slots` sequences, up to `max_len` tokens each, for every layer."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None, slots=None, positions=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            out = self._cached(q, k, v, cache, slots, positions)
+        elif cu_seqlens is not None:
+            out = self._packed(q, k, v, cu_seqlens)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
+
+    def _packed(self, q, k, v, cu_seqlens):
+        if flash_attn_varlen_func is not None and q.is_cuda:
+            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            cu = cu_seqlens.to(torch.int32)
+            out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                         v[0].transpose(0, 1), cu, cu, max_len, max_len, causal=True)
+            return out.transpose(0, 1).unsqueeze(0)
+        bounds = cu_seqlens.tolist()
+        parts = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                                is_causal=True, enable_gqa=True)
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2)
+
+    def _cached(self, q, k, v, cache: KVCache, slots, positions):
+        B, T = positions.shape
+        k_all, v_all = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, kv, L, D]
+        rows = slots.unsqueeze(1).expand(B, T)
+        k_all[rows, :, positions] = k.transpose(1, 2)
+        v_all[rows, :, positions] = v.transpose(1, 2)
+        length = int(positions.max()) + 1
+        first = int(slots[0])
+        if torch.equal(slots, torch.arange(first, first + B, device=slots.device)):
+            keys, values = k_all[first:first + B, :, :length], v_all[first:first + B, :, :length]
+        else:
+            keys, values = k_all[slots, :, :length], v_all[slots, :, :length]
+        # Query at position p sees cache positions 0..p of its own slot.
+        mask = torch.arange(length, device=q.device) <= positions.unsqueeze(-1)  # [B, T, L]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1),
+                                              enable_gqa=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None, slots=None, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache, slots, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):  # named `model` in the checkpoint, as in transformers
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.activation_checkpointing = False
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states (after the final norm), [B, T, hidden]. For packed input pass
+        input_ids [1, N] and cu_seqlens [num_seqs + 1]; positions restart in each sequence."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        B, T = input_ids.shape
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = packed_positions(cu_seqlens).unsqueeze(0)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] (for evaluation and tests; training uses hidden_states with the
+        fused log-prob kernel so the logits never exist)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens))
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                       slots: torch.Tensor) -> torch.Tensor:
+        """Runs tokens [B, T] at `positions` [B, T] of cache rows `slots` [B], writing their keys
+        and values; returns hidden states [B, T, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, cache, slots, positions)
+        return self.model.norm(x)
+
+
+def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[0, 1, .., n0-1, 0, 1, .., n1-1, ...] for sequence boundaries cu_seqlens."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
+    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts

@@ -1,0 +1,259 @@
+"""Batched rollouts with a KV cache that run the model's code while the other sequences decode.
+
+Each sequence lives in a cache slot. A decode step advances every sequence that is not waiting for
+the interpreter. When a sequence closes a ```python block, its code goes to the sandbox
+(non-blocking) and the sequence leaves the decode batch; when the result arrives, the interpreter's
+output is tokenized once and pushed through the cache as forced, not-trainable tokens (no
+re-prefill of the history) and the sequence rejoins the batch. Finished sequences free their slot
+for the next prompt.
+
+Token in, token out: the ids that were sampled are the ids returned, with a mask per the token
+contract (DESIGN.md): prompt and interpreter output are not trainable, model text is.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rci_fast.model import KVCache, Transformer
+from rci_fast.rollout.sampling import SamplingParams, sample
+
+CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
+ANSWER = re.compile(r"<<<.*?>>>", re.S)
+DEFAULT_TOOL_TEMPLATE = "\nCode Execution Results:\n{output}\n"
+
+
+@dataclass
+class Segment:
+    kind: str          # "prompt", "model" or "tool"
+    ids: list[int]
+    trainable: bool
+
+
+@dataclass
+class Trajectory:
+    prompt_index: int
+    segments: list[Segment]
+    logprobs: list[float]            # aligned with token_ids; 0.0 where nothing was sampled
+    text: str                        # everything after the prompt, decoded
+    code_statuses: list[str]         # sandbox status of each code call, in order
+    finish_reason: str               # eos | answer | stop | length | max_total
+    code_wall_ms: list[float] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for s in self.segments for t in s.ids]
+
+    @property
+    def trainable_mask(self) -> list[bool]:
+        return [s.trainable for s in self.segments for _ in s.ids]
+
+    @property
+    def num_code_calls(self) -> int:
+        return len(self.code_statuses)
+
+
+class _Seq:
+    def __init__(self, index: int, prompt: list[int], slot: int):
+        self.index, self.slot = index, slot
+        self.segments = [Segment("prompt", list(prompt), False)]
+        self.logprobs = [0.0] * len(prompt)
+        self.length = 0            # tokens whose keys/values are in the cache
+        self.next_input: list[int] = []  # tokens to push through the cache at the next step
+        self.new_tokens = 0
+        self.code_statuses: list[str] = []
+        self.code_wall_ms: list[float] = []
+        self.future: concurrent.futures.Future | None = None
+        self.finish_reason = ""
+
+    @property
+    def total(self) -> int:
+        return sum(len(s.ids) for s in self.segments)
+
+    def add_model_token(self, token: int, logprob: float) -> None:
+        if self.segments[-1].kind != "model":
+            self.segments.append(Segment("model", [], True))
+        self.segments[-1].ids.append(token)
+        self.logprobs.append(logprob)
+        self.next_input.append(token)
+        self.new_tokens += 1
+
+
+class RolloutEngine:
+    """Generates multi-turn trajectories with code execution.
+
+    model: rci_fast Transformer; tokenizer: a transformers tokenizer (encode/decode);
+    sandbox: rci_fast.sandbox.Sandbox or None (then code blocks are not executed);
+    logits_processor(segments_per_row, logits [B, V]) -> logits: a hook that can steer sampling
+    (tests use it to script a policy)."""
+
+    def __init__(self, model: Transformer, tokenizer, sandbox=None, *, max_batch: int = 64,
+                 max_code_calls: int = 8, code_timeout_s: float = 10.0,
+                 max_tool_output_chars: int = 1024, tool_template: str = DEFAULT_TOOL_TEMPLATE,
+                 eos_ids: list[int] | None = None,
+                 logits_processor: Callable[[list[list[Segment]], torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
+        self.max_batch, self.max_code_calls = max_batch, max_code_calls
+        self.code_timeout_s, self.max_tool_output_chars = code_timeout_s, max_tool_output_chars
+        self.tool_template = tool_template
+        eos = eos_ids if eos_ids is not None else model.config.eos_ids
+        if not eos and tokenizer.eos_token_id is not None:
+            eos = [tokenizer.eos_token_id]
+        self.eos_ids = set(eos)
+        self.logits_processor = logits_processor
+        self._piece_cache: dict[int, str] = {}
+        self.stats: dict[str, float] = {}
+
+    # ---- public ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Trajectory]:
+        """One trajectory per prompt (token ids), in prompt order."""
+        if any(len(p) == 0 or len(p) >= params.max_total_tokens for p in prompts):
+            raise ValueError("every prompt must hold at least one token and fewer than "
+                             f"max_total_tokens={params.max_total_tokens}")
+        device = self.model.lm_head.weight.device
+        dtype = self.model.lm_head.weight.dtype
+        n_slots = min(self.max_batch, len(prompts))
+        cache = KVCache(self.model.config, n_slots, params.max_total_tokens, dtype, device)
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+        self._trigger_chars = set("`>") | {s[-1] for s in params.stop if s}
+        queue = deque(enumerate(prompts))
+        free = list(range(n_slots - 1, -1, -1))
+        active: list[_Seq] = []
+        done: dict[int, Trajectory] = {}
+        t_start = time.perf_counter()
+        stats = {"forward_s": 0.0, "tool_wait_s": 0.0, "decode_steps": 0, "sampled_tokens": 0}
+
+        while queue or active:
+            while free and queue:  # refill free slots; the prompt itself is pushed at the next step
+                index, prompt = queue.popleft()
+                seq = _Seq(index, prompt, free.pop())
+                seq.next_input = list(prompt)
+                active.append(seq)
+            self._collect_tool_results(active, params, wait=not any(s.future is None for s in active),
+                                       stats=stats)
+            ready = [s for s in active if s.future is None and s.next_input]
+            if ready:
+                t0 = time.perf_counter()
+                logits = self._advance(ready, cache, device)
+                stats["forward_s"] += time.perf_counter() - t0
+                if self.logits_processor is not None:
+                    logits = self.logits_processor([s.segments for s in ready], logits)
+                ids, logps = sample(logits.float(), params, generator)
+                stats["decode_steps"] += 1
+                stats["sampled_tokens"] += len(ready)
+                for seq, tok, lp in zip(ready, ids.tolist(), logps.tolist()):
+                    seq.add_model_token(tok, lp)
+                    self._after_token(seq, tok, params)
+            for seq in [s for s in active if s.finish_reason]:
+                active.remove(seq)
+                free.append(seq.slot)
+                done[seq.index] = self._trajectory(seq)
+        stats["total_s"] = time.perf_counter() - t_start
+        self.stats = stats
+        return [done[i] for i in range(len(prompts))]
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def _advance(self, ready: list[_Seq], cache: KVCache, device) -> torch.Tensor:
+        """Pushes each sequence's pending tokens through the cache; returns next-token logits.
+        Sequences with one pending token (plain decoding) share one batched call; longer inputs
+        (a new prompt, interpreter output) run one call each."""
+        logits = [None] * len(ready)
+        single = [i for i, s in enumerate(ready) if len(s.next_input) == 1]
+        if single:
+            tokens = torch.tensor([[ready[i].next_input[0]] for i in single], device=device)
+            positions = torch.tensor([[ready[i].length] for i in single], device=device)
+            slots = torch.tensor([ready[i].slot for i in single], device=device)
+            h = self.model.forward_cached(tokens, positions, cache, slots)[:, -1]
+            out = self.model.lm_head(h)
+            for j, i in enumerate(single):
+                logits[i] = out[j]
+        for i, s in enumerate(ready):
+            if len(s.next_input) > 1:
+                n = len(s.next_input)
+                tokens = torch.tensor([s.next_input], device=device)
+                positions = torch.arange(s.length, s.length + n, device=device).unsqueeze(0)
+                slots = torch.tensor([s.slot], device=device)
+                h = self.model.forward_cached(tokens, positions, cache, slots)[:, -1]
+                logits[i] = self.model.lm_head(h)[0]
+        for s in ready:
+            s.length += len(s.next_input)
+            s.next_input = []
+        return torch.stack(logits)
+
+    def _piece(self, token: int) -> str:
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            piece = self._piece_cache[token] = self.tokenizer.decode([token])
+        return piece
+
+    def _after_token(self, seq: _Seq, token: int, params: SamplingParams) -> None:
+        if token in self.eos_ids:
+            seq.finish_reason = "eos"
+        elif seq.new_tokens >= params.max_new_tokens:
+            seq.finish_reason = "length"
+        elif seq.total >= params.max_total_tokens:
+            seq.finish_reason = "max_total"
+        elif self._trigger_chars & set(self._piece(token)):
+            # Only now is the segment's text needed: decoding it every step would cost O(n^2).
+            text = self.tokenizer.decode(seq.segments[-1].ids)
+            block = CODE_BLOCK.search(text)
+            if block and self.sandbox is not None and len(seq.code_statuses) < self.max_code_calls:
+                seq.future = self.sandbox.submit(block.group(1), timeout_s=self.code_timeout_s)
+            elif params.stop_at_answer and ANSWER.search(text):
+                seq.finish_reason = "answer"
+            elif any(s and s in text for s in params.stop):
+                seq.finish_reason = "stop"
+
+    def _collect_tool_results(self, active: list[_Seq], params: SamplingParams, wait: bool,
+                              stats: dict) -> None:
+        pending = [s for s in active if s.future is not None]
+        if not pending:
+            return
+        if wait:  # nothing can decode: block until some code finishes
+            t0 = time.perf_counter()
+            concurrent.futures.wait([s.future for s in pending],
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            stats["tool_wait_s"] += time.perf_counter() - t0
+        for seq in pending:
+            if not seq.future.done():
+                continue
+            result = seq.future.result()
+            seq.future = None
+            seq.code_statuses.append(result.status)
+            seq.code_wall_ms.append(result.wall_ms)
+            forced = self.tokenizer.encode(self.format_tool_output(result), add_special_tokens=False)
+            room = params.max_total_tokens - seq.total
+            if len(forced) >= room:  # no room left to answer after the output
+                seq.segments.append(Segment("tool", forced[:room], False))
+                seq.logprobs.extend([0.0] * min(len(forced), room))
+                seq.finish_reason = "max_total"
+                continue
+            seq.segments.append(Segment("tool", forced, False))
+            seq.logprobs.extend([0.0] * len(forced))
+            seq.next_input.extend(forced)
+
+    def format_tool_output(self, result) -> str:
+        out = result.stdout
+        if result.stderr:
+            out += result.stderr
+        if result.status == "timeout":
+            out += f"TimeoutError: the code ran longer than {self.code_timeout_s:g} s\n"
+        elif result.status in ("memory_limit", "output_limit", "violation"):
+            out += f"[sandbox: {result.status}]\n"
+        if len(out) > self.max_tool_output_chars:
+            out = out[: self.max_tool_output_chars] + "\n... (output truncated)\n"
+        return self.tool_template.format(output=out.rstrip("\n"))
+
+    def _trajectory(self, seq: _Seq) -> Trajectory:
+        completion = [t for s in seq.segments[1:] for t in s.ids]
+        return Trajectory(seq.index, seq.segments, seq.logprobs, self.tokenizer.decode(completion),
+                          seq.code_statuses, seq.finish_reason, seq.code_wall_ms)

@@ -1,0 +1,48 @@
+"""Token sampling: temperature, top-k, top-p, greedy; seeded; returns the sampled ids' log-probs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0        # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 = off
+    max_new_tokens: int = 512       # model tokens per episode (forced tool tokens not counted)
+    max_total_tokens: int = 4096    # prompt + everything appended
+    stop: list[str] = field(default_factory=list)
+    stop_at_answer: bool = True     # end the episode once the text holds <<<...>>>
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling parameters: {self}")
+        if self.max_new_tokens < 1 or self.max_total_tokens < 2:
+            raise ValueError("max_new_tokens and max_total_tokens must be positive")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (float32) -> (token ids [B], their log-probs [B]).
+
+    The log-prob is that of the distribution the token was drawn from (after temperature, top-k
+    and top-p); greedy reports the log-prob under temperature 1."""
+    if params.temperature == 0:
+        ids = logits.argmax(-1)
+        return ids, torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the first over top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logp = torch.log_softmax(logits, -1)
+    ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)

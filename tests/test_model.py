@@ -1,0 +1,144 @@
+"""rci_fast's decoder against transformers on tiny random models: logits, packing, checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from rci_fast.model import load_pretrained
+
+SMALL = dict(vocab_size=131, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+             num_attention_heads=6, num_key_value_heads=2)
+CONFIGS = {
+    "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config(**SMALL, tie_word_embeddings=True)),
+    "qwen2-untied": (Qwen2ForCausalLM, Qwen2Config(**SMALL, tie_word_embeddings=False, rope_theta=1e6)),
+    "llama-gqa-llama3-rope": (LlamaForCausalLM, LlamaConfig(**SMALL, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-linear-rope-biases": (LlamaForCausalLM, LlamaConfig(
+        **SMALL, attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+}
+
+
+def random_hf_model(name, seed=0):
+    cls, cfg = CONFIGS[name]
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random biases and norm weights too, so that every tensor matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = random_hf_model(request.param)
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(path)
+    return hf, load_pretrained(path), path
+
+
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(0, 131, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_packed_sequences_match_padded_batch(pair):
+    hf, ours, _ = pair
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 19, 1, 11]
+    seqs = [torch.randint(0, 131, (n,), generator=g) for n in lengths]
+    padded = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for i, s in enumerate(seqs):
+        padded[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    with torch.no_grad():
+        ref = hf(padded, attention_mask=mask).logits
+        packed = ours(torch.cat(seqs).unsqueeze(0), cu_seqlens=cu)[0]
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(packed[cu[i]:cu[i] + n], ref[i, :n], atol=1e-4, rtol=0)
+
+
+def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
+    hf, ours, _ = pair
+    ours.save_pretrained(str(tmp_path / "ours"))
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    ids = torch.randint(0, 131, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoints_both_ways(tmp_path):
+    hf = random_hf_model("qwen2-untied")
+    hf.save_pretrained(str(tmp_path / "hf"), max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    ours = load_pretrained(str(tmp_path / "hf"))
+    ours.save_pretrained(str(tmp_path / "ours"), max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_bf16_load(pair):
+    _, _, path = pair
+    m = load_pretrained(path, dtype=torch.bfloat16)
+    assert m.lm_head.weight.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
+    assert m(torch.arange(8).unsqueeze(0)).dtype == torch.bfloat16
+
+
+def test_clear_errors(tmp_path, pair):
+    _, _, path = pair
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        load_pretrained(str(tmp_path / "gpt2"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pretrained(str(tmp_path / "nothing"))
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    state = load_file(os.path.join(path, "model.safetensors"))
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        load_pretrained(str(broken))
+
+
+def test_activation_checkpointing_keeps_gradients(pair):
+    _, ours, _ = pair
+    ids = torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(4))
+
+    def grads(flag):
+        ours.zero_grad()
+        ours.train()
+        ours.activation_checkpointing = flag
+        ours(ids).float().logsumexp(-1).sum().backward()
+        ours.activation_checkpointing = False
+        ours.eval()
+        return [p.grad.clone() for p in ours.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_hidden_states_feed_the_fused_logprob_kernel(pair):
+    _, ours, _ = pair
+    from rci_fast.kernels import fused_linear_logprob
+
+    ids = torch.randint(0, 131, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h = ours.hidden_states(ids)[0]
+        targets = ids[0].roll(-1)
+        ref = torch.log_softmax(ours(ids)[0].double(), -1).gather(-1, targets[:, None]).squeeze(-1)
+        got = fused_linear_logprob(h, ours.lm_head.weight, targets, backend="torch")
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)

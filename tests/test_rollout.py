@@ -1,0 +1,162 @@
+"""The rollout engine: greedy agreement with transformers, sampling, slot refill, and multi-turn
+code execution with the real sandbox and a real (locally trained) tokenizer."""
+import time
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from rci_fast.model import load_pretrained
+from rci_fast.rollout import RolloutEngine, SamplingParams
+from rci_fast.sandbox import Sandbox
+from rci_fast.tokenizer import train_bpe_tokenizer
+
+CORPUS = ["Compute 6 * 7 with Python.", "```python\nprint(6 * 7)\n```",
+          "Code Execution Results:\n42\n", "The answer is <<<42>>>.",
+          "```python\nimport time\ntime.sleep(0.3)\nprint('slept')\n```"] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(CORPUS, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def models(tok, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      eos_token_id=tok.eos_token_id)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)  # peaked distributions: greedy decoding has no near-ties
+    path = str(tmp_path_factory.mktemp("qwen2"))
+    hf.save_pretrained(path)
+    return hf, load_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(workers=2) as sb:
+        yield sb
+
+
+def prompts(tok):
+    return [tok.encode(t) for t in ["Compute 6 * 7", "The answer", "```python\nprint(", "C"]]
+
+
+def test_greedy_matches_transformers_token_for_token(tok, models):
+    hf, ours = models
+    engine = RolloutEngine(ours, tok, eos_ids=[])  # no early stop: compare full lengths
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop_at_answer=False)
+    for traj, p in zip(engine.generate(prompts(tok), params), prompts(tok)):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0].tolist()
+        assert traj.token_ids == ref
+        assert traj.finish_reason == "length"
+
+
+def test_slot_refill_gives_the_same_results(tok, models):
+    _, ours = models
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    wide = RolloutEngine(ours, tok, max_batch=8).generate(prompts(tok) * 2, params)
+    narrow = RolloutEngine(ours, tok, max_batch=3).generate(prompts(tok) * 2, params)
+    assert [t.token_ids for t in wide] == [t.token_ids for t in narrow]
+
+
+def test_sampling_is_seeded(tok, models):
+    _, ours = models
+    engine = RolloutEngine(ours, tok)
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=20, seed=7)
+    a = [t.token_ids for t in engine.generate(prompts(tok), p)]
+    b = [t.token_ids for t in engine.generate(prompts(tok), p)]
+    c = [t.token_ids for t in engine.generate(prompts(tok), SamplingParams(**{**p.__dict__, "seed": 8}))]
+    assert a == b and a != c
+    greedy = engine.generate(prompts(tok), SamplingParams(temperature=0, max_new_tokens=20))
+    top1 = engine.generate(prompts(tok), SamplingParams(top_k=1, max_new_tokens=20))
+    assert [t.token_ids for t in greedy] == [t.token_ids for t in top1]
+
+
+def test_logprobs_are_those_of_the_sampled_tokens(tok, models):
+    _, ours = models
+    [traj] = RolloutEngine(ours, tok).generate([tok.encode("The answer")],
+                                               SamplingParams(temperature=0.7, max_new_tokens=12))
+    ids = torch.tensor([traj.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(ours(ids)[0].double() / 0.7, -1)
+    n_prompt = len(traj.segments[0].ids)
+    for pos in range(n_prompt, len(traj.token_ids)):
+        assert traj.logprobs[pos] == pytest.approx(logp[pos - 1, traj.token_ids[pos]].item(), abs=1e-4)
+    assert traj.logprobs[:n_prompt] == [0.0] * n_prompt
+
+
+def scripted(tok, turns):
+    """A logits processor that makes the model emit `turns[i]` as its i-th model segment (then EOS):
+    the forward passes, cache and sandbox are real, only the choice of token is forced."""
+    scripts = [tok.encode(t) for t in turns]
+
+    def force(segments_per_row, logits):
+        out = torch.full_like(logits, -1e9)
+        for row, segments in enumerate(segments_per_row):
+            model_segs = [s for s in segments if s.kind == "model"]
+            turn = len(model_segs) - 1 if model_segs and segments[-1].kind == "model" else len(model_segs)
+            done = len(model_segs[turn].ids) if turn < len(model_segs) else 0
+            script = scripts[turn] if turn < len(scripts) else []
+            out[row, script[done] if done < len(script) else tok.eos_token_id] = 0.0
+        return out
+
+    return force
+
+
+def test_code_runs_in_the_sandbox_and_output_is_forced_untrainable(tok, models, sandbox):
+    _, ours = models
+    turns = ["```python\nprint(6 * 7)\n```", " The answer is <<<42>>>."]
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, turns))
+    prompt = tok.encode("Compute 6 * 7 with Python.")
+    [traj] = engine.generate([prompt], SamplingParams(max_new_tokens=64))
+    kinds = [s.kind for s in traj.segments]
+    assert kinds == ["prompt", "model", "tool", "model"]
+    assert traj.code_statuses == ["ok"] and traj.finish_reason == "answer"
+    assert traj.segments[1].ids == tok.encode(turns[0])
+    assert traj.segments[2].ids == tok.encode("\nCode Execution Results:\n42\n")
+    assert traj.text == turns[0] + "\nCode Execution Results:\n42\n" + turns[1]
+    mask = traj.trainable_mask
+    assert len(mask) == len(traj.token_ids) == len(traj.logprobs)
+    expected = [s.trainable for s in traj.segments for _ in s.ids]
+    assert mask == expected and mask.count(False) == len(prompt) + len(traj.segments[2].ids)
+    assert all(lp == 0.0 for lp, m in zip(traj.logprobs, mask) if not m)
+    assert all(lp == pytest.approx(0.0, abs=1e-3) for lp, m in zip(traj.logprobs, mask) if m)
+
+
+def test_multiple_calls_errors_and_call_limit(tok, models, sandbox):
+    _, ours = models
+    turns = ["```python\nprint(1/0)\n```", "```python\nprint(6 * 7)\n```", "```python\nprint(2)\n```", "<<<42>>>"]
+    engine = RolloutEngine(ours, tok, sandbox, max_code_calls=2, logits_processor=scripted(tok, turns))
+    [traj] = engine.generate([tok.encode("Compute")], SamplingParams(max_new_tokens=200))
+    assert traj.code_statuses == ["error", "ok"]  # the third block is past max_code_calls
+    assert "ZeroDivisionError" in tok.decode(traj.segments[2].ids)
+    assert [s.kind for s in traj.segments] == ["prompt", "model", "tool", "model", "tool", "model"]
+
+
+def test_other_sequences_decode_while_code_runs(tok, models, sandbox):
+    _, ours = models
+    slow = "```python\nimport time\ntime.sleep(0.3)\nprint('slept')\n```"
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, [slow, "<<<42>>>"]))
+    t0 = time.perf_counter()
+    trajs = engine.generate([tok.encode("Compute")] * 4, SamplingParams(max_new_tokens=100))
+    elapsed = time.perf_counter() - t0
+    assert all(t.code_statuses == ["ok"] for t in trajs)
+    assert all("slept" in t.text for t in trajs)
+    # 4 calls of 0.3 s on 2 workers: ~0.6 s of execution; a lockstep loop would add the decoding
+    # on top of it, here decoding overlaps it.
+    assert elapsed < 4 * 0.3
+
+
+def test_bad_prompts_fail_clearly(tok, models):
+    _, ours = models
+    engine = RolloutEngine(ours, tok)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="invalid sampling"):
+        SamplingParams(top_p=0)
