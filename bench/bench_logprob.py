@@ -91,7 +91,7 @@ def step(fn, hidden, weight, targets):
     fn(hidden, weight, targets).sum().backward()
 
 
-def worker(method, T, H, V, device, dtype, repeats):
+def worker(method, T, H, V, device, dtype, repeats, mm_rows):
     """Runs in a child process: one method, peak memory of the first step, then timed steps."""
     dtype = getattr(torch, dtype)
     fn = get_method(method)
@@ -127,7 +127,7 @@ def worker(method, T, H, V, device, dtype, repeats):
     # The matmul rate again, in this process right after the steps: on a shared machine the rate
     # moves between processes, and a step is only comparable with the rate of its own moment.
     del hidden, weight, targets
-    local_rate = matmul_rate(min(512, T), H, V, device, str(dtype).replace("torch.", ""), repeats=3)
+    local_rate = matmul_rate(mm_rows, H, V, device, str(dtype).replace("torch.", ""), repeats=3)
     return dict(method=method, T=T, H=H, V=V, dtype=str(dtype).replace("torch.", ""), device=device,
                 times_s=times, best_s=min(times), peak_extra_bytes=peak, grad_bytes=grad_bytes,
                 local_matmul_flops_per_s=local_rate["flops_per_s"])
@@ -167,7 +167,8 @@ def run_suite(methods, shape, device, dtype, repeats, mm_rows):
     floor_s = flops / rate["flops_per_s"] if "flops_per_s" in rate else None
     rows = []
     for m in methods:
-        r = in_child(dict(kind="method", method=m, device=device, dtype=dtype, repeats=repeats, **shape))
+        r = in_child(dict(kind="method", method=m, device=device, dtype=dtype, repeats=repeats,
+                          mm_rows=mm_rows, **shape))
         if "error" not in r:
             r["tflops_8thv"] = flops / r["best_s"] / 1e12
             r["floor_fraction"] = floor_s / r["best_s"] if floor_s else None

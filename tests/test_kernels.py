@@ -83,8 +83,9 @@ def check_fp32(got, want):
     torch.testing.assert_close(gw.double(), r_gw, **FP32_GRAD_TOL)
 
 
-# (T, H, V): one token, odd T, T > one chunk; V = 1000 (< one 1024 tile), 50257 (GPT-2, 13 tiles, last
-# partial), 1237 (prime: a multiple of no block size); H never a multiple of 128.
+# (T, H, V): one token, odd T, T > one chunk; V = 1000 (inside one 1024-wide kernel step), 50257
+# (GPT-2: 13 kernel steps of 4096, the last partial), 1237 (prime: a multiple of no block size);
+# H never a multiple of 128.
 SHAPES = [(1, 40, 1000), (7, 72, 1237), (129, 40, 1000), (7, 24, 50257)]
 
 
