@@ -1,0 +1,98 @@
+"""Answer extraction and the normalisation helpers the verifiers share.
+
+The model's final answer is the text inside the LAST `<<<...>>>` of its final assistant turn.
+Every helper here is pure text -> value; a helper returns None when the text cannot be read,
+and verifiers treat None as wrong (a malformed answer must never crash a training step).
+"""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+# The lazy body stops at the first '>>>' that is not followed by another '>', so answers that
+# end in '>' (Dyck words such as "] >") keep their last character: "<<<] >>>>" -> "] >".
+_ANSWER_RE = re.compile(r"<<<(.*?)>>>(?!>)", re.DOTALL)
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The stripped text inside the last <<<...>>> in `text`, or None when there is none."""
+    if not text:
+        return None
+    matches = _ANSWER_RE.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+_QUOTES = "\"'`"
+
+
+def strip_wrapping(s: str) -> str:
+    """Drop surrounding whitespace, quotes/backticks and one trailing full stop: '"abc".' -> 'abc'."""
+    s = s.strip()
+    if s.endswith(".") and not re.fullmatch(r"-?\d+\.", s):
+        s = s[:-1].rstrip()
+    while len(s) >= 2 and s[0] == s[-1] and s[0] in _QUOTES:
+        s = s[1:-1].strip()
+    return s
+
+
+def normalize_text(s: str) -> str:
+    """Case-, quote- and whitespace-insensitive form of a short textual answer."""
+    return " ".join(strip_wrapping(s).lower().split())
+
+
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_number(s: str) -> Fraction | None:
+    """One number written as an int, decimal, fraction 'a/b' or with thousands commas; else None."""
+    s = strip_wrapping(s).replace(",", "").replace(" ", "")
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return Fraction(num) / Fraction(den)
+        if _NUMBER_RE.fullmatch(s):
+            return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def numbers_equal(a: Fraction | float | None, b: Fraction | float | None, rel: float = 1e-6) -> bool:
+    """Equal, up to a relative tolerance for decimals that a model rounds (1e-6 by default)."""
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    return abs(float(a) - float(b)) <= rel * max(1.0, abs(float(b)))
+
+
+def numbers_in(s: str) -> list[Fraction]:
+    """Every number in `s`, in order ('[[1, -2], [3.5, 4]]' -> [1, -2, 7/2, 4])."""
+    return [Fraction(x) for x in _NUMBER_RE.findall(s)]
+
+
+def ints_in(s: str) -> list[int] | None:
+    """Every integer in `s`, in order; a decimal such as 2.5 makes the answer unreadable (None)."""
+    values = numbers_in(s)
+    if any(v.denominator != 1 for v in values):
+        return None
+    return [int(v) for v in values]
+
+
+def parse_list(s: str) -> list[str]:
+    """A flat list written as '[a, "b", c]' or 'a, b, c' -> ['a', 'b', 'c'] (items unquoted)."""
+    s = strip_wrapping(s)
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    items = [strip_wrapping(x) for x in s.split(",")]
+    return [x for x in items if x != ""]
+
+
+def parse_positions(s: str) -> list[tuple[int, int]] | None:
+    """Cell positions '0 3, 1 0' or '(0,3), (1,0)' or '[[0,3],[1,0]]' -> [(0, 3), (1, 0)]."""
+    values = ints_in(s)
+    if values is None or len(values) % 2:
+        return None
+    return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]

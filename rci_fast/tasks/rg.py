@@ -1,0 +1,97 @@
+"""Reasoning-Gym tasks through the `reasoning-gym` package: procedural, seeded, scored by the
+package's own `score_answer`.
+
+Every dataset of the installed package is registered except those in LEFT_OUT (each with the
+reason). Samples are generated lazily and deterministically: the 'train' part from seed
+TRAIN_SEED, the 'validation' part from VALIDATION_SEED with any question that also appears in
+'train' removed (small datasets repeat questions).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+
+from rci_fast.tasks.base import Sample, Task
+
+TRAIN_SEED = 1000
+VALIDATION_SEED = 2000
+DEFAULT_TRAIN_SIZE = 200
+DEFAULT_VALIDATION_SIZE = 50
+
+LEFT_OUT = {
+    "composite": "a meta-dataset that mixes other datasets; it needs a configuration of its own",
+    "game_of_life_halting": "its scorer compares bool(answer) with bool(gold), so any non-empty "
+                            "answer scores 1.0 (not a verifier)",
+    "boxnet": "no reference answer (answer is None): the scorer cannot be tested against a gold",
+    "graph_color": "no reference answer (answer is None): the scorer cannot be tested against a gold",
+    "propositional_logic": "no reference answer (answer is None): the scorer cannot be tested "
+                           "against a gold",
+    "rubiks_cube": "no reference answer (answer is None): the scorer cannot be tested against a gold",
+    "rush_hour": "no reference answer (answer is None): the scorer cannot be tested against a gold",
+}
+
+_FORMAT_SUFFIX = "\n\nGive your final answer inside <<< >>>, e.g. <<<your answer>>>."
+
+
+def list_rg_tasks() -> list[str]:
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(name for name in DATASETS if name not in LEFT_OUT)
+
+
+class ReasoningGymTask(Task):
+    source = "rg"
+    verifier = "reasoning-gym"
+
+    def __init__(self, dataset: str, train_size: int = DEFAULT_TRAIN_SIZE,
+                 validation_size: int = DEFAULT_VALIDATION_SIZE, **config):
+        super().__init__(f"rg/{dataset}")
+        if dataset in LEFT_OUT:
+            raise KeyError(f"reasoning-gym dataset {dataset!r} is not registered: {LEFT_OUT[dataset]}")
+        self.dataset = dataset
+        self.sizes = {"train": train_size, "validation": validation_size}
+        self.config = config
+        self._parts: dict[str, list[Sample]] = {}
+        self._scorer = None
+
+    def _generate(self, seed: int, size: int):
+        import reasoning_gym
+
+        # Some generators print progress to stdout; keep that out of the caller's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset = reasoning_gym.create_dataset(self.dataset, seed=seed, size=size, **self.config)
+            entries = [dataset[i] for i in range(size)]
+        self._scorer = dataset
+        return entries
+
+    def samples(self, split: str | None = None) -> list[Sample]:
+        if split not in (None, "train", "validation"):
+            raise ValueError(f"unknown sample split {split!r}; expected None, 'train' or 'validation'")
+        if split is None:
+            return self.samples("train") + self.samples("validation")
+        if split not in self._parts:
+            if split == "train":
+                entries = self._generate(TRAIN_SEED, self.sizes["train"])
+            else:
+                seen = {s.data["question"] for s in self.samples("train")}
+                entries = [e for e in self._generate(VALIDATION_SEED, self.sizes["validation"])
+                           if e["question"] not in seen]
+            self._parts[split] = [Sample(id=f"{split}-{i}", prompt=e["question"] + _FORMAT_SUFFIX,
+                                         data=e, task=self.name) for i, e in enumerate(entries)]
+        return list(self._parts[split])
+
+    def check(self, sample: Sample, answer: str) -> float:
+        if self._scorer is None:
+            self._generate(TRAIN_SEED, 1)
+        # The package scores with the dataset object; score_answer reads only `entry`.
+        score = self._scorer.score_answer(answer, sample.data)
+        return min(1.0, max(0.0, float(score or 0.0)))
+
+    def score_answer(self, sample: Sample, answer: str) -> float:
+        try:
+            return float(self.check(sample, answer))
+        except Exception:  # third-party scorers raise anything on odd text (e.g. int('x'))
+            return 0.0
+
+    def gold_answer(self, sample: Sample) -> str:
+        return str(sample.data["answer"])

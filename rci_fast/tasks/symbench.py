@@ -1,0 +1,108 @@
+"""SymBench: one JSONL file per task in <data_dir>/symbench/ ({task, id, question, solution}).
+
+A task is named after its file with the '_dataset' tag dropped (eight_queens_dataset_2.jsonl ->
+symbench/eight_queens_2); files with _varied_complexity, _2 or _hard suffixes are variants of one
+family and share its verifier (symbench_checkers.py). The question already asks for <<<...>>>.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from rci_fast.tasks import symbench_checkers as checkers
+from rci_fast.tasks.base import Sample, Task, TaskDataError, resolve_data_dir
+
+_VARIANT_SUFFIX = re.compile(r"(_varied_complexity|_2|_hard)$")
+
+
+def task_name(file_stem: str) -> str:
+    return file_stem.replace("_dataset", "")
+
+
+def family_of(task: str) -> str:
+    return _VARIANT_SUFFIX.sub("", task)
+
+
+def list_symbench_tasks(data_dir=None) -> list[str]:
+    """Task names (without the 'symbench/' prefix) for every JSONL file that has a verifier."""
+    folder = resolve_data_dir(data_dir) / "symbench"
+    if not folder.is_dir():
+        raise TaskDataError(f"SymBench folder not found: {folder}")
+    names = [task_name(p.stem) for p in sorted(folder.glob("*.jsonl"))]
+    return [n for n in names if family_of(n) in checkers.CHECKERS]
+
+
+def _positions(cells) -> str:
+    return ", ".join(f"{r} {c}" for r, c in cells)
+
+
+def _rows(grid, sep=",") -> str:
+    return "\n".join(sep.join(str(x) for x in row) for row in grid)
+
+
+# How each family's published solution is written inside <<<...>>> (the tests' gold answers).
+_GOLD = {
+    "2048": lambda s, q: s["solution"],
+    "combinatorial_calculation": lambda s, q: "[" + ", ".join(s["solution"]) + "]",
+    "constrained_linear_arrangement": lambda s, q: ",".join(s["solution"]),
+    "cryptanalysis": lambda s, q: json.dumps(s["answer"]),
+    "eight_queens": lambda s, q: _positions(s["solution"]),
+    "letter_logic_diagram": lambda s, q: _rows(s["solution"]),
+    "light_puzzles": lambda s, q: ",".join(map(str, s["solution"])),
+    "logic_puzzle": lambda s, q: _positions(s["solution"]),
+    "logical_equation": lambda s, q: str(s),  # this family's solution is the list itself
+    "mahjong_pattern": lambda s, q: str(s["solution"]),
+    "matrix_transformation": lambda s, q: s["formatted_solution"],
+    "new_operator": lambda s, q: str(s["solution"]),
+    "number_multiply": lambda s, q: s["answer"],
+    "pattern_recognition": lambda s, q: f"[{s['row']}, {s['column']}]",
+    "permutations_and_combinations": lambda s, q: json.dumps(s["correct_solution"]),
+    "pooling": lambda s, q: ",".join(str(x) for row in s["solution"] for x in row),
+    "reversi": lambda s, q: s["solution"],
+    "standard_sudoku": lambda s, q: _rows(s["solution"]),
+    "statistical_counting": lambda s, q: str(s["solution"]),
+    "string_deletion_and_modification": lambda s, q: f'"{s["final_string"]}"',
+    "string_insertion": lambda s, q: s["modified_string"],
+    "string_splitting": lambda s, q: json.dumps(s["expected_answer"]),
+    "string_synthesis": lambda s, q: " ".join(map(str, s["final_counts"])),
+    "synthesis_decomposition": lambda s, q: "[" + ", ".join(
+        s["solution"]["answer"][i] for i in checkers.synthesis_requested_fields(q)) + "]",
+}
+
+
+class SymBenchTask(Task):
+    source = "symbench"
+
+    def __init__(self, task: str, data_dir=None):
+        super().__init__(f"symbench/{task}")
+        self.task = task
+        self.family = family_of(task)
+        if self.family not in checkers.CHECKERS:
+            raise KeyError(f"no SymBench verifier for {task!r}")
+        self._check = checkers.CHECKERS[self.family]
+        self.verifier = "checker" if self.family in checkers.CONSTRAINT_FAMILIES else "exact"
+        folder = resolve_data_dir(data_dir) / "symbench"
+        stems = [p.stem for p in folder.glob("*.jsonl") if task_name(p.stem) == task]
+        if not stems:
+            raise TaskDataError(f"SymBench file for {task!r} not found in {folder}")
+        self.path = folder / f"{stems[0]}.jsonl"
+
+    def _load_samples(self) -> list[Sample]:
+        samples = []
+        with open(self.path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    samples.append(Sample(id=row["id"], prompt=row["question"], data=row, task=self.name))
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise TaskDataError(f"{self.path}:{line_no}: bad SymBench row ({e})") from None
+        return samples
+
+    def check(self, sample: Sample, answer: str) -> bool:
+        return bool(self._check(answer, sample.data["solution"], sample.data["question"]))
+
+    def gold_answer(self, sample: Sample) -> str:
+        return _GOLD[self.family](sample.data["solution"], sample.data["question"])

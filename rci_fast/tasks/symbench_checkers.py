@@ -1,0 +1,362 @@
+"""SymBench verifiers, one function per task family: check(answer, solution, question) -> bool.
+
+`answer` is the text inside <<<...>>>, `solution` the published solution object, `question` the
+prompt. Families with one right answer compare normalised answers; families whose answer is not
+unique (queens, Latin squares, sudoku, arithmetic targets, arrangements, card games, selections,
+equation systems) validate the constraints instead, so every valid answer scores, not just the
+published one.
+"""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from rci_fast.tasks.answer import (ints_in, normalize_text, numbers_equal, numbers_in, parse_list,
+                                   parse_number, parse_positions, strip_wrapping)
+
+
+# --- exact answers ----------------------------------------------------------------------------
+def _same_ints(answer: str, gold: list[int]) -> bool:
+    return ints_in(answer) == [int(x) for x in gold]
+
+
+def check_2048(answer, solution, question):
+    return _same_ints(answer, ints_in(solution["solution"]))
+
+
+def check_light_puzzles(answer, solution, question):
+    return _same_ints(answer, solution["solution"])
+
+
+def check_mahjong_pattern(answer, solution, question):
+    return _same_ints(answer, [solution["solution"]])
+
+
+def check_statistical_counting(answer, solution, question):
+    return _same_ints(answer, [solution["solution"]])
+
+
+def check_pattern_recognition(answer, solution, question):
+    return _same_ints(answer, [solution["row"], solution["column"]])
+
+
+def check_string_splitting(answer, solution, question):
+    return _same_ints(answer, solution["expected_answer"])
+
+
+def check_string_synthesis(answer, solution, question):
+    return _same_ints(answer, solution["final_counts"])
+
+
+def check_number_multiply(answer, solution, question):
+    return parse_number(answer) == Fraction(int(solution["answer"]))
+
+
+def check_new_operator(answer, solution, question):
+    return numbers_equal(parse_number(answer), Fraction(str(solution["solution"])))
+
+
+def check_pooling(answer, solution, question):
+    gold = [Fraction(str(x)) for row in solution["solution"] for x in row]
+    got = numbers_in(answer)
+    return len(got) == len(gold) and all(numbers_equal(a, b) for a, b in zip(got, gold))
+
+
+def check_matrix_transformation(answer, solution, question):
+    gold = [str(x) for row in solution["solution"] for x in row]
+    got = [strip_wrapping(t) for t in re.split(r"[,\s\[\]]+", strip_wrapping(answer)) if t]
+    return got == gold
+
+
+def check_reversi(answer, solution, question):
+    return re.findall(r"[01*]", answer) == solution["solution"].split(",")
+
+
+def check_cryptanalysis(answer, solution, question):
+    return [x.upper() for x in parse_list(answer)] == [x.upper() for x in solution["answer"]]
+
+
+def _same_string(answer: str, gold: str) -> bool:
+    return strip_wrapping(answer) == gold
+
+
+def check_string_deletion_and_modification(answer, solution, question):
+    return _same_string(answer, solution["final_string"])
+
+
+def check_string_insertion(answer, solution, question):
+    return _same_string(answer, solution["modified_string"])
+
+
+# The published answer holds all five counts [A, B, C, X, Y]; each question asks for the subset
+# named in its "[remaining_A, ..., obtained_X]" template, in that order.
+_SYNTHESIS_FIELDS = {"remaining_A": 0, "remaining_B": 1, "remaining_C": 2, "obtained_X": 3, "obtained_Y": 4}
+
+
+def synthesis_requested_fields(question: str) -> list[int]:
+    names = re.search(r"as a list showing \[([^\]]*)\]", question).group(1)
+    return [_SYNTHESIS_FIELDS[n.strip()] for n in names.split(",")]
+
+
+def check_synthesis_decomposition(answer, solution, question):
+    full = solution["solution"]["answer"]
+    return _same_ints(answer, [full[i] for i in synthesis_requested_fields(question)])
+
+
+# --- arithmetic expression over given numbers -------------------------------------------------
+def _evaluate(tokens: list[str]) -> Fraction:
+    """Exact value of + - * / ( ) over integers; raises ValueError on bad syntax."""
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def atom():
+        tok = take() if peek() is not None else None
+        if tok == "(":
+            value = expr()
+            if take() != ")":
+                raise ValueError("unbalanced parenthesis")
+            return value
+        if tok is not None and tok.isdigit():
+            return Fraction(int(tok))
+        raise ValueError(f"unexpected token {tok!r}")
+
+    def term():
+        value = atom()
+        while peek() in ("*", "/"):
+            value = value * atom() if take() == "*" else value / atom()
+        return value
+
+    def expr():
+        value = term()
+        while peek() in ("+", "-"):
+            value = value + term() if take() == "+" else value - term()
+        return value
+
+    value = expr()
+    if pos != len(tokens):
+        raise ValueError("trailing tokens")
+    return value
+
+
+def check_combinatorial_calculation(answer, solution, question):
+    tokens = [t for item in parse_list(answer) for t in re.findall(r"\d+|[-+*/()×÷]", item)]
+    tokens = [{"×": "*", "÷": "/"}.get(t, t) for t in tokens]
+    if [int(t) for t in tokens if t.isdigit()] != [int(x) for x in solution["numbers"]]:
+        return False
+    return _evaluate(tokens) == Fraction(solution["target"])
+
+
+# --- card games: deduce the opponent's cards --------------------------------------------------
+def _round_result(game: str, mine: int, theirs: int) -> str:
+    """'win'/'loss'/'draw' for my card against theirs (cards as 0-based letter indices)."""
+    if mine == theirs:
+        return "draw"
+    if game == "elements":  # A..E in generation order: x generates x+1, x overcomes x+2
+        # Only MY card's relations decide, as in all 228 published rounds: if my card generates
+        # theirs I lose, if it overcomes theirs I win; their card acting on mine is a draw.
+        return {1: "loss", 2: "win"}.get((theirs - mine) % 5, "draw")
+    if game == "stick_game":  # A beats B beats C beats D beats A; two apart is a draw
+        return {1: "win", 3: "loss", 2: "draw"}[(theirs - mine) % 4]
+    if game == "animal":  # A (elephant) is largest, H (mouse) smallest; the mouse takes the elephant
+        if (mine, theirs) == (7, 0):
+            return "win"
+        if (mine, theirs) == (0, 7):
+            return "loss"
+        return "win" if mine < theirs else "loss"
+    raise ValueError(f"unknown game {game!r}")
+
+
+_CARDS = {"elements": 5, "stick_game": 4, "animal": 8}
+
+
+def check_constrained_linear_arrangement(answer, solution, question):
+    game = solution["game_type"]
+    cards = [c.upper() for c in parse_list(answer)]
+    if len(cards) != len(solution["player_moves"]) or len(set(cards)) != len(cards):
+        return False
+    n = _CARDS[game]
+    if any(len(c) != 1 or not 0 <= ord(c) - 65 < n for c in cards):
+        return False
+    return all(_round_result(game, ord(mine) - 65, ord(theirs) - 65) == result
+               for mine, theirs, result in zip(solution["player_moves"], cards, solution["results"]))
+
+
+# --- boards -----------------------------------------------------------------------------------
+def check_eight_queens(answer, solution, question):
+    board = solution["initial_board"]
+    n = len(board)
+    queens = parse_positions(answer)
+    if queens is None or len(queens) != n or len(set(queens)) != n:
+        return False
+    if any(not (0 <= r < n and 0 <= c < n) or board[r][c] == "X" for r, c in queens):
+        return False
+    placed = {(r, c) for r, row in enumerate(board) for c, cell in enumerate(row) if cell == "1"}
+    placed |= {tuple(q) for q in solution.get("placed_queens", [])}
+    if not placed <= set(queens):
+        return False
+    return all(len({key(r, c) for r, c in queens}) == n
+               for key in (lambda r, c: r, lambda r, c: c, lambda r, c: r - c, lambda r, c: r + c))
+
+
+def check_letter_logic_diagram(answer, solution, question):
+    grid = solution["grid"]
+    n = len(grid)
+    letters = re.findall(r"[a-z]", answer.lower())
+    if len(letters) != n * n:
+        return False
+    rows = [letters[i * n:(i + 1) * n] for i in range(n)]
+    alphabet = {chr(97 + i) for i in range(n)}
+    if any(set(row) != alphabet for row in rows) or any({r[c] for r in rows} != alphabet for c in range(n)):
+        return False
+    if any(given is not None and rows[r][c] != given.lower()
+           for r, row in enumerate(grid) for c, given in enumerate(row)):
+        return False
+    return len({rows[i][n - 1 - i] for i in range(n)}) == 1
+
+
+def check_standard_sudoku(answer, solution, question):
+    digits = ints_in(answer)
+    if digits is None or len(digits) != 81:
+        return False
+    g = [digits[i * 9:(i + 1) * 9] for i in range(9)]
+    full = set(range(1, 10))
+    if any(g[r][c] != v for r, row in enumerate(solution["puzzle"]) for c, v in enumerate(row) if v):
+        return False
+    rows_ok = all(set(row) == full for row in g)
+    cols_ok = all({g[r][c] for r in range(9)} == full for c in range(9))
+    boxes_ok = all({g[r][c] for r in range(br, br + 3) for c in range(bc, bc + 3)} == full
+                   for br in (0, 3, 6) for bc in (0, 3, 6))
+    return rows_ok and cols_ok and boxes_ok
+
+
+def check_logic_puzzle(answer, solution, question):
+    grid = solution["grid"]
+    count = int(re.search(r"select (\d+) different numbers", question).group(1))
+    first = re.search(r"\((\d+),\s*(\d+)\) as the first selected", question)
+    cells = parse_positions(answer)
+    # 27 of the 200 published selections break the stated row/column rule (22 of the 32 sum<=4
+    # puzzles, 5 of the product>0 ones); the published selection is accepted as it stands.
+    if cells is not None and sorted(cells) == sorted(tuple(c) for c in solution["solution"]):
+        return True
+    if cells is None or len(cells) != count or len(set(cells)) != count:
+        return False
+    if any(not (0 <= r < len(grid) and 0 <= c < len(grid[0])) for r, c in cells):
+        return False
+    if first and (int(first.group(1)), int(first.group(2))) not in cells:
+        return False
+    values = [grid[r][c] for r, c in cells]
+    if len(set(values)) != count:
+        return False
+    lines = [[grid[r][c] for r, c in cells if r == i] for i in range(len(grid))]
+    lines += [[grid[r][c] for r, c in cells if c == j] for j in range(len(grid[0]))]
+    kind = solution["constraints"]["type"]
+    if kind == "sum_le_4":
+        return all(sum(line) <= 4 for line in lines)
+    if kind == "product_gt_0":
+        return all(_product(line) > 0 for line in lines if line)
+    raise ValueError(f"unknown logic-puzzle constraint {kind!r}")
+
+
+def _product(values):
+    result = 1
+    for v in values:
+        result *= v
+    return result
+
+
+# --- arrangements and equation systems ----------------------------------------------------------
+_SHELF_RULES = (
+    (re.compile(r"Book (\w) cannot be placed in position (\d+)"), lambda p, a, k: p[a] != int(k)),
+    (re.compile(r"Book (\w) must be placed in position (\d+)"), lambda p, a, k: p[a] == int(k)),
+    (re.compile(r"Book (\w) must be to the left of book (\w)"), lambda p, a, b: p[a] < p[b]),
+    (re.compile(r"Book (\w) must be to the right of book (\w)"), lambda p, a, b: p[a] > p[b]),
+    (re.compile(r"Book (\w) must be adjacent to book (\w)"), lambda p, a, b: abs(p[a] - p[b]) == 1),
+)
+
+
+def check_permutations_and_combinations(answer, solution, question):
+    order = [x.upper() for x in parse_list(answer)]
+    if sorted(order) != sorted(solution["items"]):
+        return False
+    position = {book: i + 1 for i, book in enumerate(order)}
+    for line in solution["constraints_text"].splitlines():
+        for pattern, holds in _SHELF_RULES:
+            m = pattern.search(line)
+            if m:
+                if not holds(position, *m.groups()):
+                    return False
+                break
+        else:
+            raise ValueError(f"unknown shelf constraint: {line!r}")
+    return True
+
+
+_EQUATION_RE = re.compile(r"^\d+\.\s*(.+)$", re.MULTILINE)
+
+
+def check_logical_equation(answer, solution, question):
+    letters = re.search(r"There are \d+ letters ([A-Z](?:, [A-Z])*)", question).group(1).split(", ")
+    pool = [Fraction(x) for x in re.search(r"each representing one of the numbers ([\d., ]+?)\.\s",
+                                           question).group(1).split(",")]
+    values = numbers_in(answer)
+    if len(values) != len(letters) or sorted(values) != sorted(pool):
+        return False
+    value = dict(zip(letters, values))
+    for rule in _EQUATION_RE.findall(question.split("Return the answers")[0]):
+        if not _equation_holds(rule.strip(), value):
+            return False
+    return True
+
+
+def _equation_holds(rule: str, value: dict) -> bool:
+    m = re.fullmatch(r"([A-Z]) ([+-]) ([A-Z]) = (-?[\d.]+)", rule)
+    if m:
+        a, op, b, k = m.groups()
+        return (value[a] + value[b] if op == "+" else value[a] - value[b]) == Fraction(k)
+    m = re.fullmatch(r"([A-Z]) > ([A-Z])", rule)
+    if m:
+        return value[m.group(1)] > value[m.group(2)]
+    m = re.fullmatch(r"([A-Z]) = (-?[\d.]+)\s*\*?\s*([A-Z])", rule)
+    if m:
+        return value[m.group(1)] == Fraction(m.group(2)) * value[m.group(3)]
+    raise ValueError(f"unknown equation form: {rule!r}")
+
+
+CHECKERS = {
+    "2048": check_2048,
+    "combinatorial_calculation": check_combinatorial_calculation,
+    "constrained_linear_arrangement": check_constrained_linear_arrangement,
+    "cryptanalysis": check_cryptanalysis,
+    "eight_queens": check_eight_queens,
+    "letter_logic_diagram": check_letter_logic_diagram,
+    "light_puzzles": check_light_puzzles,
+    "logic_puzzle": check_logic_puzzle,
+    "logical_equation": check_logical_equation,
+    "mahjong_pattern": check_mahjong_pattern,
+    "matrix_transformation": check_matrix_transformation,
+    "new_operator": check_new_operator,
+    "number_multiply": check_number_multiply,
+    "pattern_recognition": check_pattern_recognition,
+    "permutations_and_combinations": check_permutations_and_combinations,
+    "pooling": check_pooling,
+    "reversi": check_reversi,
+    "standard_sudoku": check_standard_sudoku,
+    "statistical_counting": check_statistical_counting,
+    "string_deletion_and_modification": check_string_deletion_and_modification,
+    "string_insertion": check_string_insertion,
+    "string_splitting": check_string_splitting,
+    "string_synthesis": check_string_synthesis,
+    "synthesis_decomposition": check_synthesis_decomposition,
+}
+
+# Families judged by validating constraints rather than comparing with the published answer.
+CONSTRAINT_FAMILIES = {"combinatorial_calculation", "constrained_linear_arrangement", "eight_queens",
+                       "letter_logic_diagram", "logic_puzzle", "logical_equation",
+                       "permutations_and_combinations", "standard_sudoku"}

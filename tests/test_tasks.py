@@ -1,0 +1,254 @@
+"""Registry, BIG-Bench Hard, SymBench and the task split: every published gold answer scores 1.0,
+corrupted ones score 0, and the split has the paper's shape."""
+import json
+import random
+import re
+
+import pytest
+
+from rci_fast.tasks import TaskDataError, list_tasks, load_task, task_split
+from rci_fast.tasks import symbench_checkers as ck
+from rci_fast.tasks.base import DATA_ENV_VAR, resolve_data_dir
+from rci_fast.tasks.split import SPLIT_FILE, load_split, make_split
+
+BBH = list_tasks("bbh")
+SYMBENCH = list_tasks("symbench")
+
+
+def _wrap(answer: str) -> str:
+    return f"Let me think.\n... so the answer is <<<{answer}>>>"
+
+
+# --- registry -----------------------------------------------------------------------------------
+def test_registry_counts_and_names():
+    assert len(BBH) == 27 and len(SYMBENCH) == 29
+    assert len(list_tasks("rg")) == 99
+    assert all(re.fullmatch(r"(bbh|symbench|rg)/[0-9a-z_]+", n) for n in list_tasks())
+    assert "symbench/string_synthesis" in SYMBENCH and "bbh/date_understanding" in BBH
+
+
+def test_unknown_names_raise():
+    for bad in ("bbh/nope", "symbench/nope", "rg/nope", "nosource/x", "date_understanding"):
+        with pytest.raises((KeyError, TaskDataError)):
+            load_task(bad)
+    with pytest.raises(KeyError, match="left out"):
+        load_task("rg/game_of_life_halting")
+
+
+def test_data_dir_argument_env_and_missing(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(TaskDataError, match=str(missing)):
+        load_task("bbh/navigate", data_dir=missing)
+    monkeypatch.setenv(DATA_ENV_VAR, str(missing))
+    with pytest.raises(TaskDataError, match=DATA_ENV_VAR):
+        resolve_data_dir()
+    (tmp_path / "bbh").mkdir()
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    with pytest.raises(TaskDataError, match="navigate.json"):  # folder exists, file does not
+        load_task("bbh/navigate").samples()
+    (tmp_path / "bbh" / "navigate.json").write_text(json.dumps(
+        {"examples": [{"input": "Go left. Back at start?", "target": "No"}]}))
+    task = load_task("bbh/navigate")  # picked up from the environment variable
+    [sample] = task.samples()
+    assert task.score(sample, "<<<no>>>") == 1.0 and task.score(sample, "<<<Yes>>>") == 0.0
+
+
+def test_sample_splits_partition_and_are_stable():
+    task = load_task("symbench/cryptanalysis")
+    train, val = task.samples("train"), task.samples("validation")
+    ids = [s.id for s in task.samples()]
+    assert sorted(s.id for s in train + val) == sorted(ids)
+    assert 0.1 < len(val) / len(ids) < 0.3
+    assert [s.id for s in load_task("symbench/cryptanalysis").samples("validation")] == [s.id for s in val]
+    with pytest.raises(ValueError):
+        task.samples("test")
+
+
+# --- BBH ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BBH)
+def test_bbh_every_gold_answer_scores_one(name):
+    task = load_task(name)
+    samples = task.samples()
+    assert len(samples) >= 146
+    failures = [s.id for s in samples if task.score(s, _wrap(task.gold_answer(s))) != 1.0]
+    assert failures == []
+
+
+_FLIP = {"true": "False", "false": "True", "yes": "No", "no": "Yes", "valid": "invalid", "invalid": "valid"}
+
+
+def _corrupt_bbh(target: str, prompt: str) -> str:
+    m = re.fullmatch(r"\(([A-Z])\)", target)
+    if m:  # another option that exists in the prompt
+        letters = re.findall(r"^\(([A-Z])\)", prompt, re.M)
+        return f"({next(x for x in letters if x != m.group(1))})"
+    if target.lower() in _FLIP:
+        return _FLIP[target.lower()]
+    if re.fullmatch(r"-?\d+", target):
+        return str(int(target) + 1)
+    words = target.split()
+    return " ".join(words[::-1]) if len(set(words)) > 1 else target + " )"
+
+
+@pytest.mark.parametrize("name", BBH)
+def test_bbh_corrupted_gold_scores_zero(name):
+    task = load_task(name)
+    for s in random.Random(name).sample(task.samples(), 10):
+        wrong = _corrupt_bbh(s.data["target"], s.data["input"])
+        assert task.score(s, _wrap(wrong)) == 0.0, (s.id, wrong)
+
+
+def test_bbh_normalisation():
+    def score(name, i, answer):
+        task = load_task(name)
+        return task.score(task.samples()[i], f"<<<{answer}>>>")
+
+    target = load_task("bbh/date_understanding").samples()[0].data["target"]  # "(B)"
+    letter = target[1]
+    for form in (target, letter, f"{target} 12/25/1937", f" {target}. "):
+        assert score("bbh/date_understanding", 0, form) == 1.0, form
+    assert score("bbh/date_understanding", 0, letter.lower()) == 0.0
+    assert score("bbh/boolean_expressions", 0, load_task("bbh/boolean_expressions").samples()[0]
+                 .data["target"].upper() + ".") == 1.0
+    gold = load_task("bbh/multistep_arithmetic_two").samples()[0].data["target"]
+    assert score("bbh/multistep_arithmetic_two", 0, gold + ".0") == 1.0
+    gold = load_task("bbh/word_sorting").samples()[1].data["target"]
+    assert score("bbh/word_sorting", 1, ", ".join(gold.split())) == 1.0
+    gold = load_task("bbh/dyck_languages").samples()[0].data["target"]
+    assert score("bbh/dyck_languages", 0, gold.replace(" ", "")) == 1.0
+
+
+def test_bbh_prompt_asks_for_the_answer_format():
+    s = load_task("bbh/navigate").samples()[0]
+    assert s.prompt.startswith(s.data["input"]) and "<<<" in s.prompt
+
+
+# --- SymBench -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SYMBENCH)
+def test_symbench_every_published_solution_scores_one(name):
+    task = load_task(name)
+    samples = task.samples()
+    assert len(samples) >= 20
+    failures = [s.id for s in samples if task.score(s, _wrap(task.gold_answer(s))) != 1.0]
+    assert failures == []
+
+
+def _bump_last(text: str) -> str:
+    """Change the last digit (else the last letter) of a gold answer: a different exact answer."""
+    for i in range(len(text) - 1, -1, -1):
+        ch = text[i]
+        if ch.isdigit():
+            return text[:i] + str((int(ch) + 1) % 10) + text[i + 1:]
+        if ch.isalpha():
+            new = "a" if ch.lower() != "a" else "b"
+            return text[:i] + (new.upper() if ch.isupper() else new) + text[i + 1:]
+    return text + ",X"
+
+
+def _corrupt_symbench(task, sample) -> str:
+    gold, sol = task.gold_answer(sample), sample.data["solution"]
+    family = task.family
+    if family == "eight_queens":  # move the last queen one column: its new column is taken
+        (r, c), n = sol["solution"][-1], len(sol["initial_board"])
+        cells = [tuple(x) for x in sol["solution"][:-1]] + [(r, (c + 1) % n)]
+        return ", ".join(f"{a} {b}" for a, b in cells)
+    if family == "logic_puzzle":  # one cell short
+        return ", ".join(f"{a} {b}" for a, b in sol["solution"][:-1])
+    if family == "combinatorial_calculation":  # numbers out of the given order
+        nums = list(sol["numbers"])
+        i = next(i for i in range(1, len(nums)) if nums[i] != nums[0])
+        nums[0], nums[i] = nums[i], nums[0]
+        return "[" + ", +, ".join(map(str, nums)) + "]"
+    if family == "constrained_linear_arrangement":  # a card played twice
+        cards = list(sol["solution"])
+        return ",".join(cards[:-1] + [cards[0]]) if len(cards) > 1 else "Z"
+    if family == "permutations_and_combinations":  # a book moved away from its fixed position
+        order = list(sol["correct_solution"])
+        m = re.search(r"Book (\w) must be placed in position (\d+)", sol["constraints_text"])
+        if m:
+            k = int(m.group(2)) - 1
+            j = k + 1 if k + 1 < len(order) else k - 1
+            order[k], order[j] = order[j], order[k]
+        else:
+            order = order[:-1]
+        return json.dumps(order)
+    if family == "new_operator":  # decimals are compared with a tolerance: move the value by 1
+        return str(sol["solution"] + 1)
+    if family == "logical_equation":  # two letters exchange their numbers
+        values = list(sol)
+        values[0], values[1] = values[1], values[0]
+        return str(values)
+    return _bump_last(gold)
+
+
+@pytest.mark.parametrize("name", SYMBENCH)
+def test_symbench_corrupted_solution_scores_zero(name):
+    task = load_task(name)
+    for s in random.Random(name).sample(task.samples(), 10):
+        wrong = _corrupt_symbench(task, s)
+        assert task.score(s, _wrap(wrong)) == 0.0, (s.id, wrong)
+
+
+def test_symbench_checkers_accept_other_valid_answers():
+    # eight queens on an empty board: another of the 92 solutions than the published one
+    queens = load_task("symbench/eight_queens_varied_complexity")
+    s = next(s for s in queens.samples() if not s.data["solution"]["blocked_positions"]
+             and len(s.data["solution"]["initial_board"]) == 8)
+    other = [(0, 2), (1, 4), (2, 6), (3, 0), (4, 3), (5, 1), (6, 7), (7, 5)]
+    assert sorted(other) != sorted(map(tuple, s.data["solution"]["solution"]))
+    assert queens.score(s, "<<<" + ", ".join(f"{r} {c}" for r, c in other) + ">>>") == 1.0
+    # arithmetic: any expression over the numbers in order that hits the target
+    calc = load_task("symbench/combinatorial_calculation")
+    s = next(s for s in calc.samples() if s.data["solution"]["numbers"] == [6, 2, 7])
+    assert calc.score(s, "<<<[6, /, 2, +, 7]>>>") == 1.0
+    assert calc.score(s, "<<<[(, 6, +, 2, ), +, 7]>>>") == 0.0  # 15
+    assert calc.score(s, "<<<[6, 2, +, 7]>>>") == 0.0           # no operator between 6 and 2
+
+
+def test_card_game_rules_follow_the_prompts():
+    # elements: Wood A generates Fire B (holder of A loses); Wood A overcomes Earth C (A wins)
+    assert ck._round_result("elements", 0, 1) == "loss"
+    assert ck._round_result("elements", 0, 2) == "win"
+    # stick game: Stick A beats Tiger B, Worm D beats Stick A, two apart is a draw
+    assert ck._round_result("stick_game", 0, 1) == "win"
+    assert ck._round_result("stick_game", 0, 3) == "loss"
+    assert ck._round_result("stick_game", 0, 2) == "draw"
+    # animals: bigger wins, the mouse (H) takes the elephant (A), same piece is a draw
+    assert ck._round_result("animal", 0, 4) == "win"
+    assert ck._round_result("animal", 7, 0) == "win" and ck._round_result("animal", 0, 7) == "loss"
+    assert ck._round_result("animal", 3, 3) == "draw"
+
+
+def test_synthesis_answers_only_the_requested_fields():
+    task = load_task("symbench/synthesis_decomposition")
+    s = task.samples()[0]  # asks for [remaining_A, remaining_B, obtained_X] of 3 A and 2 B
+    assert s.data["solution"]["solution"]["answer"] == ["1", "0", "0", "2", "0"]
+    assert task.score(s, "<<<[1, 0, 2]>>>") == 1.0
+    assert task.score(s, "<<<[1, 0, 0, 2, 0]>>>") == 0.0
+
+
+# --- the task split -----------------------------------------------------------------------------
+def test_split_has_the_paper_shape():
+    split = load_split()
+    assert len(split["train"]) == 107 and len(split["test"]) == 37
+    assert not set(split["train"]) & set(split["test"])
+    registered = set(list_tasks())
+    assert set(split["train"]) | set(split["test"]) | set(split["extra"]) == registered
+    assert list_tasks(split="test") == sorted(list_tasks(split="test"), key=list_tasks().index)
+    assert task_split("bbh/date_understanding") in ("train", "test")
+
+
+def test_split_file_is_reproduced_by_its_recipe():
+    with open(SPLIT_FILE) as f:
+        committed = json.load(f)
+    assert make_split(list_tasks()) == committed
+    assert make_split(list(reversed(list_tasks()))) == committed  # independent of listing order
+
+
+def test_split_keeps_task_families_on_one_side():
+    split = load_split()
+    queens = [n for n in list_tasks("symbench") if "eight_queens" in n]
+    assert len({task_split(n) for n in queens}) == 1
+    tracking = [n for n in BBH if n.startswith("bbh/tracking_shuffled_objects")]
+    assert len({task_split(n) for n in tracking}) == 1
+    assert sum(n.startswith("bbh/") for n in split["test"]) == 7
