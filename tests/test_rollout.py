@@ -160,3 +160,25 @@ def test_bad_prompts_fail_clearly(tok, models):
         engine.generate([[]], SamplingParams())
     with pytest.raises(ValueError, match="invalid sampling"):
         SamplingParams(top_p=0)
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    from rci_fast.rollout import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+
+    def freqs(params):
+        ids, logps = sample(logits.expand(20000, 5).clone(), params, g)
+        return torch.bincount(ids, minlength=5).double() / 20000, ids, logps
+
+    f, ids, logps = freqs(SamplingParams(temperature=1.0))
+    torch.testing.assert_close(f, torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.double), atol=0.015, rtol=0)
+    torch.testing.assert_close(logps, logits[0, ids], atol=1e-6, rtol=0)
+    f, _, _ = freqs(SamplingParams(top_k=2))  # renormalised over the two largest
+    torch.testing.assert_close(f, torch.tensor([5 / 7, 2 / 7, 0, 0, 0], dtype=torch.double), atol=0.015, rtol=0)
+    f, _, _ = freqs(SamplingParams(top_p=0.8))  # 0.5 + 0.2 < 0.8: the third is kept too
+    torch.testing.assert_close(f, torch.tensor([0.5, 0.2, 0.15, 0, 0], dtype=torch.double) / 0.85, atol=0.015, rtol=0)
+    f, _, _ = freqs(SamplingParams(temperature=0.5))
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.double) ** 2
+    torch.testing.assert_close(f, p / p.sum(), atol=0.015, rtol=0)

@@ -93,14 +93,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, cache=None, slots=None, positions=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, step=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            out = self._cached(q, k, v, cache, slots, positions)
+        if step is not None:
+            out = self._cached(q, k, v, step)
         elif cu_seqlens is not None:
             out = self._packed(q, k, v, cu_seqlens)
         else:
@@ -120,22 +120,34 @@ class Attention(nn.Module):
                  for a, b in zip(bounds[:-1], bounds[1:])]
         return torch.cat(parts, dim=2)
 
-    def _cached(self, q, k, v, cache: KVCache, slots, positions):
+    def _cached(self, q, k, v, step: "CachedStep"):
+        k_all, v_all = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]  # [S, kv, L, D]
+        k_all[step.rows, :, step.positions] = k.transpose(1, 2)
+        v_all[step.rows, :, step.positions] = v.transpose(1, 2)
+        keys, values = step.view(k_all), step.view(v_all)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+
+
+class CachedStep:
+    """What every layer of one cached forward shares: where to write, what to read, the mask."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor):
         B, T = positions.shape
-        k_all, v_all = cache.k[self.layer_idx], cache.v[self.layer_idx]  # [S, kv, L, D]
-        rows = slots.unsqueeze(1).expand(B, T)
-        k_all[rows, :, positions] = k.transpose(1, 2)
-        v_all[rows, :, positions] = v.transpose(1, 2)
-        length = int(positions.max()) + 1
+        self.cache, self.positions = cache, positions
+        self.rows = slots.unsqueeze(1).expand(B, T)
+        self.length = int(positions.max()) + 1
         first = int(slots[0])
-        if torch.equal(slots, torch.arange(first, first + B, device=slots.device)):
-            keys, values = k_all[first:first + B, :, :length], v_all[first:first + B, :, :length]
-        else:
-            keys, values = k_all[slots, :, :length], v_all[slots, :, :length]
+        contiguous = torch.equal(slots, torch.arange(first, first + B, device=slots.device))
+        self._slice = slice(first, first + B) if contiguous else None
+        self._slots = slots
         # Query at position p sees cache positions 0..p of its own slot.
-        mask = torch.arange(length, device=q.device) <= positions.unsqueeze(-1)  # [B, T, L]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1),
-                                              enable_gqa=True)
+        self.mask = (torch.arange(self.length, device=positions.device)
+                     <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
+
+    def view(self, cache_layer: torch.Tensor) -> torch.Tensor:
+        if self._slice is not None:  # no copy when the rows are the slots in order
+            return cache_layer[self._slice, :, :self.length]
+        return cache_layer[self._slots, :, :self.length]
 
 
 class MLP(nn.Module):
@@ -157,8 +169,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, cache=None, slots=None, positions=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache, slots, positions)
+    def forward(self, x, cos, sin, cu_seqlens=None, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -215,8 +227,9 @@ class Transformer(nn.Module):
         and values; returns hidden states [B, T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        step = CachedStep(cache, slots, positions)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, None, cache, slots, positions)
+            x = layer(x, cos, sin, None, step)
         return self.model.norm(x)
 
 

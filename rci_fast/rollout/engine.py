@@ -102,10 +102,9 @@ class RolloutEngine:
         self.max_batch, self.max_code_calls = max_batch, max_code_calls
         self.code_timeout_s, self.max_tool_output_chars = code_timeout_s, max_tool_output_chars
         self.tool_template = tool_template
-        eos = eos_ids if eos_ids is not None else model.config.eos_ids
-        if not eos and tokenizer.eos_token_id is not None:
-            eos = [tokenizer.eos_token_id]
-        self.eos_ids = set(eos)
+        if eos_ids is None:  # the model's, else the tokenizer's; [] means: never stop on EOS
+            eos_ids = model.config.eos_ids or [t for t in [tokenizer.eos_token_id] if t is not None]
+        self.eos_ids = set(eos_ids)
         self.logits_processor = logits_processor
         self._piece_cache: dict[int, str] = {}
         self.stats: dict[str, float] = {}
@@ -121,7 +120,8 @@ class RolloutEngine:
         device = self.model.lm_head.weight.device
         dtype = self.model.lm_head.weight.dtype
         n_slots = min(self.max_batch, len(prompts))
-        cache = KVCache(self.model.config, n_slots, params.max_total_tokens, dtype, device)
+        # One spare column past max_total_tokens takes the padding's writes (see _advance).
+        cache = KVCache(self.model.config, n_slots, params.max_total_tokens + 1, dtype, device)
         generator = torch.Generator(device=device).manual_seed(params.seed)
         self._trigger_chars = set("`>") | {s[-1] for s in params.stop if s}
         queue = deque(enumerate(prompts))
@@ -164,26 +164,29 @@ class RolloutEngine:
 
     def _advance(self, ready: list[_Seq], cache: KVCache, device) -> torch.Tensor:
         """Pushes each sequence's pending tokens through the cache; returns next-token logits.
-        Sequences with one pending token (plain decoding) share one batched call; longer inputs
-        (a new prompt, interpreter output) run one call each."""
+        Plain decoding (one pending token) and longer inputs (a new prompt, interpreter output)
+        run as two batched calls, the latter right-padded; padding writes go to the cache's last
+        column, which no real token uses and no query reads."""
         logits = [None] * len(ready)
         single = [i for i, s in enumerate(ready) if len(s.next_input) == 1]
-        if single:
-            tokens = torch.tensor([[ready[i].next_input[0]] for i in single], device=device)
-            positions = torch.tensor([[ready[i].length] for i in single], device=device)
-            slots = torch.tensor([ready[i].slot for i in single], device=device)
-            h = self.model.forward_cached(tokens, positions, cache, slots)[:, -1]
-            out = self.model.lm_head(h)
-            for j, i in enumerate(single):
+        multi = [i for i, s in enumerate(ready) if len(s.next_input) > 1]
+        for group in (single, multi):
+            if not group:
+                continue
+            width = max(len(ready[i].next_input) for i in group)
+            # Built as Python lists, then one tensor each: per-row tensor ops cost more than the
+            # model at small sizes. Padding positions point at the cache's spare last column.
+            tokens = [ready[i].next_input + [0] * (width - len(ready[i].next_input)) for i in group]
+            positions = [[min(ready[i].length + t, cache.max_len - 1) if t < len(ready[i].next_input)
+                          else cache.max_len - 1 for t in range(width)] for i in group]
+            last = [len(ready[i].next_input) - 1 for i in group]
+            slots = torch.tensor([ready[i].slot for i in group], device=device)
+            h = self.model.forward_cached(torch.tensor(tokens, device=device),
+                                          torch.tensor(positions, device=device), cache, slots)
+            out = self.model.lm_head(h[torch.arange(len(group), device=device),
+                                       torch.tensor(last, device=device)])
+            for j, i in enumerate(group):
                 logits[i] = out[j]
-        for i, s in enumerate(ready):
-            if len(s.next_input) > 1:
-                n = len(s.next_input)
-                tokens = torch.tensor([s.next_input], device=device)
-                positions = torch.arange(s.length, s.length + n, device=device).unsqueeze(0)
-                slots = torch.tensor([s.slot], device=device)
-                h = self.model.forward_cached(tokens, positions, cache, slots)[:, -1]
-                logits[i] = self.model.lm_head(h)[0]
         for s in ready:
             s.length += len(s.next_input)
             s.next_input = []
