@@ -1,0 +1,40 @@
+"""Reasoning-Gym through the registry: each registered dataset's own reference answer scores 1.0,
+a wrong answer scores below 1, generation is seeded and deterministic."""
+import pytest
+
+from rci_fast.tasks import list_tasks, load_task
+from rci_fast.tasks.rg import LEFT_OUT
+
+RG = list_tasks("rg")
+
+
+def test_left_out_datasets_are_not_registered_and_explained():
+    assert not {f"rg/{d}" for d in LEFT_OUT} & set(RG)
+    assert all(len(reason) > 20 for reason in LEFT_OUT.values())
+
+
+@pytest.mark.parametrize("name", RG)
+def test_reference_answers_score_one_and_junk_does_not(name):
+    task = load_task(name, train_size=3, validation_size=2)
+    samples = task.samples()
+    assert 1 <= len(samples) <= 5
+    for s in samples:
+        assert s.prompt.startswith(s.data["question"]) and "<<<" in s.prompt
+        assert task.score(s, f"I computed it.\n<<<{task.gold_answer(s)}>>>") == 1.0, (s.id, s.data["answer"])
+        assert task.score(s, "<<<zzz not an answer>>>") < 1.0
+        assert task.score(s, "no answer tags at all") == 0.0
+
+
+def test_generation_is_seeded_and_splits_do_not_overlap():
+    a = load_task("rg/basic_arithmetic", train_size=20, validation_size=10)
+    b = load_task("rg/basic_arithmetic", train_size=20, validation_size=10)
+    assert [s.prompt for s in a.samples()] == [s.prompt for s in b.samples()]
+    train = {s.data["question"] for s in a.samples("train")}
+    assert not train & {s.data["question"] for s in a.samples("validation")}
+    assert len(a.samples("train")) == 20
+
+
+def test_scorer_errors_count_as_wrong():
+    task = load_task("rg/prime_factorization", train_size=1, validation_size=0)
+    [s] = task.samples()
+    assert task.score(s, "<<<not a number>>>") == 0.0  # the package itself raises ValueError here
