@@ -29,6 +29,8 @@ demo: setup
 
 bench: setup
 	$(VPY) bench/bench_sandbox.py
+	$(VPY) bench/bench_logprob.py
+	$(VPY) bench/bench_rollout.py
 
 clean:
 	rm -rf build *.egg-info $(VENV) sandbox/*.so
