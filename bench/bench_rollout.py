@@ -120,48 +120,56 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, seed=0) -> dict:
             "rci_fast_vs_floor": ours_s / floor_s}
 
 
-def with_code(tok, hf, ours, sandbox, batch, think_tokens, calls) -> dict:
-    """Each sequence: `calls` x (think_tokens of text, then the code block), then the answer."""
+def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
+    """Each sequence: `calls` x (some text, then the code block), then the answer. The text
+    before each block has a random length in [4, max_think] tokens, as a model's would; the same
+    scripts drive both sides."""
+    rng = random.Random(seed)
     think = tok.encode("Let me compute this step by step.")
-    think = (think * (think_tokens // len(think) + 1))[:think_tokens]
-    turn = think + tok.encode(CODE)
-    answer = tok.encode("<<<42>>>")
+    think = think * (max_think // len(think) + 1)
+    code, answer = tok.encode(CODE), tok.encode("<<<42>>>")
+    scripts = [[think[:rng.randint(4, max_think)] + code for _ in range(calls)] + [answer]
+               for _ in range(batch)]
     code_re = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
-    prompt = tok.encode("Let me compute")
+    base = tok.encode("Let me compute")
+    prompts = [[5 + row] + base for row in range(batch)]  # the first token tells the row
 
     def engine_force(segments_per_row, logits):
         out = torch.full_like(logits, -1e9)
-        for row, segments in enumerate(segments_per_row):
+        for i, segments in enumerate(segments_per_row):
+            row = segments[0].ids[0] - 5
             model = [s for s in segments if s.kind == "model"]
             n_turn = len(model) - 1 if model and segments[-1].kind == "model" else len(model)
             done = len(model[n_turn].ids) if n_turn < len(model) else 0
-            script = turn if n_turn < calls else answer
-            out[row, script[done] if done < len(script) else 0] = 0.0
+            script = scripts[row][min(n_turn, calls)]
+            out[i, script[done] if done < len(script) else 0] = 0.0
         return out
 
     engine = RolloutEngine(ours, tok, sandbox, max_batch=batch, logits_processor=engine_force,
                            eos_ids=[0])
     t0 = time.perf_counter()
-    trajs = engine.generate([prompt] * batch, SamplingParams(max_new_tokens=4 * calls * len(turn) + 64))
+    trajs = engine.generate(prompts, SamplingParams(max_new_tokens=(calls + 1) * (max_think + len(code)) + 16))
     ours_s = time.perf_counter() - t0
     assert all(t.code_statuses == ["ok"] * calls for t in trajs), trajs[0].code_statuses
     tool_wait = engine.stats["tool_wait_s"]
     code_ms = sum(ms for t in trajs for ms in t.code_wall_ms)
     generated = sum(sum(len(s.ids) for s in t.segments if s.kind == "model") for t in trajs)
 
-    # Lockstep: one transformers.generate per round, every row forced through the same script.
-    rows = [list(prompt) for _ in range(batch)]
+    # Lockstep: one transformers.generate per round for the whole batch, which runs until the
+    # longest row reaches its code block (shorter rows pad), then all blocks run, then again.
+    rows = [list(p) for p in prompts]
     t0 = time.perf_counter()
     for round_ in range(calls + 1):
-        script = turn if round_ < calls else answer
-        start = [len(r) for r in rows]
-        max_len = max(start)
+        round_scripts = [scripts[r][round_] for r in range(batch)]
+        max_len = max(len(r) for r in rows)
         ids = torch.tensor([[0] * (max_len - len(r)) + r for r in rows])  # left padding
         mask = (torch.arange(max_len) >= torch.tensor([max_len - len(r) for r in rows])[:, None]).long()
-        proc = ForceScript(lambda row, seq, s=script, m=max_len: s[len(seq) - m] if len(seq) - m < len(s) else 0)
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=len(script), do_sample=False,
-                          logits_processor=LogitsProcessorList([proc]), pad_token_id=0, eos_token_id=None)
-        new = out[:, max_len:].tolist()
+        proc = ForceScript(lambda row, seq, m=max_len: round_scripts[row][len(seq) - m]
+                           if len(seq) - m < len(round_scripts[row]) else 0)
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max(map(len, round_scripts)),
+                          do_sample=False, logits_processor=LogitsProcessorList([proc]),
+                          pad_token_id=0, eos_token_id=None)
+        new = [o[max_len:max_len + len(s)] for o, s in zip(out.tolist(), round_scripts)]
         if round_ == calls:
             break
         texts = [tok.decode(n) for n in new]
@@ -189,7 +197,7 @@ def main() -> int:
     batch, new = (16, 32) if args.quick else (64, 128)
     plain = plain_decoding(tok, hf, ours, batch, 32, new)
     with Sandbox(workers=8) as sb:  # the calls sleep: more workers than cores is right
-        code = with_code(tok, hf, ours, sb, 8 if args.quick else 32, 24, 3)
+        code = with_code(tok, hf, ours, sb, 8 if args.quick else 32, 64, 3)
     result = {"device": "cpu", "threads": torch.get_num_threads(), "params": n_params,
               "plain": plain, "with_code": code}
     print(f"tiny Qwen2, {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
