@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace rci {
@@ -122,6 +123,16 @@ class Program {
   }
   // Starts a block of `len` instructions run when nr == syscall; every path in it must return.
   void block(long nr, uint8_t len) { jump(BPF_JMP | BPF_JEQ | BPF_K, static_cast<uint32_t>(nr), 0, len); }
+  // if (nr == syscall) return (low word of argument `arg` in values) ? allow : otherwise;
+  void allow_if_arg_in(long nr, int arg, std::initializer_list<uint32_t> values, uint32_t otherwise) {
+    const uint8_t n = static_cast<uint8_t>(values.size());
+    block(nr, n + 3);
+    load(arg_lo(arg));
+    uint8_t i = 0;
+    for (uint32_t v : values) jump(BPF_JMP | BPF_JEQ | BPF_K, v, static_cast<uint8_t>(n - i++), 0);
+    ret(otherwise);
+    ret(kAllow);
+  }
   std::vector<sock_filter>& code() { return p_; }
 
  private:
@@ -182,25 +193,12 @@ std::vector<sock_filter> build(pid_t self_pid) {
   p.ret(kAllow);
 
   // ioctl: the terminal/fd queries Python's io layer makes; anything else is "not a tty".
-  const uint32_t ioctls[] = {TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIOCLEX, FIONCLEX};
-  constexpr uint8_t n_ioctls = sizeof(ioctls) / sizeof(ioctls[0]);
-  p.block(SYS_ioctl, n_ioctls + 3);
-  p.load(arg_lo(1));
-  for (uint8_t i = 0; i < n_ioctls; ++i)
-    p.jump(BPF_JMP | BPF_JEQ | BPF_K, ioctls[i], static_cast<uint8_t>(n_ioctls - i), 0);
-  p.ret(ret_errno(ENOTTY));
-  p.ret(kAllow);
-
+  p.allow_if_arg_in(SYS_ioctl, 1, {TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIOCLEX, FIONCLEX},
+                    ret_errno(ENOTTY));
   // prctl: thread names (threading sets them) and read-only queries.
-  const uint32_t prctls[] = {PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_GET_SECCOMP,
-                             PR_GET_NO_NEW_PRIVS, PR_CAPBSET_READ};
-  constexpr uint8_t n_prctls = sizeof(prctls) / sizeof(prctls[0]);
-  p.block(SYS_prctl, n_prctls + 3);
-  p.load(arg_lo(0));
-  for (uint8_t i = 0; i < n_prctls; ++i)
-    p.jump(BPF_JMP | BPF_JEQ | BPF_K, prctls[i], static_cast<uint8_t>(n_prctls - i), 0);
-  p.ret(ret_errno(EPERM));
-  p.ret(kAllow);
+  p.allow_if_arg_in(SYS_prctl, 0, {PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_GET_SECCOMP,
+                                   PR_GET_NO_NEW_PRIVS, PR_CAPBSET_READ},
+                    ret_errno(EPERM));
 
   for (long nr : kAllowed) p.on(nr, kAllow);  // the hot ones (read, write, mmap) come first
   for (long nr : kForbidden) p.on(nr, kKill);
