@@ -15,8 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rci_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from rci_fast.sandbox import cli as sandbox_cli
+    from rci_fast.tasks import cli as tasks_cli
 
     sandbox_cli.add_parser(sub)
+    tasks_cli.add_parser(sub)
     return parser
 
 

@@ -88,9 +88,10 @@ def test_code_extraction_and_results():
     assert extract_code("```python\nunclosed") is None and extract_code("```\nnot python\n```") is None
     assert format_result("4\n") == RESULT_HEADER + "4"
     assert format_result("", "Traceback ...\nNameError: x", "error").endswith("NameError: x")
-    assert format_result("", "", "timeout").endswith("[execution stopped: timeout]")
+    assert format_result("", "", "timeout", timeout_s=5).endswith("TimeoutError: the code ran longer than 5 s")
+    assert format_result("1\n", "", "memory_limit") == RESULT_HEADER + "1\n[sandbox: memory_limit]"
     long = format_result("x" * 5000, max_chars=100)
-    assert "characters cut" in long and len(long) < 200
+    assert long.endswith("(output truncated)") and len(long) < 200
 
 
 def test_rendering_default_and_with_a_chat_template():

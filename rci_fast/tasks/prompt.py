@@ -21,7 +21,7 @@ SYSTEM_PROMPT = (
     "are done, give the final answer as <<<answer>>>."
 )
 RESULT_HEADER = "Code Execution Results:\n"
-DEFAULT_MAX_RESULT_CHARS = 2000
+DEFAULT_MAX_RESULT_CHARS = 1024  # as the rollout engine's max_tool_output_chars
 
 _CODE_BLOCK_RE = re.compile(r"```python[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -33,16 +33,18 @@ def extract_code(text: str) -> str | None:
 
 
 def format_result(stdout: str, stderr: str = "", status: str = "ok",
-                  max_chars: int = DEFAULT_MAX_RESULT_CHARS) -> str:
-    """The tool message for one run: the header, stdout then stderr, cut to max_chars (head and
-    tail kept: the end of a traceback is the useful part)."""
-    body = stdout + (("\n" if stdout and not stdout.endswith("\n") else "") + stderr if stderr else "")
-    if status not in ("ok", "error"):
-        body += f"\n[execution stopped: {status}]"
-    if len(body) > max_chars:
-        half = max_chars // 2
-        body = body[:half] + f"\n... [{len(body) - max_chars} characters cut] ...\n" + body[-half:]
-    return RESULT_HEADER + (body.strip("\n") or "(no output)")
+                  max_chars: int = DEFAULT_MAX_RESULT_CHARS, timeout_s: float = 10.0) -> str:
+    """The tool message for one run: the header, then stdout and stderr, cut to max_chars.
+    Byte for byte the text the rollout engine forces after a code block (its tool template adds
+    the newline before and after, as merge_for_rendering does), so SFT data reads like rollouts."""
+    out = stdout + stderr
+    if status == "timeout":
+        out += f"TimeoutError: the code ran longer than {timeout_s:g} s\n"
+    elif status in ("memory_limit", "output_limit", "violation"):
+        out += f"[sandbox: {status}]\n"
+    if len(out) > max_chars:
+        out = out[:max_chars] + "\n... (output truncated)\n"
+    return RESULT_HEADER + out.rstrip("\n")
 
 
 def build_messages(user_prompt: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:

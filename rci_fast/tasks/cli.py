@@ -1,0 +1,90 @@
+"""`rci-fast tasks` (the registry as a table) and `rci-fast gen-sft` (SFT trajectories)."""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+
+def add_parser(subparsers) -> None:
+    tasks = subparsers.add_parser(
+        "tasks", help="list the task registry as a table",
+        description="Prints every registered task: source, name, number of samples, its side of "
+                    "the fixed 107/37 task split (extra = registered, outside the split) and how "
+                    "answers are verified (exact match, constraint checker, reasoning-gym scorer).")
+    tasks.add_argument("--source", choices=("symbench", "bbh", "rg"), help="only this source")
+    tasks.add_argument("--split", choices=("train", "test", "extra"), help="only tasks on this side of the split")
+    tasks.add_argument("--data-dir", help="folder holding bbh/ and symbench/ (default: $RCI_FAST_DATA, "
+                                          "else ../shared/data next to the project)")
+    tasks.set_defaults(func=_tasks)
+
+    gen = subparsers.add_parser(
+        "gen-sft", help="write multi-turn SFT trajectories (JSONL)",
+        description="Writes SFT trajectories in the JSONL format of rci_fast/tasks/README.md. "
+                    "--teacher scripted: a scripted teacher writes Python for procedurally "
+                    "generated reasoning-gym tasks, runs it in the sandbox, and keeps the "
+                    "trajectories whose final answer the task's verifier scores 1.0.")
+    gen.add_argument("--teacher", choices=("scripted",), default="scripted",
+                     help="who writes the trajectories (scripted: no model needed)")
+    gen.add_argument("--out", required=True, help="output JSONL file (overwritten)")
+    gen.add_argument("--families", help="comma-separated teacher families (default: all; see --list-families)")
+    gen.add_argument("--per-family", type=int, default=50, help="samples tried per family (default 50)")
+    gen.add_argument("--split", choices=("train", "validation"), default="train",
+                     help="per-task sample split the questions come from (default train)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the style choices (default 0)")
+    gen.add_argument("--workers", type=int, default=2, help="sandbox workers (default 2)")
+    gen.add_argument("--timeout", type=float, default=10.0, help="seconds per code run (default 10)")
+    gen.add_argument("--list-families", action="store_true", help="print the teacher families and exit")
+    gen.set_defaults(func=_gen_sft)
+
+
+def _tasks(args) -> int:
+    from rci_fast.tasks import TaskDataError, list_tasks, load_task, task_split
+
+    try:
+        names = list_tasks(source=args.source, split=args.split, data_dir=args.data_dir)
+        rows = []
+        for name in names:
+            task = load_task(name, data_dir=args.data_dir) if not name.startswith("rg/") else None
+            count = str(len(task.samples())) if task else "procedural"
+            verifier = task.verifier if task else "reasoning-gym"
+            source, _, short = name.partition("/")
+            rows.append((source, short, count, task_split(name) or "-", verifier))
+    except TaskDataError as e:
+        print(f"rci-fast tasks: {e}", file=sys.stderr)
+        return 2
+    header = ("source", "task", "samples", "split", "verifier")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths)] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    by = collections.Counter((r[0], r[3]) for r in rows)
+    sources = sorted({r[0] for r in rows})
+    print("\n" + "; ".join(f"{s}: {sum(v for (src, _), v in by.items() if src == s)} "
+                          f"(train {by[(s, 'train')]}, test {by[(s, 'test')]}, extra {by[(s, 'extra')]})"
+                          for s in sources) + f"; total {len(rows)}")
+    return 0
+
+
+def _gen_sft(args) -> int:
+    from rci_fast.tasks.teacher import FAMILIES, generate
+    from rci_fast.tasks.trajectory import write_trajectories
+
+    if args.list_families:
+        print("\n".join(f"{name}  (styles: {', '.join(f.styles)})" for name, f in sorted(FAMILIES.items())))
+        return 0
+    families = args.families.split(",") if args.families else None
+    unknown = [f for f in families or [] if f not in FAMILIES]
+    if unknown:
+        print(f"rci-fast gen-sft: unknown families {unknown}; known: {', '.join(sorted(FAMILIES))}", file=sys.stderr)
+        return 2
+    from rci_fast.sandbox import Sandbox
+
+    with Sandbox(workers=args.workers) as sandbox:
+        trajectories = list(generate(sandbox, families, per_family=args.per_family, seed=args.seed,
+                                     split=args.split, timeout_s=args.timeout))
+    n = write_trajectories(args.out, trajectories)
+    styles = collections.Counter(t.source for t in trajectories)
+    tried = args.per_family * len(families or FAMILIES)
+    print(f"wrote {n} correct trajectories of {tried} tried to {args.out} "
+          f"({', '.join(f'{k}: {v}' for k, v in sorted(styles.items()))})")
+    return 0
