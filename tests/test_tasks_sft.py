@@ -164,3 +164,28 @@ def test_tasks_command_prints_the_registry(capsys):
     out = capsys.readouterr().out
     assert re.search(r"^bbh\s+date_understanding\s+250\s+(train|test)\s+exact$", out, re.M)
     assert "bbh: 27 (train 20, test 7, extra 0)" in out
+
+
+def test_rejection_sampling_keeps_correct_attempts_and_caps_per_task():
+    from rci_fast.tasks.rejection import rejection_sample
+
+    task = load_task("bbh/multistep_arithmetic_two")
+    samples = task.samples("train")[:6]
+    gold = {s.prompt: task.gold_answer(s) for s in samples}
+    calls = []
+
+    def policy(batch):  # right on every other attempt, one code call each time
+        calls.append(len(batch))
+        out = []
+        for i, messages in enumerate(batch):
+            answer = gold[messages[1]["content"]] if i % 2 else "999999"
+            out.append([("model", CODE_TURN), ("tool", format_result("42\n")), ("model", f"<<<{answer}>>>")])
+        return out
+
+    kept = list(rejection_sample([task], policy, attempts=2, samples_per_task=6, max_per_task=4, batch_size=4))
+    assert len(kept) == 4 and len({t.sample_id for t in kept}) == 4
+    assert all(t.score == 1.0 and t.num_code_calls == 1 for t in kept)
+    assert calls == [4, 4]  # stopped asking once the cap was reached
+    unclosed = list(rejection_sample([task], lambda b: [[("model", f"```python\nx\n<<<{gold[m[1]['content']]}>>>")]
+                                                         for m in b], attempts=1, samples_per_task=3))
+    assert unclosed == []  # right answers in malformed trajectories are not kept

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
                     "trajectories whose final answer the task's verifier scores 1.0.")
     gen.add_argument("--teacher", choices=("scripted",), default="scripted",
                      help="who writes the trajectories (scripted: no model needed)")
-    gen.add_argument("--out", required=True, help="output JSONL file (overwritten)")
+    gen.add_argument("--out", help="output JSONL file (overwritten); required unless --list-families")
     gen.add_argument("--families", help="comma-separated teacher families (default: all; see --list-families)")
     gen.add_argument("--per-family", type=int, default=50, help="samples tried per family (default 50)")
     gen.add_argument("--split", choices=("train", "validation"), default="train",
@@ -72,6 +72,9 @@ def _gen_sft(args) -> int:
     if args.list_families:
         print("\n".join(f"{name}  (styles: {', '.join(f.styles)})" for name, f in sorted(FAMILIES.items())))
         return 0
+    if not args.out:
+        print("rci-fast gen-sft: --out FILE is required", file=sys.stderr)
+        return 2
     families = args.families.split(",") if args.families else None
     unknown = [f for f in families or [] if f not in FAMILIES]
     if unknown:
