@@ -38,3 +38,11 @@ def test_scorer_errors_count_as_wrong():
     task = load_task("rg/prime_factorization", train_size=1, validation_size=0)
     [s] = task.samples()
     assert task.score(s, "<<<not a number>>>") == 0.0  # the package itself raises ValueError here
+
+
+def test_basic_arithmetic_prompt_states_floor_division():
+    task = load_task("rg/basic_arithmetic", train_size=40, validation_size=0)
+    uneven = next(s for s in task.samples("train") if s.data["metadata"]["expression"]
+                  == "( 412 - -864 ) / -( -( 318 - -345 ) + -662 )")  # 1276 / 1325
+    assert uneven.data["answer"] == "0" and "//" in uneven.prompt
+    assert task.score(uneven, "<<<0>>>") == 1.0

@@ -32,6 +32,13 @@ LEFT_OUT = {
 
 _FORMAT_SUFFIX = "\n\nGive your final answer inside <<< >>>, e.g. <<<your answer>>>."
 
+# What a question leaves unsaid but its reference answer assumes.
+PROMPT_NOTES = {
+    # the generator computes the answer with every '/' replaced by '//' (eval_floordiv), and
+    # nested divisions do not always divide evenly: 1276 / 1325 has the reference answer 0
+    "basic_arithmetic": "\nTreat every / as integer division rounding down (Python's //).",
+}
+
 
 def list_rg_tasks() -> list[str]:
     from reasoning_gym.factory import DATASETS
@@ -76,7 +83,8 @@ class ReasoningGymTask(Task):
                 seen = {s.data["question"] for s in self.samples("train")}
                 entries = [e for e in self._generate(VALIDATION_SEED, self.sizes["validation"])
                            if e["question"] not in seen]
-            self._parts[split] = [Sample(id=f"{split}-{i}", prompt=e["question"] + _FORMAT_SUFFIX,
+            suffix = PROMPT_NOTES.get(self.dataset, "") + _FORMAT_SUFFIX
+            self._parts[split] = [Sample(id=f"{split}-{i}", prompt=e["question"] + suffix,
                                          data=e, task=self.name) for i, e in enumerate(entries)]
         return list(self._parts[split])
 

@@ -63,8 +63,11 @@ def plan_expression(meta, style):  # basic_arithmetic, chain_sum: integer expres
             steps.append(f"{value} {op} {num} = {new}")
             value = new
         return Plan([], lambda out: "Step by step: " + "; ".join(steps) + f". <<<{value}>>>")
-    first = lambda out: ("I'll let Python evaluate the expression exactly.",
-                         f"result = {expr}\nprint(int(result) if result == int(result) else result)")
+    if "/" in expr:  # the prompt asks for floor division (rg.PROMPT_NOTES)
+        floor_expr = expr.replace("/", "//")
+        return _plan("code", lambda out: ("The task wants / as floor division, so I write // in Python.",
+                                          f"print({floor_expr})"))
+    first = lambda out: ("I'll let Python evaluate the expression exactly.", f"print({expr})")
     check = lambda out: ("Let me double-check with exact fractions, so no float rounding hides an error.",
                          "from fractions import Fraction\nimport re\n"
                          f"expr = {expr!r}\n"
