@@ -205,6 +205,18 @@ def test_symbench_checkers_accept_other_valid_answers():
     assert calc.score(s, "<<<[6, 2, +, 7]>>>") == 0.0           # no operator between 6 and 2
 
 
+def test_symbench_answer_forms():
+    sudoku = load_task("symbench/standard_sudoku")
+    s = sudoku.samples()[0]
+    rows = s.data["solution"]["solution"]
+    assert sudoku.score(s, "<<<" + "\n".join("".join(map(str, r)) for r in rows) + ">>>") == 1.0
+    assert sudoku.score(s, f"<<<{rows}>>>") == 1.0
+    multiply = load_task("symbench/number_multiply")
+    s = multiply.samples()[0]
+    value = int(s.data["solution"]["answer"])
+    assert multiply.score(s, f"<<<{value:,}>>>") == 1.0 and multiply.score(s, f"<<<{value + 1}>>>") == 0.0
+
+
 def test_card_game_rules_follow_the_prompts():
     # elements: Wood A generates Fire B (holder of A loses); Wood A overcomes Earth C (A wins)
     assert ck._round_result("elements", 0, 1) == "loss"

@@ -223,7 +223,9 @@ def check_letter_logic_diagram(answer, solution, question):
 
 def check_standard_sudoku(answer, solution, question):
     digits = ints_in(answer)
-    if digits is None or len(digits) != 81:
+    if digits is None or len(digits) != 81:  # rows written without separators: 853214679
+        digits = [int(d) for d in re.findall(r"\d", answer)]
+    if len(digits) != 81:
         return False
     g = [digits[i * 9:(i + 1) * 9] for i in range(9)]
     full = set(range(1, 10))
