@@ -86,7 +86,7 @@ class Task:
         """Score of an already extracted answer; a checker error counts as a wrong answer."""
         try:
             return float(self.check(sample, answer))
-        except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, ArithmeticError,
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
                 RecursionError):
             return 0.0
 
