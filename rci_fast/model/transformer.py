@@ -95,9 +95,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens=None, step=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        if step is not None and step.fused is not None:  # inference: one GEMM for q, k and v
+            w, b = step.fused[self.layer_idx]["qkv"]
+            q, k, v = F.linear(x, w, b).split([self.n_heads * self.d, self.n_kv * self.d, self.n_kv * self.d], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.d).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.d).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if step is not None:
             out = self._cached(q, k, v, step)
@@ -131,9 +136,10 @@ class Attention(nn.Module):
 class CachedStep:
     """What every layer of one cached forward shares: where to write, what to read, the mask."""
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
+                 fused: list[dict] | None = None):
         B, T = positions.shape
-        self.cache, self.positions = cache, positions
+        self.cache, self.positions, self.fused = cache, positions, fused
         self.rows = slots.unsqueeze(1).expand(B, T)
         self.length = int(positions.max()) + 1
         first = int(slots[0])
@@ -157,7 +163,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
+    def forward(self, x, fused_gate_up: tuple | None = None):
+        if fused_gate_up is not None:  # inference: one GEMM for gate and up
+            gate, up = F.linear(x, *fused_gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -171,7 +180,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens=None, step=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        fused = step.fused[self.self_attn.layer_idx]["gate_up"] if step is not None and step.fused else None
+        return x + self.mlp(self.post_attention_layernorm(x), fused)
 
 
 class _Body(nn.Module):  # named `model` in the checkpoint, as in transformers
@@ -192,6 +202,18 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.activation_checkpointing = False
+        self._fused: list[dict] | None = None
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenates q/k/v and gate/up weights for forward_cached (fewer, larger GEMMs when
+        decoding). A copy of the current weights: call again after the weights change."""
+        def cat(*linears):
+            biases = [l.bias for l in linears]
+            bias = None if biases[0] is None else torch.cat(biases)
+            return torch.cat([l.weight for l in linears]), bias
+        self._fused = [{"qkv": cat(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj),
+                        "gate_up": cat(l.mlp.gate_proj, l.mlp.up_proj)} for l in self.model.layers]
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +249,7 @@ class Transformer(nn.Module):
         and values; returns hidden states [B, T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        step = CachedStep(cache, slots, positions)
+        step = CachedStep(cache, slots, positions, self._fused)
         for layer in self.model.layers:
             x = layer(x, cos, sin, None, step)
         return self.model.norm(x)

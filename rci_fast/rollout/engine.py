@@ -119,6 +119,7 @@ class RolloutEngine:
                              f"max_total_tokens={params.max_total_tokens}")
         device = self.model.lm_head.weight.device
         dtype = self.model.lm_head.weight.dtype
+        self.model.fuse_projections()  # from the weights as they are now
         n_slots = min(self.max_batch, len(prompts))
         # One spare column past max_total_tokens takes the padding's writes (see _advance).
         cache = KVCache(self.model.config, n_slots, params.max_total_tokens + 1, dtype, device)
