@@ -182,3 +182,46 @@ def test_sampler_draws_from_the_filtered_distribution():
     f, _, _ = freqs(SamplingParams(temperature=0.5))
     p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.double) ** 2
     torch.testing.assert_close(f, p / p.sum(), atol=0.015, rtol=0)
+
+
+def test_engine_as_a_text_policy_for_rejection_sampling(tok, models, sandbox):
+    from rci_fast.rollout.policy import engine_policy
+    from rci_fast.tasks import load_task
+    from rci_fast.tasks.rejection import rejection_sample
+
+    _, ours = models
+    task = load_task("rg/basic_arithmetic")
+    sample = task.samples("train")[0]
+    gold = task.gold_answer(sample)
+    turns = [f"```python\nprint({gold!r})\n```", f" So the answer is <<<{gold}>>>"]
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, turns))
+    kept = list(rejection_sample([task], engine_policy(engine, SamplingParams(max_new_tokens=200)),
+                                 attempts=1, samples_per_task=1))
+    assert len(kept) == 1 and kept[0].score == 1.0
+    roles = [m["role"] for m in kept[0].messages]
+    assert roles[-3:] == ["assistant", "tool", "assistant"]
+    assert kept[0].messages[-2]["content"] == f"Code Execution Results:\n{gold}"
+
+
+def test_gen_sft_with_a_model_policy_runs_end_to_end(tok, models, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    _, ours = models
+    model_dir = tmp_path / "model"
+    ours.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    out = tmp_path / "sft.jsonl"
+    r = subprocess.run([sys.executable, "-m", "rci_fast", "gen-sft", "--teacher", "policy",
+                        "--model", str(model_dir), "--tasks", "rg/basic_arithmetic",
+                        "--samples-per-task", "2", "--attempts", "1", "--max-new-tokens", "16",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "correct trajectories from 1 tasks" in r.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(row["task"] == "rg/basic_arithmetic" for row in rows)  # a random model rarely scores
+    r = subprocess.run([sys.executable, "-m", "rci_fast", "gen-sft", "--teacher", "policy",
+                        "--model", str(tmp_path / "nope"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs --model DIR" in r.stderr

@@ -23,10 +23,11 @@ import torch
 
 from rci_fast.model import KVCache, Transformer
 from rci_fast.rollout.sampling import SamplingParams, sample
+from rci_fast.tasks.prompt import DEFAULT_MAX_RESULT_CHARS, format_result
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
 ANSWER = re.compile(r"<<<.*?>>>", re.S)
-DEFAULT_TOOL_TEMPLATE = "\nCode Execution Results:\n{output}\n"
+DEFAULT_TOOL_TEMPLATE = "\n{result}\n"  # around tasks.prompt.format_result: the SFT data's format
 
 
 @dataclass
@@ -95,7 +96,8 @@ class RolloutEngine:
 
     def __init__(self, model: Transformer, tokenizer, sandbox=None, *, max_batch: int = 64,
                  max_code_calls: int = 8, code_timeout_s: float = 10.0,
-                 max_tool_output_chars: int = 1024, tool_template: str = DEFAULT_TOOL_TEMPLATE,
+                 max_tool_output_chars: int = DEFAULT_MAX_RESULT_CHARS,
+                 tool_template: str = DEFAULT_TOOL_TEMPLATE,
                  eos_ids: list[int] | None = None,
                  logits_processor: Callable[[list[list[Segment]], torch.Tensor], torch.Tensor] | None = None):
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
@@ -246,16 +248,10 @@ class RolloutEngine:
             seq.next_input.extend(forced)
 
     def format_tool_output(self, result) -> str:
-        out = result.stdout
-        if result.stderr:
-            out += result.stderr
-        if result.status == "timeout":
-            out += f"TimeoutError: the code ran longer than {self.code_timeout_s:g} s\n"
-        elif result.status in ("memory_limit", "output_limit", "violation"):
-            out += f"[sandbox: {result.status}]\n"
-        if len(out) > self.max_tool_output_chars:
-            out = out[: self.max_tool_output_chars] + "\n... (output truncated)\n"
-        return self.tool_template.format(output=out.rstrip("\n"))
+        """The forced text after a code block: "Code Execution Results:" and the output, cut to
+        max_tool_output_chars, in the tool template (the same text SFT trajectories hold)."""
+        return self.tool_template.format(result=format_result(
+            result.stdout, result.stderr, result.status, self.max_tool_output_chars, self.code_timeout_s))
 
     def _trajectory(self, seq: _Seq) -> Trajectory:
         completion = [t for s in seq.segments[1:] for t in s.ids]

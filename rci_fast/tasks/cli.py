@@ -23,9 +23,23 @@ def add_parser(subparsers) -> None:
         description="Writes SFT trajectories in the JSONL format of rci_fast/tasks/README.md. "
                     "--teacher scripted: a scripted teacher writes Python for procedurally "
                     "generated reasoning-gym tasks, runs it in the sandbox, and keeps the "
-                    "trajectories whose final answer the task's verifier scores 1.0.")
-    gen.add_argument("--teacher", choices=("scripted",), default="scripted",
+                    "trajectories whose final answer the task's verifier scores 1.0. "
+                    "--teacher policy: a model (--model, a Hugging Face Qwen2/Llama folder with "
+                    "its tokenizer) rolls out on the train tasks with the rollout engine, code "
+                    "running in the sandbox; correct, well-formed attempts are kept (rejection "
+                    "sampling, as the paper did with GPT-4o).")
+    gen.add_argument("--teacher", choices=("scripted", "policy"), default="scripted",
                      help="who writes the trajectories (scripted: no model needed)")
+    gen.add_argument("--model", help="--teacher policy: model folder (config.json, safetensors, tokenizer)")
+    gen.add_argument("--tasks", help="--teacher policy: comma-separated task names (default: all train tasks)")
+    gen.add_argument("--data-dir", help="folder holding bbh/ and symbench/ (default: $RCI_FAST_DATA, "
+                                        "else ../shared/data)")
+    gen.add_argument("--attempts", type=int, default=4, help="--teacher policy: attempts per sample (default 4)")
+    gen.add_argument("--max-per-task", type=int, default=50, help="--teacher policy: kept per task (default 50)")
+    gen.add_argument("--samples-per-task", type=int, default=None,
+                     help="--teacher policy: samples tried per task (default: all of the split)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="--teacher policy: sampling temperature")
+    gen.add_argument("--max-new-tokens", type=int, default=1024, help="--teacher policy: per episode")
     gen.add_argument("--out", help="output JSONL file (overwritten); required unless --list-families")
     gen.add_argument("--families", help="comma-separated teacher families (default: all; see --list-families)")
     gen.add_argument("--per-family", type=int, default=50, help="samples tried per family (default 50)")
@@ -75,6 +89,8 @@ def _gen_sft(args) -> int:
     if not args.out:
         print("rci-fast gen-sft: --out FILE is required", file=sys.stderr)
         return 2
+    if args.teacher == "policy":
+        return _gen_sft_policy(args)
     families = args.families.split(",") if args.families else None
     unknown = [f for f in families or [] if f not in FAMILIES]
     if unknown:
@@ -90,4 +106,42 @@ def _gen_sft(args) -> int:
     tried = args.per_family * len(families or FAMILIES)
     print(f"wrote {n} correct trajectories of {tried} tried to {args.out} "
           f"({', '.join(f'{k}: {v}' for k, v in sorted(styles.items()))})")
+    return 0
+
+
+def _gen_sft_policy(args) -> int:
+    import os
+
+    if not args.model or not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"rci-fast gen-sft: --teacher policy needs --model DIR holding config.json "
+              f"(got {args.model!r})", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    from rci_fast.model import load_pretrained
+    from rci_fast.rollout import RolloutEngine, SamplingParams
+    from rci_fast.rollout.policy import engine_policy
+    from rci_fast.sandbox import Sandbox
+    from rci_fast.tasks import TaskDataError, list_tasks, load_task
+    from rci_fast.tasks.rejection import rejection_sample
+    from rci_fast.tasks.trajectory import write_trajectories
+
+    try:
+        names = args.tasks.split(",") if args.tasks else list_tasks(split="train", data_dir=args.data_dir)
+        tasks = [load_task(n, data_dir=args.data_dir) for n in names]
+    except (TaskDataError, KeyError, ValueError) as e:
+        print(f"rci-fast gen-sft: {e}", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_pretrained(args.model)
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)
+    with Sandbox(workers=args.workers) as sandbox:
+        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout)
+        trajectories = list(rejection_sample(
+            tasks, engine_policy(engine, params), attempts=args.attempts,
+            max_per_task=args.max_per_task, samples_per_task=args.samples_per_task,
+            split=args.split, source=f"policy:{os.path.basename(os.path.normpath(args.model))}"))
+    n = write_trajectories(args.out, trajectories)
+    print(f"wrote {n} correct trajectories from {len(tasks)} tasks to {args.out}")
     return 0
