@@ -107,8 +107,10 @@ void remove_tree_at(int parent, const char* name) {
 
 void remove_tree(const std::string& path) { remove_tree_at(AT_FDCWD, path.c_str()); }
 
-uint64_t address_space_bytes() {
-  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+uint64_t address_space_bytes(pid_t pid) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/statm", static_cast<int>(pid));
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return 0;
   char buf[128] = {0};
   ssize_t n = read(fd, buf, sizeof buf - 1);
@@ -154,10 +156,11 @@ void drop_capabilities() {
 struct SpareState {
   int run_uid, run_gid;
   bool has_ruleset;
-  uint64_t base_address_space;
   pid_t self;
 };
 SpareState g_spare{};
+constexpr char kReadyByte = 'R';
+constexpr int kReadyTimeoutMs = 30000;  // a spare is ready in milliseconds; this is a hang
 
 // Runs in the spare child right after fork: moves its descriptors in place and prepares its
 // Landlock ruleset. The caller then unwinds into Python, which warms itself up and calls
@@ -186,7 +189,7 @@ void spare_child(const ChildSetup& s, const std::string& scratch, int control_r,
     if (high[i] >= 0 && dup2(high[i], i) < 0) die_in_child("dup2", errno);
   syscall(SYS_close_range, 6, ~0u, 0);
   if (chdir(scratch.c_str()) != 0) die_in_child("chdir scratch", errno);
-  g_spare = SpareState{s.config->run_uid, s.config->run_gid, ruleset >= 0, address_space_bytes(), self};
+  g_spare = SpareState{s.config->run_uid, s.config->run_gid, ruleset >= 0, self};
 }
 
 // ---- the worker -------------------------------------------------------------------------------
@@ -320,13 +323,40 @@ class Worker {
   }
 
   // Hands `code` to the child and watches it until it reports, dies, times out or floods output.
-  Outcome supervise(Child& c, const std::string& code, const Limits& limits, bool session) {
+  // The run's rlimits, set from outside (the child has locked itself down already and may not
+  // change its own limits). The address-space budget counts from what it maps now.
+  bool apply_limits(pid_t pid, const Limits& L) {
+    const rlim_t cpu = static_cast<rlim_t>(std::ceil(L.timeout_s)) + 1;
+    const rlimit cpu_rl{cpu, cpu + 1};  // soft: SIGXCPU, hard: SIGKILL
+    const uint64_t base = address_space_bytes(pid);
+    const rlimit as{base + L.memory_bytes, base + L.memory_bytes};
+    const rlimit fsize{L.max_file_bytes, L.max_file_bytes};
+    const rlimit nofile{L.max_open_files, L.max_open_files};
+    const rlimit nproc{L.max_threads, L.max_threads};  // tasks of the run uid; root ignores it
+    return base > 0 && prlimit(pid, RLIMIT_CPU, &cpu_rl, nullptr) == 0 &&
+           prlimit(pid, RLIMIT_AS, &as, nullptr) == 0 &&
+           prlimit(pid, RLIMIT_FSIZE, &fsize, nullptr) == 0 &&
+           prlimit(pid, RLIMIT_NOFILE, &nofile, nullptr) == 0 &&
+           (config_.run_uid < 0 || prlimit(pid, RLIMIT_NPROC, &nproc, nullptr) == 0);
+  }
+
+  // A spare announces with one byte on its report pipe that it has locked itself down.
+  bool wait_ready(const Child& c) {
+    pollfd p{c.report_r, POLLIN, 0};
+    char byte = 0;
+    return poll(&p, 1, kReadyTimeoutMs) == 1 && read(c.report_r, &byte, 1) == 1 && byte == kReadyByte;
+  }
+
+  // `fresh_child`: the child runs its first code (a fresh run or a session's opening).
+  Outcome supervise(Child& c, const std::string& code, const Limits& limits, bool session,
+                    bool fresh_child) {
     Outcome o;
     o.h.magic = kResponseMagic;
     const double t0 = now_ms();
     ChildMessage m{kChildMagic, static_cast<uint32_t>(code.size()), session ? CHILD_SESSION : 0u, 0,
                    limits};
-    if (c.pid <= 0 || !write_full(c.control_w, &m, sizeof m) ||
+    if (c.pid <= 0 || (fresh_child && (!wait_ready(c) || !apply_limits(c.pid, limits))) ||
+        !write_full(c.control_w, &m, sizeof m) ||
         !write_full(c.control_w, code.data(), code.size())) {
       o.h.status = ST_ERROR;
       o.err = "rci_fast sandbox: could not start a run (fork or pipe failed, or the session ended)\n";
@@ -437,7 +467,7 @@ class Worker {
 
   void run_fresh(const RequestHeader& h, const std::string& code) {
     Child c = take_spare();
-    Outcome o = supervise(c, code, h.limits, false);
+    Outcome o = supervise(c, code, h.limits, false, true);
     respond(o, 0);
     finish(c);  // reaping and the next fork happen after the host has its answer
   }
@@ -445,7 +475,7 @@ class Worker {
   void session_open(const RequestHeader& h) {
     if (sessions_.size() >= config_.max_sessions) return respond_error(0, "too many open sessions");
     Child c = take_spare();
-    Outcome o = supervise(c, std::string(), h.limits, true);
+    Outcome o = supervise(c, std::string(), h.limits, true, true);
     uint32_t id = 0;
     if (o.child_alive) { id = next_session_++; sessions_[id] = c; }
     respond(o, id);
@@ -455,7 +485,7 @@ class Worker {
   void session_run(const RequestHeader& h, const std::string& code) {
     auto it = sessions_.find(h.session_id);
     if (it == sessions_.end()) return respond_error(h.session_id, "unknown or ended session");
-    Outcome o = supervise(it->second, code, h.limits, true);
+    Outcome o = supervise(it->second, code, h.limits, true, false);
     respond(o, h.session_id);
     if (!o.child_alive) { finish(it->second); sessions_.erase(it); }
   }
@@ -560,23 +590,12 @@ void serve_template(int control_fd, const ZygoteConfig& config) {
 }
 
 bool child_start(std::string* code, bool* session) {
-  ChildMessage m;
-  if (!read_full(kChildControlFd, &m, sizeof m) || m.magic != kChildMagic) return false;
-  code->assign(m.code_len, '\0');
-  if (m.code_len && !read_full(kChildControlFd, code->data(), m.code_len)) return false;
-  *session = (m.flags & CHILD_SESSION) != 0;
-  const Limits& L = m.limits;
-  const rlim_t cpu = static_cast<rlim_t>(std::ceil(L.timeout_s)) + 1;
-  rlimit cpu_rl{cpu, cpu + 1};  // soft: SIGXCPU, hard: SIGKILL
-  if (setrlimit(RLIMIT_CPU, &cpu_rl) != 0) die_in_child("setrlimit cpu", errno);
-  set_limit(RLIMIT_AS, g_spare.base_address_space + L.memory_bytes);
-  set_limit(RLIMIT_FSIZE, L.max_file_bytes);
-  set_limit(RLIMIT_NOFILE, L.max_open_files);
+  // Lock down first, before any code exists: nothing here depends on the request (the worker
+  // sets the request's rlimits from outside with prlimit), so it all stays off the request path.
   set_limit(RLIMIT_CORE, 0);
   set_limit(RLIMIT_MEMLOCK, 0);
   set_limit(RLIMIT_MSGQUEUE, 0);
   if (g_spare.run_uid >= 0) {
-    set_limit(RLIMIT_NPROC, L.max_threads);  // counts tasks of the run uid; root ignores it
     gid_t gid = static_cast<gid_t>(g_spare.run_gid);
     uid_t uid = static_cast<uid_t>(g_spare.run_uid);
     if (setgroups(0, nullptr) != 0) die_in_child("setgroups", errno);
@@ -593,6 +612,15 @@ bool child_start(std::string* code, bool* session) {
   }
   int rc = install_seccomp_filter(g_spare.self);
   if (rc != 0) die_in_child("seccomp", -rc);
+  // Tell the worker it may set this run's rlimits: before now, a low RLIMIT_NOFILE could have
+  // broken the descriptor shuffle of the set-up.
+  if (!write_full(kChildReportFd, &kReadyByte, 1)) return false;
+
+  ChildMessage m;
+  if (!read_full(kChildControlFd, &m, sizeof m) || m.magic != kChildMagic) return false;
+  code->assign(m.code_len, '\0');
+  if (m.code_len && !read_full(kChildControlFd, code->data(), m.code_len)) return false;
+  *session = (m.flags & CHILD_SESSION) != 0;
   return true;
 }
 

@@ -27,8 +27,8 @@ struct ZygoteConfig {
 // itself in Python and calls child_start() to wait for code.
 void serve_template(int control_fd, const ZygoteConfig& config);
 
-// In a spare child: wait for the first code, then lock the process down (rlimits, capabilities,
-// no_new_privs, Landlock, seccomp). False: the worker is gone.
+// In a spare child: lock the process down (capabilities, uid, no_new_privs, Landlock, seccomp;
+// the worker sets the run's rlimits), then wait for the first code. False: the worker is gone.
 bool child_start(std::string* code, bool* session);
 
 // In a run child: report how the last piece of code ended, then (session mode) wait for the next.

@@ -96,6 +96,7 @@ class _Worker:
     sock: socket.socket
     pid: int
     busy: bool = False
+    released_at: float = 0.0   # time.monotonic() when its last call ended
     generation: int = 0
     sessions: set = field(default_factory=set)
 
@@ -154,6 +155,20 @@ def _python_read_paths() -> list[str]:
             resolved.add(p)
             resolved.add(os.path.realpath(p))
     return sorted(p for p in resolved if p not in ("/", "/tmp", "/proc", os.path.expanduser("~")))
+
+
+# After a run a worker spends a few milliseconds forking its next spare and reaping the last
+# child. A call that comes sooner goes to another worker (that work then overlaps it); later
+# calls go to the most recently used worker, which keeps the other workers and their caches cold
+# and out of the way.
+_SETTLE_S = 0.004
+
+
+def _preference(now: float):
+    def key(w: _Worker):
+        settled = now - w.released_at >= _SETTLE_S
+        return (len(w.sessions), not settled, -w.released_at if settled else w.released_at)
+    return key
 
 
 class Session:
@@ -349,17 +364,18 @@ class Sandbox:
                 if worker is None:
                     free = [w for w in self._workers if not w.busy]
                     if free:
-                        chosen = min(free, key=lambda w: len(w.sessions))
-                        chosen.busy = True
-                        return chosen
+                        chosen = min(free, key=_preference(time.monotonic()))
+                        break
                 elif not worker.busy:
-                    worker.busy = True
-                    return worker
+                    chosen = worker
+                    break
                 self._cond.wait()
+            chosen.busy = True
+            return chosen
 
     def _release(self, worker: _Worker) -> None:
         with self._cond:
-            worker.busy = False
+            worker.busy, worker.released_at = False, time.monotonic()
             self._cond.notify_all()
 
     def _replace(self, worker: _Worker) -> None:
