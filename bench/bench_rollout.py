@@ -90,7 +90,7 @@ class ForceScript(LogitsProcessor):
         self.script_for_row = script_for_row
 
     def __call__(self, input_ids, scores):
-        out = torch.full_like(scores, -1e9)
+        out = torch.full_like(scores, float("-inf"))
         for row in range(scores.shape[0]):
             out[row, self.script_for_row(row, input_ids[row].tolist())] = 0.0
         return out
@@ -135,7 +135,7 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
     prompts = [[5 + row] + base for row in range(batch)]  # the first token tells the row
 
     def engine_force(segments_per_row, logits):
-        out = torch.full_like(logits, -1e9)
+        out = torch.full_like(logits, float("-inf"))
         for i, segments in enumerate(segments_per_row):
             row = segments[0].ids[0] - 5
             model = [s for s in segments if s.kind == "model"]
@@ -148,7 +148,8 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
     engine = RolloutEngine(ours, tok, sandbox, max_batch=batch, logits_processor=engine_force,
                            eos_ids=[0])
     t0 = time.perf_counter()
-    trajs = engine.generate(prompts, SamplingParams(max_new_tokens=(calls + 1) * (max_think + len(code)) + 16))
+    # Greedy on both sides (the script decides every token anyway).
+    trajs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=(calls + 1) * (max_think + len(code)) + 16))
     ours_s = time.perf_counter() - t0
     assert all(t.code_statuses == ["ok"] * calls for t in trajs), trajs[0].code_statuses
     tool_wait = engine.stats["tool_wait_s"]
