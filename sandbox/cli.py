@@ -99,7 +99,7 @@ def _demo(args) -> int:
         print(f"{'program':<20}{'status':<14}{'ms':>8}  output")
         for (name, _), r in zip(DEMO_PROGRAMS, results):
             text = r.stdout.strip() or (r.stderr.strip().splitlines() or [""])[-1]
-            if r.signal:
+            if r.signal and (r.status == "violation" or not text):
                 text = f"killed by {signal.Signals(r.signal).name}" + (" (blocked syscall)" if r.signal == signal.SIGSYS else "")
             print(f"{name:<20}{r.status:<14}{r.wall_ms:>8.1f}  {text[:60]!r}")
     return 0
