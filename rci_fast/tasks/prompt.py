@@ -20,6 +20,11 @@ SYSTEM_PROMPT = (
     "(stdout, then stderr). Use print() to see results. You may run code several times. When you "
     "are done, give the final answer as <<<answer>>>."
 )
+# Text-only mode (evaluation baseline): the same task, no interpreter.
+TEXT_ONLY_SYSTEM_PROMPT = (
+    "You are a helpful assistant that solves problems by reasoning step by step in text, without "
+    "writing or running code. When you are done, give the final answer as <<<answer>>>."
+)
 RESULT_HEADER = "Code Execution Results:\n"
 DEFAULT_MAX_RESULT_CHARS = 1024  # as the rollout engine's max_tool_output_chars
 

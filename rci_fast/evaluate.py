@@ -1,0 +1,72 @@
+"""Per-task evaluation: accuracy, pass@k, turns and code calls, for any text policy.
+
+Code-interpreter mode and text-only mode differ only in the policy and the system prompt: an
+engine with a sandbox and SYSTEM_PROMPT, or an engine without one (code blocks are not run) and
+TEXT_ONLY_SYSTEM_PROMPT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+
+from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages
+from rci_fast.tasks.trajectory import trajectory_from_pieces
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n attempts of which c were correct (Chen et al., 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+@dataclass
+class TaskReport:
+    task: str
+    samples: int
+    attempts: int                  # per sample
+    accuracy: float                # mean over all attempts (pass@1)
+    pass_at_k: float               # k = attempts
+    mean_turns: float              # assistant turns per attempt
+    mean_code_calls: float
+
+
+def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMPT,
+             batch_size: int = 64, progress=None) -> list[TaskReport]:
+    """`items`: (task, sample) pairs; `policy`: conversations -> [(kind, text), ...] pieces, as
+    rci_fast.rollout.policy.engine_policy returns. One report per task, in first-seen order."""
+    jobs = [(task, sample, build_messages(sample.prompt, system_prompt))
+            for task, sample in items for _ in range(attempts)]
+    per_sample: dict[tuple[str, str], list[float]] = {}
+    stats: dict[str, dict] = {}
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        for (task, sample, messages), pieces in zip(batch, policy([m for *_, m in batch])):
+            t = trajectory_from_pieces(messages, pieces, task=task, sample=sample, source="eval")
+            per_sample.setdefault((task.name, sample.id), []).append(float(t.score == 1.0))
+            s = stats.setdefault(task.name, {"turns": 0, "calls": 0})
+            s["turns"] += sum(m["role"] == "assistant" for m in t.messages)
+            s["calls"] += sum(kind == "tool" for kind, _ in pieces)
+        if progress is not None:
+            progress(min(start + batch_size, len(jobs)), len(jobs))
+    reports = []
+    for name, s in stats.items():
+        results = [v for (task, _), v in per_sample.items() if task == name]
+        n_attempts = len(results) * attempts
+        reports.append(TaskReport(
+            task=name, samples=len(results), attempts=attempts,
+            accuracy=sum(map(sum, results)) / n_attempts,
+            pass_at_k=sum(pass_at_k(attempts, int(sum(r)), attempts) for r in results) / len(results),
+            mean_turns=s["turns"] / n_attempts, mean_code_calls=s["calls"] / n_attempts))
+    return reports
+
+
+def format_table(reports: list[TaskReport]) -> str:
+    lines = [f"{'task':<48}{'samples':>8}{'acc':>8}{'pass@k':>8}{'turns':>7}{'code':>6}"]
+    for r in reports:
+        lines.append(f"{r.task:<48}{r.samples:>8}{r.accuracy:>8.3f}{r.pass_at_k:>8.3f}"
+                     f"{r.mean_turns:>7.2f}{r.mean_code_calls:>6.2f}")
+    if reports:
+        mean = sum(r.accuracy for r in reports) / len(reports)
+        lines.append(f"{'mean over tasks':<48}{'':>8}{mean:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Evaluation: pass@k, per-task accuracy, turns and code calls from a scripted text policy."""
+import pytest
+
+from rci_fast.evaluate import evaluate, format_table, pass_at_k
+from rci_fast.tasks import load_task
+from rci_fast.tasks.prompt import TEXT_ONLY_SYSTEM_PROMPT
+
+
+def test_pass_at_k():
+    assert pass_at_k(5, 0, 1) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_evaluate_counts_accuracy_pass_at_k_turns_and_calls():
+    task = load_task("rg/basic_arithmetic")
+    samples = task.samples("validation")[:2]
+    gold = {s.prompt: task.gold_answer(s) for s in samples}
+    seen = []
+
+    def policy(conversations):
+        out = []
+        for m in conversations:
+            assert m[0]["content"] == TEXT_ONLY_SYSTEM_PROMPT
+            prompt = m[-1]["content"]
+            seen.append(prompt)
+            attempt = seen.count(prompt)
+            if prompt == samples[0].prompt:   # right once in three, with a code call each time
+                answer = gold[prompt] if attempt == 2 else "0.5"
+                out.append([("model", "```python\nprint(1)\n```"), ("tool", "Code Execution Results:\n1"),
+                            ("model", f"<<<{answer}>>>")])
+            else:                             # always right, text only
+                out.append([("model", f"<<<{gold[prompt]}>>>")])
+        return out
+
+    [report] = evaluate(policy, [(task, s) for s in samples], attempts=3,
+                        system_prompt=TEXT_ONLY_SYSTEM_PROMPT, batch_size=4)
+    assert report.task == "rg/basic_arithmetic" and report.samples == 2 and report.attempts == 3
+    assert report.accuracy == pytest.approx(4 / 6)
+    assert report.pass_at_k == pytest.approx(1.0)
+    assert report.mean_code_calls == pytest.approx(3 / 6)
+    assert report.mean_turns == pytest.approx((3 * 2 + 3 * 1) / 6)
+    assert "rg/basic_arithmetic" in format_table([report])
