@@ -62,6 +62,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("child_start", &child_start);
   m.def("child_report", &rci::child_report, py::arg("exit_code"), py::arg("memory_error"));
   m.def("child_next", &child_next);
+  m.def("mount_private_tmpfs", &rci::mount_private_tmpfs, py::arg("path"), py::arg("size_bytes"),
+        py::arg("max_inodes"));
   m.def("landlock_abi", &rci::landlock_abi);
   m.def("seccomp_filter_length", &rci::seccomp_filter_length);
   m.attr("REQUEST_HEADER_SIZE") = sizeof(rci::RequestHeader);

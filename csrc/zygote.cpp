@@ -16,6 +16,8 @@
 #include <linux/capability.h>
 #include <poll.h>
 #include <signal.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -231,14 +233,24 @@ class Worker {
   // arrives (once at least one spare is ready). Returns false inside a new spare child.
   bool idle_work() {
     for (;;) {
-      bool pending = request_pending(0);
+      const bool pending = request_pending(0);
+      reap(false);
       if (spares_.empty() || (!pending && spares_.size() < kSpares)) {
         Child c = spawn();
+        if (c.pid < 0 && !graveyard_.empty()) {  // the dead may hold the space: free it, retry
+          finish(c);
+          reap(true);
+          c = spawn();
+        }
         if (c.pid == 0) return false;
-        spares_.push_back(c);
+        if (c.pid < 0 && !spares_.empty()) {  // keep serving with the spares we have
+          finish(c);
+          return true;
+        }
+        spares_.push_back(c);  // a failed spare (pid -1) makes the next request report the error
+        if (c.pid < 0) return true;
         continue;
       }
-      reap(false);
       if (pending || graveyard_.empty()) return true;
       if (request_pending(1)) return true;
     }
@@ -540,6 +552,17 @@ bool send_fd(int sock, int fd, int32_t pid) {
 }
 
 }  // namespace
+
+bool mount_private_tmpfs(const std::string& path, uint64_t size_bytes, uint64_t max_inodes) {
+  // A mount namespace of the template's own (inherited by workers and runs), so that the tmpfs
+  // exists only for the sandbox and vanishes with it; needs CAP_SYS_ADMIN (root).
+  if (unshare(CLONE_NEWNS) != 0) return false;
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return false;
+  const std::string options = "size=" + std::to_string(size_bytes) +
+                              ",nr_inodes=" + std::to_string(max_inodes) + ",mode=0711";
+  return mount("rci-sandbox", path.c_str(), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               options.c_str()) == 0;
+}
 
 void serve_template(int control_fd, const ZygoteConfig& config) {
   static LandlockPaths paths = open_landlock_paths(config.read_paths, config.rw_files);

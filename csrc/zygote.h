@@ -27,6 +27,11 @@ struct ZygoteConfig {
 // itself in Python and calls child_start() to wait for code.
 void serve_template(int control_fd, const ZygoteConfig& config);
 
+// Mounts a size- and inode-capped tmpfs over `path` in a new private mount namespace of the calling
+// process (the template), so runs' scratch files never reach the disk and cannot exhaust it.
+// Returns false (nothing changed or only the namespace) when not permitted.
+bool mount_private_tmpfs(const std::string& path, uint64_t size_bytes, uint64_t max_inodes);
+
 // In a spare child: lock the process down (capabilities, uid, no_new_privs, Landlock, seccomp;
 // the worker sets the run's rlimits), then wait for the first code. False: the worker is gone.
 bool child_start(std::string* code, bool* session);

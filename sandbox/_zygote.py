@@ -123,7 +123,9 @@ def main(config: dict):
     _warm_up(config["preload"])
     gc.collect()
     gc.freeze()
-    os.write(control_fd, b"R")  # ready: the host may now ask for workers
+    tmpfs = bool(config["scratch_mb"]) and os.geteuid() == 0 and _core.mount_private_tmpfs(
+        config["scratch_root"], config["scratch_mb"] << 20, config["scratch_files"])
+    os.write(control_fd, b"RT" if tmpfs else b"RD")  # ready (T: scratch on a private tmpfs)
     _core.serve_template(control_fd, config["scratch_root"], config["read_paths"],
                          config["rw_files"], config["run_uid"], config["run_gid"],
                          config["max_sessions"])

@@ -221,6 +221,7 @@ class Sandbox:
                  preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD,
                  run_uid: int | None = None, scratch_dir: str | None = None,
                  max_sessions_per_worker: int = 256, int_max_str_digits: int = 0,
+                 scratch_mb: int = 1024, scratch_files: int = 65536,
                  startup_timeout_s: float = 120.0):
         if sys.platform != "linux":
             raise SandboxError("the rci_fast sandbox needs Linux (seccomp, Landlock)")
@@ -236,6 +237,9 @@ class Sandbox:
         self._int_max_str_digits = int_max_str_digits
         self._startup_timeout_s = startup_timeout_s
         self._run_uid = run_uid
+        # Root only: all scratch folders on one private tmpfs of this size and file count, so
+        # runs cannot fill the disk or its inodes (0 = plain folders under scratch_dir).
+        self._scratch_mb, self._scratch_files = scratch_mb, scratch_files
         self._cond = threading.Condition()
         self._control_lock = threading.Lock()  # one worker request at a time on the template socket
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -273,6 +277,8 @@ class Sandbox:
             "run_gid": gid,
             "max_sessions": self._max_sessions,
             "int_max_str_digits": self._int_max_str_digits,
+            "scratch_mb": self._scratch_mb,
+            "scratch_files": self._scratch_files,
         }
         host_end, template_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config["control_fd"] = template_end.fileno()
@@ -291,16 +297,20 @@ class Sandbox:
         self._control = host_end
         self._control.settimeout(self._startup_timeout_s)
         try:
-            ready = self._control.recv(1)
+            ready = self._control.recv(2)
+            if len(ready) == 1:
+                ready += self._control.recv(1)
         except OSError:
             ready = b""
-        if ready != b"R":
+        if ready[:1] != b"R":
             self._template.kill()
             self._template.wait()
             with open(log_path, errors="replace") as f:
                 log_text = f.read()[-4000:]
             shutil.rmtree(self.scratch_root, ignore_errors=True)
             raise SandboxError(f"sandbox template failed to start:\n{log_text}")
+        self.isolation["scratch"] = (f"private tmpfs, {self._scratch_mb} MiB, {self._scratch_files} files"
+                                     if ready == b"RT" else "folder on disk")
         self._workers = [self._spawn_worker() for _ in range(self.workers)]
 
     def _spawn_worker(self) -> _Worker:

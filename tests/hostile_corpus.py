@@ -67,6 +67,10 @@ def attacks(outside: str, readable: str, secret_file: str, bystander: int, port:
         Attack("one huge write", "import sys\nsys.stdout.write('B' * (64 << 20))", ("output_limit", "memory_limit")),
         Attack("stderr flood", "import os\nwhile True:\n    os.write(2, b'E' * 65536)", ("output_limit",)),
         Attack("big file", "open('big', 'wb').write(b'0' * (200 << 20))", ("error", "memory_limit")),
+        Attack("file count bomb", "i = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1",
+               ("error", "timeout"), max_seconds=4.0),
+        Attack("disk filler", "while True:\n    import uuid\n    open(uuid.uuid4().hex, 'wb').write(b'0' * (8 << 20))",
+               ("error", "timeout", "memory_limit"), max_seconds=4.0),
         Attack("many files open", "fs = [open('f%d' % i, 'w') for i in range(100000)]", ("error",)),
         Attack("deep recursion", "import sys\nsys.setrecursionlimit(10**7)\ndef f(n): return f(n + 1)\nf(0)",
                ("error", "violation", "memory_limit", "timeout"), max_seconds=4.0),
@@ -130,6 +134,12 @@ def attacks(outside: str, readable: str, secret_file: str, bystander: int, port:
         Attack("forge a report", "import os\nos.write(4, b'garbage' * 10)\nprint('after')", ("violation",)),
         Attack("close every descriptor", "import os\nos.closerange(0, 1024)\nwhile True: pass", ("timeout", "error", "ok"), limits={"timeout_s": 1.0}),
     ]
+
+
+def scratch_view(sb) -> str:
+    """The scratch root as the sandbox sees it (a private tmpfs lives in its mount namespace)."""
+    inside = f"/proc/{sb.template_pid}/root{sb.scratch_root}"
+    return inside if os.path.isdir(inside) else sb.scratch_root
 
 
 def _bystander() -> subprocess.Popen:
@@ -245,7 +255,7 @@ def main() -> int:
         for pid, before in fds_before.items():
             if pid in sb.worker_pids and _fd_count(pid) > before:
                 failures.append({"attack": "aftermath", "problems": [f"worker {pid} leaked descriptors"]})
-        scratch_left = [d for d in os.listdir(sb.scratch_root) if d.startswith("w")]
+        scratch_left = [d for d in os.listdir(scratch_view(sb)) if d.startswith("w")]
         if len(scratch_left) > 2 * len(workers) + 2:  # the spares' folders only
             failures.append({"attack": "aftermath", "problems": [f"scratch folders left: {scratch_left}"]})
     if received:

@@ -238,3 +238,15 @@ def _is_zombie(pid):
             return f.read().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the private tmpfs needs root")
+def test_scratch_lives_on_a_capped_private_tmpfs():
+    with Sandbox(workers=1, scratch_mb=64, scratch_files=2000) as box:
+        assert box.isolation["scratch"].startswith("private tmpfs")
+        r = box.run("i = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1")
+        assert r.status == "error" and "No space left on device" in r.stderr
+        r = box.run("open('big', 'wb').write(b'0' * (100 << 20))", max_file_mb=200)
+        assert r.status == "error" and "No space left on device" in r.stderr
+        assert box.run("print(1)").stdout == "1\n"  # the worker cleaned up and goes on
+        assert os.listdir(box.scratch_root) == ["template.log"]  # nothing reached the disk
