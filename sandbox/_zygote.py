@@ -90,6 +90,7 @@ def run_child():
     os.environ["HOME"] = os.environ["TMPDIR"] = here
     tempfile.tempdir = here
     sys.argv = [""]
+    sys.path.insert(0, "")  # as `python -c`: modules the code writes into its folder import
     # Text streams over the pipes; unencodable text is escaped rather than raising.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace")

@@ -134,6 +134,12 @@ def test_each_run_gets_fresh_randomness(sb):
     assert len(outs) == 4
 
 
+def test_code_can_import_a_module_it_wrote(sb):
+    r = sb.run("open('helper.py', 'w').write('def f():\\n    return 41 + 1\\n')\n"
+               "import helper\nprint(helper.f())")
+    assert r.status == "ok" and r.stdout == "42\n", r.stderr
+
+
 def test_scratch_folder_is_private_and_writable(sb):
     r = sb.run("import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
                "with tempfile.NamedTemporaryFile('w', delete=False) as f: f.write('t')\n"
