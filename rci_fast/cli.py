@@ -16,9 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from rci_fast.sandbox import cli as sandbox_cli
     from rci_fast.tasks import cli as tasks_cli
+    from rci_fast.train import cli as train_cli
 
     sandbox_cli.add_parser(sub)
     tasks_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 

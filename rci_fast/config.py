@@ -1,0 +1,225 @@
+"""Run configuration: dataclasses read from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/smoke.yaml", ["train.lr=1e-5", "out_dir=runs/x"])
+    cfg.train.lr, cfg.data.train_file, cfg.model.path
+
+Every key is checked before any work starts: an unknown key or a value of the wrong type raises
+ConfigError naming the dotted key (`train.lrr`, `train.lr`). Overrides are `key=value` with the
+value read as YAML (`train.epochs=2`, `model.path=null`, `train.betas=[0.9,0.95]`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the dotted key."""
+
+
+@dataclass
+class TinyModelConfig:
+    """A random Qwen2 built locally when model.path is null (smoke tests, demos)."""
+    vocab_size: int = 512            # of the byte-level BPE tokenizer trained on the SFT data
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    tie_word_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None          # HF folder (config.json + safetensors); null: build `tiny`
+    tokenizer: str | None = None     # tokenizer folder; default: model.path
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    train_file: str = ""             # SFT trajectory JSONL (rci_fast/tasks/README.md)
+    max_seq_len: int = 0             # longer trajectories are dropped with a warning; 0: no limit
+    min_score: float | None = None   # keep rows whose score >= this (null: keep all)
+    check_chat_template: bool = True  # segments must render as the tokenizer's chat template does
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: int = 0               # > 0: stop after this many optimizer steps
+    batch_size: int = 32             # sequences per optimizer step, over all ranks
+    micro_batch_tokens: int = 8192   # token budget of one packed micro-batch on one rank
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.0        # cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"         # cosine | constant (both after warmup)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0        # used when warmup_steps is 0: a fraction of all steps
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # max global grad norm; 0: no clipping (the norm is still logged)
+    max_bad_steps: int = 5           # abort after this many non-finite losses in a row
+    mixed_precision: str = "auto"    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0                   # save every N optimizer steps; 0: only at the end
+    keep: int = 2                    # complete checkpoints kept (older ones are deleted)
+    export_at_end: bool = True       # write <out_dir>/hf (safetensors + tokenizer) after training
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"
+    seed: int = 0
+    log_every: int = 1               # progress-bar refresh (metrics.jsonl gets every step)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def validate(self) -> None:
+        """Value checks beyond types, each naming its key."""
+        t = self.train
+        positive = {"train.epochs": t.epochs, "train.batch_size": t.batch_size,
+                    "train.micro_batch_tokens": t.micro_batch_tokens, "train.max_bad_steps": t.max_bad_steps,
+                    "log_every": self.log_every, "checkpoint.keep": self.checkpoint.keep}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1 (got {value})")
+        for key, value in {"train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
+                           "checkpoint.every": self.checkpoint.every, "data.max_seq_len": self.data.max_seq_len,
+                           "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0 (got {value})")
+        if not t.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0 (got {t.lr})")
+        if t.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule: expected cosine or constant (got {t.schedule!r})")
+        if t.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.mixed_precision: expected auto, bf16 or fp32 (got {t.mixed_precision!r})")
+        if not 0 <= t.warmup_ratio < 1 or not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError("train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]")
+        if len(t.betas) != 2:
+            raise ConfigError(f"train.betas: expected two numbers (got {t.betas})")
+        if not self.data.train_file:
+            raise ConfigError("data.train_file: required (an SFT trajectory JSONL file)")
+        m = self.model.tiny
+        if self.model.path is None and m.hidden_size % m.num_attention_heads:
+            raise ConfigError("model.tiny.hidden_size: must be a multiple of num_attention_heads")
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value, hint, key: str):
+    """`value` checked against the type hint `hint`; returns it (ints widen to float; YAML 1.1
+    reads `1e-5` as a string, which a float field accepts)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} keys, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool or hint is str:
+        if isinstance(value, hint):
+            return value
+    else:
+        raise TypeError(f"config field {key} has an unsupported type {hint}")
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got "
+                      f"{type(value).__name__} {value!r}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in hints:
+            raise ConfigError(f"unknown key '{prefix}{key}' (known under {prefix[:-1] or 'the top level'}: "
+                              f"{', '.join(names)})")
+    defaults = cls()
+    kwargs = {}
+    for name in names:
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], prefix + name)
+        else:
+            kwargs[name] = getattr(defaults, name)
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """`a.b.c=value` sets tree['a']['b']['c'] (the value read as YAML)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {assignment!r}: expected dotted.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=SFTConfig):
+    """The config in YAML file `path` (None: defaults) with `overrides` applied, type-checked
+    and validated."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    config = _build(cls, tree)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,28 @@
+"""The model as the trainer runs it: hidden states and the fused log-prob head in one forward.
+
+FSDP2 gathers a module's parameters in hooks around its forward(). The Transformer's lm_head
+weight is used by fused_linear_logprob, not by a forward call, so the trainer wraps the model in
+TokenLogprobs and shards that wrapper as the root: the root's parameters (embeddings, final norm,
+lm_head) are then gathered for exactly the span of one forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rci_fast.kernels import fused_linear_logprob
+from rci_fast.model import Transformer
+
+
+class TokenLogprobs(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                temperature: float = 1.0, return_entropy: bool = False):
+        """log p(targets[t] | tokens <= t) as fp32 [N] for packed input_ids [1, N] (0 where the
+        target is IGNORE); with return_entropy also the entropy of each token's distribution."""
+        hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens)[0]
+        return fused_linear_logprob(hidden, self.model.lm_head.weight, targets, temperature=temperature,
+                                    return_entropy=return_entropy)

@@ -1,0 +1,228 @@
+"""Multi-turn SFT on FSDP2: the training loop.
+
+One optimizer step = one global batch of `train.batch_size` trajectories, split over the ranks and
+packed into micro-batches. The loss is -sum(log p of trained tokens) / (trained tokens in the whole
+global batch), so it and its gradient do not depend on the number of ranks or micro-batches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.tensor import DTensor
+
+from rci_fast.config import SFTConfig, config_to_dict
+from rci_fast.model import load_pretrained
+from rci_fast.tasks.trajectory import load_trajectories
+from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from rci_fast.train.data import MicroBatch, SFTBatches, tokenize_trajectories
+from rci_fast.train.distributed import DistInfo, all_reduce_sum
+from rci_fast.train.model_source import prepare_model_source
+from rci_fast.train.modeling import TokenLogprobs
+from rci_fast.train.parallelize import compute_dtype, parallelize
+
+log = logging.getLogger("rci_fast.sft")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def forward_backward(model, micro_batches: list[MicroBatch], device, world_size: int = 1):
+    """Runs forward and backward over this rank's micro-batches, gradients scaled so that the
+    ranks' gradients SUM to the gradient of the global token-mean loss. Returns (sum of -log p
+    over this rank's trained tokens, trained tokens over all ranks)."""
+    local_count = sum(mb.num_trained for mb in micro_batches)
+    global_count = all_reduce_sum(local_count, device) if world_size > 1 else float(local_count)
+    # FSDP averages gradients over ranks; multiplying by world_size turns that average into a sum.
+    scale = world_size / max(global_count, 1.0)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        mb = mb.to(device)
+        nll = -model(mb.input_ids, mb.targets, mb.cu_seqlens).sum()
+        (nll * scale).backward()
+        nll_sum += nll.detach()
+    return nll_sum, global_count
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Global grad norm over every rank's shards; clips to max_norm when > 0."""
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):  # per-shard partial norms -> the global one (a collective)
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return float(total)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Linear warmup over warmup_steps, then constant or cosine down to min_lr_ratio at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
+
+
+class SFTTrainer:
+    def __init__(self, cfg: SFTConfig, dist_info: DistInfo, resume: bool = False):
+        self.cfg, self.dist = cfg, dist_info
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if dist_info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        trajectories = load_trajectories(cfg.data.train_file)
+        model_dir, self.tokenizer = prepare_model_source(cfg, trajectories, dist_info)
+        sequences = tokenize_trajectories(trajectories, self.tokenizer, max_seq_len=cfg.data.max_seq_len,
+                                          min_score=cfg.data.min_score,
+                                          check_template=cfg.data.check_chat_template,
+                                          source=cfg.data.train_file)
+        t = cfg.train
+        self.batches = SFTBatches(sequences, t.batch_size, t.micro_batch_tokens, cfg.seed,
+                                  dist_info.rank, dist_info.world_size)
+        self.total_steps = t.max_steps or t.epochs * self.batches.steps_per_epoch
+        warmup = t.warmup_steps or round(t.warmup_ratio * self.total_steps)
+
+        # fp32 master weights; FSDP casts to the compute dtype for forward/backward.
+        self.inner = load_pretrained(model_dir, dtype=torch.float32, device="cpu")
+        self.inner.train()
+        self.compute_dtype = compute_dtype(t.mixed_precision, dist_info.device)
+        self.model = parallelize(TokenLogprobs(self.inner), dist_info.mesh, self.compute_dtype,
+                                 cfg.model.activation_checkpointing)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norms and biases
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule, t.min_lr_ratio))
+        self.step = 0
+        self.bad_in_a_row = 0
+        if resume:
+            self._resume()
+
+    def _data_signature(self) -> dict:
+        return {"num_sequences": len(self.batches.sequences), "batch_size": self.batches.batch_size,
+                "seed": self.batches.seed}
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            log.warning("--resume: no checkpoint under %s; starting from step 0", self.ckpt_root)
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if state["data"] != self._data_signature():
+            raise ValueError(f"--resume: {path} was trained on a different data order {state['data']} "
+                             f"than this config gives {self._data_signature()}")
+        self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
+        if self.dist.is_main:  # rows the killed run wrote after its last checkpoint are redone
+            metrics = self.out_dir / "metrics.jsonl"
+            if metrics.exists():
+                rows = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= self.step]
+                metrics.write_text("".join(r + "\n" for r in rows))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path:
+        epoch, index = divmod(self.step, self.batches.steps_per_epoch)
+        state = {"step": self.step, "epoch": epoch, "batch_in_epoch": index, "bad_in_a_row": self.bad_in_a_row,
+                 "data": self._data_signature()}
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler, state,
+                               keep=self.cfg.checkpoint.keep)
+
+    def train_step(self) -> dict:
+        """One optimizer step on the next global batch; returns its metrics row."""
+        start = time.perf_counter()
+        epoch, index = divmod(self.step, self.batches.steps_per_epoch)
+        micro_batches = self.batches.micro_batches(epoch, index)
+        batch_tokens = sum(len(self.batches.sequences[i]) for i in self.batches.global_batch(epoch, index))
+        self.optimizer.zero_grad(set_to_none=True)
+        nll_sum, trained = forward_backward(self.model, micro_batches, self.dist.device, self.dist.world_size)
+        if self.dist.world_size > 1:
+            dist.all_reduce(nll_sum)
+        loss = nll_sum.item() / max(trained, 1.0)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_a_row += 1
+            log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row, abort at %d)",
+                        self.step + 1, loss, grad_norm, self.bad_in_a_row, self.cfg.train.max_bad_steps)
+        self.scheduler.step()
+        self.step += 1
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        row = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "trained_tokens": int(trained), "tokens": batch_tokens, "tokens_per_s": batch_tokens / elapsed,
+               "step_time_s": elapsed, "micro_batches": len(micro_batches),
+               "peak_mem_mb": peak_memory_mb(self.dist.device), "skipped": not finite}
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(f"{self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps="
+                                   f"{self.cfg.train.max_bad_steps}); last loss {loss}, grad norm {grad_norm}")
+        return row
+
+    def train(self) -> list[dict]:
+        """Runs to total_steps, writing metrics.jsonl and checkpoints; returns this run's rows."""
+        from tqdm import tqdm
+
+        rows = []
+        every = self.cfg.checkpoint.every
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", dynamic_ncols=True,
+                   disable=not self.dist.is_main)
+        metrics_path = self.out_dir / "metrics.jsonl"
+        try:
+            while self.step < self.total_steps:
+                row = self.train_step()
+                rows.append(row)
+                if self.dist.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.update(1)
+                    if self.step % self.cfg.log_every == 0:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                        tok_s=f"{row['tokens_per_s']:.0f}")
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    self.save()
+        finally:
+            bar.close()
+        self.save()
+        if self.cfg.checkpoint.export_at_end:
+            self.export(self.out_dir / "hf")
+        return rows
+
+    def export(self, out_dir: str | Path) -> None:
+        dtype = self.compute_dtype
+        export_hf(self.model, self.inner, self.tokenizer, out_dir, dtype)
+
+
+def run_sft(cfg: SFTConfig, dist_info: DistInfo, resume: bool = False) -> list[dict]:
+    trainer = SFTTrainer(cfg, dist_info, resume=resume)
+    if dist_info.is_main:
+        log.info("sft: %d trajectories, %d steps of %d (%d per epoch), %d rank(s), %s compute",
+                 len(trainer.batches.sequences), trainer.total_steps - trainer.step, trainer.total_steps,
+                 trainer.batches.steps_per_epoch, dist_info.world_size, trainer.compute_dtype)
+    return trainer.train()

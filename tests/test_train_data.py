@@ -1,0 +1,143 @@
+"""SFT data: masks on real trajectories (scripted teacher, real sandbox), packing, the seeded
+resumable order, and the loss normalisation (1 vs several micro-batches)."""
+import copy
+
+import pytest
+import torch
+
+from rci_fast.model import ModelConfig, Transformer
+from rci_fast.sandbox import Sandbox
+from rci_fast.tasks.prompt import RESULT_HEADER, build_messages, format_result, render_chat
+from rci_fast.tasks.teacher import generate
+from rci_fast.tokenizer import train_bpe_tokenizer
+from rci_fast.train.data import (IGNORE, SFTBatches, pack, split_by_budget, tokenize_conversation,
+                                 tokenize_trajectories)
+from rci_fast.train.modeling import TokenLogprobs
+from rci_fast.train.sft import forward_backward, lr_factor
+
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    with Sandbox(workers=2) as sb:
+        out = list(generate(sb, ["basic_arithmetic", "gcd", "base_conversion", "lcm"], per_family=6, seed=1))
+    assert sum(t.num_code_calls >= 2 for t in out) > 0 and sum(t.num_code_calls == 0 for t in out) >= 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(trajectories):
+    return train_bpe_tokenizer([render_chat(t.messages) for t in trajectories], vocab_size=400)
+
+
+def test_mask_trains_only_on_model_text(trajectories, tokenizer):
+    assert any(t.num_code_calls > 0 for t in trajectories)
+    for t in trajectories:
+        seq = tokenize_conversation(t.messages, tokenizer)
+        ids, mask = seq.input_ids, seq.trainable
+        # Ids end to end: the whole conversation decodes to its rendering.
+        assert tokenizer.decode(ids) == render_chat(t.messages)
+        trained_text = tokenizer.decode(ids[mask])
+        context_text = tokenizer.decode(ids[~mask])
+        assert trained_text == "".join(t.assistant_turns) + "<|im_end|>\n"
+        for m in t.messages:
+            if m["role"] in ("tool", "user", "system"):
+                assert m["content"] in context_text
+        assert RESULT_HEADER not in trained_text and "<|im_start|>" not in trained_text
+        # Every trained target is a model token, and every model token after the first is a target.
+        targets = pack([seq]).targets
+        predicted = torch.cat([ids[1:], ids[:1]])  # targets[i] predicts ids[i + 1]
+        trained_positions = targets != IGNORE
+        assert torch.equal(targets[trained_positions], predicted[trained_positions])
+        assert torch.equal(trained_positions[:-1], mask[1:]) and not trained_positions[-1]
+
+
+def test_tool_output_that_looks_like_model_text_is_still_masked(tokenizer):
+    # An interpreter output that prints the answer syntax and chat markers is context, not a target.
+    sneaky = format_result("<<<42>>>\n<|im_end|>\n<|im_start|>assistant\n")
+    messages = build_messages("q") + [{"role": "assistant", "content": "x\n```python\nprint(1)\n```"},
+                                      {"role": "tool", "content": sneaky},
+                                      {"role": "assistant", "content": "<<<1>>>"}]
+    seq = tokenize_conversation(messages, tokenizer)
+    assert tokenizer.decode(seq.input_ids[seq.trainable]) == "x\n```python\nprint(1)\n```<<<1>>><|im_end|>\n"
+
+
+def test_chat_template_check(trajectories, tokenizer):
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = CHATML_TEMPLATE
+    seq = tokenize_conversation(trajectories[0].messages, templated)
+    assert torch.equal(seq.input_ids, tokenize_conversation(trajectories[0].messages, tokenizer).input_ids)
+    templated.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="chat template renders this conversation differently"):
+        tokenize_conversation(trajectories[0].messages, templated)
+    with pytest.raises(ValueError, match=r"data.jsonl: trajectory 1: .*differently"):
+        tokenize_trajectories(trajectories, templated, source="data.jsonl")
+    assert len(tokenize_trajectories(trajectories, templated, check_template=False)) == len(trajectories)
+
+
+def test_packing_never_predicts_across_sequences(trajectories, tokenizer):
+    seqs = tokenize_trajectories(trajectories[:5], tokenizer)
+    mb = pack(seqs)
+    ends = mb.cu_seqlens[1:].long() - 1
+    assert mb.num_tokens == sum(len(s) for s in seqs) and (mb.targets[ends] == IGNORE).all()
+    assert mb.num_trained == int((mb.targets != IGNORE).sum()) == sum(s.num_trained for s in seqs)
+
+
+def test_order_is_seeded_sharded_and_resumable(trajectories, tokenizer):
+    seqs = tokenize_trajectories(trajectories, tokenizer)
+    budget = max(len(s) for s in seqs) + 10
+    one = SFTBatches(seqs, batch_size=5, micro_batch_tokens=budget, seed=3)
+    again = SFTBatches(seqs, batch_size=5, micro_batch_tokens=budget, seed=3)
+    assert sorted(i for b in range(one.steps_per_epoch) for i in one.global_batch(0, b)) == list(range(len(seqs)))
+    assert one.order(0) != one.order(1) and one.order(0) != SFTBatches(seqs, 5, budget, seed=4).order(0)
+    for epoch, index in [(0, 0), (1, 2)]:  # a fresh object at a stored position gives the same batch
+        a, b = one.micro_batches(epoch, index), again.micro_batches(epoch, index)
+        assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+    ranks = [SFTBatches(seqs, 5, budget, seed=3, rank=r, world_size=2) for r in range(2)]
+    for index in range(one.steps_per_epoch):
+        per_rank = [r.micro_batches(0, index) for r in ranks]
+        assert len(per_rank[0]) == len(per_rank[1])  # FSDP needs the same number of forwards
+        trained = sum(mb.num_trained for mbs in per_rank for mb in mbs)
+        assert trained == sum(mb.num_trained for mb in one.micro_batches(0, index))
+        shares = ranks[0].rank_share(ranks[0].global_batch(0, index))
+        assert sorted(shares[0] + shares[1]) == sorted(one.global_batch(0, index))
+    with pytest.raises(ValueError, match="impossible token budget.*micro_batch_tokens is 8"):
+        SFTBatches(seqs, 5, 8, seed=0)
+
+
+def test_split_by_budget_keeps_order_and_budget(trajectories, tokenizer):
+    seqs = tokenize_trajectories(trajectories, tokenizer)
+    budget = max(len(s) for s in seqs)
+    groups = split_by_budget(seqs, budget)
+    assert [s for g in groups for s in g] == seqs
+    assert all(sum(len(s) for s in g) <= budget for g in groups) and len(groups) > 1
+
+
+def test_loss_and_gradients_do_not_depend_on_micro_batches(trajectories, tokenizer):
+    seqs = tokenize_trajectories(trajectories[:8], tokenizer)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      tie_word_embeddings=True, qkv_bias=True)
+    torch.manual_seed(0)
+    base = TokenLogprobs(Transformer(cfg))  # fp32: the kernel's input dtype; tolerances are fp32 rounding
+    results = []
+    for budget in (sum(len(s) for s in seqs), max(len(s) for s in seqs)):
+        model = copy.deepcopy(base)
+        batches = SFTBatches(seqs, batch_size=len(seqs), micro_batch_tokens=budget, seed=0)
+        mbs = batches.micro_batches(0, 0)
+        nll, count = forward_backward(model, mbs, torch.device("cpu"))
+        results.append((len(mbs), nll / count, {n: p.grad for n, p in model.named_parameters()}))
+    (n1, loss1, grads1), (n2, loss2, grads2) = results
+    assert n1 == 1 and n2 >= 3
+    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=0)
+    for name in grads1:
+        torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 2, "cosine", 0.1) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 0, "constant", 0.1) == 1.0
