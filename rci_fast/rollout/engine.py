@@ -145,7 +145,7 @@ class RolloutEngine:
             ready = [s for s in active if s.future is None and s.next_input]
             if ready:
                 t0 = time.perf_counter()
-                logits = self._advance(ready, cache, device)
+                logits = self._advance(ready, active, cache, device)
                 stats["forward_s"] += time.perf_counter() - t0
                 if self.logits_processor is not None:
                     logits = self.logits_processor([s.segments for s in ready], logits)
@@ -165,35 +165,52 @@ class RolloutEngine:
 
     # ---- steps ----------------------------------------------------------------------------
 
-    def _advance(self, ready: list[_Seq], cache: KVCache, device) -> torch.Tensor:
-        """Pushes each sequence's pending tokens through the cache; returns next-token logits.
+    def _advance(self, ready: list[_Seq], active: list[_Seq], cache: KVCache, device) -> torch.Tensor:
+        """Pushes each ready sequence's pending tokens through the cache; returns next-token logits.
+
         Plain decoding (one pending token) and longer inputs (a new prompt, interpreter output)
-        run as two batched calls, the latter right-padded; padding writes go to the cache's last
-        column, which no real token uses and no query reads."""
+        run as two batched calls. Rows of the longer inputs are right-padded; a padding token at
+        position p writes garbage into cache cell p past the row's end, which the row's later
+        tokens overwrite before any query reads it (queries read only up to their own position).
+        The decoding call covers a contiguous range of slots, so attention reads the cache as a
+        view instead of gathering rows: slots in the range that wait for the interpreter (or are
+        free) ride along as dummy rows, writing at their next position (or 0), the same way.
+        """
         logits = [None] * len(ready)
-        single = [i for i, s in enumerate(ready) if len(s.next_input) == 1]
-        multi = [i for i, s in enumerate(ready) if len(s.next_input) > 1]
-        for group in (single, multi):
-            if not group:
-                continue
-            width = max(len(ready[i].next_input) for i in group)
-            # Built as Python lists, then one tensor each: per-row tensor ops cost more than the
-            # model at small sizes. Padding positions point at the cache's spare last column.
-            tokens = [ready[i].next_input + [0] * (width - len(ready[i].next_input)) for i in group]
-            positions = [[min(ready[i].length + t, cache.max_len - 1) if t < len(ready[i].next_input)
-                          else cache.max_len - 1 for t in range(width)] for i in group]
-            last = [len(ready[i].next_input) - 1 for i in group]
-            slots = torch.tensor([ready[i].slot for i in group], device=device)
-            h = self.model.forward_cached(torch.tensor(tokens, device=device),
-                                          torch.tensor(positions, device=device), cache, slots)
-            out = self.model.lm_head(h[torch.arange(len(group), device=device),
-                                       torch.tensor(last, device=device)])
-            for j, i in enumerate(group):
-                logits[i] = out[j]
+        single = [s for s in ready if len(s.next_input) == 1]
+        multi = [s for s in ready if len(s.next_input) > 1]
+        if single:
+            by_slot = {s.slot: s for s in active}
+            lo, hi = min(s.slot for s in single), max(s.slot for s in single)
+            rows = [by_slot.get(slot) for slot in range(lo, hi + 1)]
+            tokens = [[s.next_input[0] if s in single else 0] if s else [0] for s in rows]
+            positions = [[s.length] if s else [0] for s in rows]
+            out = self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows), cache, device)
+            index = {id(s): j for j, s in enumerate(rows) if s is not None}
+            for i, s in enumerate(ready):
+                if len(s.next_input) == 1:
+                    logits[i] = out[index[id(s)]]
+        if multi:
+            width = max(len(s.next_input) for s in multi)
+            tokens = [s.next_input + [0] * (width - len(s.next_input)) for s in multi]
+            positions = [[min(s.length + t, cache.max_len - 1) for t in range(width)] for s in multi]
+            out = self._forward_rows(tokens, positions, [s.slot for s in multi],
+                                     [len(s.next_input) - 1 for s in multi], cache, device)
+            for j, s in enumerate(multi):
+                logits[ready.index(s)] = out[j]
         for s in ready:
             s.length += len(s.next_input)
             s.next_input = []
         return torch.stack(logits)
+
+    def _forward_rows(self, tokens, positions, slots, last, cache, device) -> torch.Tensor:
+        """One cached forward over rows built as Python lists (one tensor each: per-row tensor
+        ops cost more than the model at small sizes); logits at each row's `last` index."""
+        h = self.model.forward_cached(torch.tensor(tokens, device=device),
+                                      torch.tensor(positions, device=device), cache,
+                                      torch.tensor(slots, device=device))
+        rows = torch.arange(len(tokens), device=device)
+        return self.model.lm_head(h[rows, torch.tensor(last, device=device)])
 
     def _piece(self, token: int) -> str:
         piece = self._piece_cache.get(token)
