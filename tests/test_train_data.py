@@ -22,7 +22,7 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['co
 @pytest.fixture(scope="module")
 def trajectories():
     with Sandbox(workers=2) as sb:
-        out = list(generate(sb, ["basic_arithmetic", "gcd", "base_conversion", "lcm"], per_family=6, seed=1))
+        out = list(generate(sb, ["basic_arithmetic", "gcd", "base_conversion", "chain_sum", "letter_counting"], per_family=6, seed=1))
     assert sum(t.num_code_calls >= 2 for t in out) > 0 and sum(t.num_code_calls == 0 for t in out) >= 0
     return out
 
