@@ -184,3 +184,21 @@ def test_bad_data_fails_with_file_and_line(tmp_path, data_file):
                                                              data__max_seq_len=0))
     with one_rank() as info, pytest.raises(ValueError, match="impossible token budget"):
         SFTTrainer(cfg, info)
+
+
+def test_activation_checkpointing_gives_the_same_steps(tmp_path, data_file, reference):
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(
+        tmp_path, data_file, model__path=reference["init"], model__activation_checkpointing="true",
+        train__max_steps=2))
+    with one_rank() as info:
+        trainer = SFTTrainer(cfg, info)
+        assert trainer.inner.activation_checkpointing
+        rows = [trainer.train_step() for _ in range(2)]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference["rows"][:2]], rel=1e-6)
+    assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in reference["rows"][:2]], rel=1e-5)
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(data_file, reference):
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(reference["out"], data_file))
+    with one_rank() as info, pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
+        SFTTrainer(cfg, info)

@@ -13,6 +13,7 @@ position in the data is (epoch, batch index): a checkpoint stores it and the ord
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 
@@ -39,10 +40,9 @@ class TokenizedSequence:
         return int(self.trainable[1:].sum())
 
 
-def tokenize_conversation(messages: list[dict], tokenizer, check_template: bool = True) -> TokenizedSequence:
-    """Ids and trainable mask of a conversation, segment by segment (see module doc). With
-    check_template and a tokenizer that has a chat template, the segments' text must equal the
-    template's rendering of the conversation, so training sees what inference will."""
+def checked_segments(messages: list[dict], tokenizer, check_template: bool = True) -> list[tuple[str, str, bool]]:
+    """conversation_segments(messages); with check_template and a tokenizer that has a chat
+    template, their text must equal the template's rendering, so training sees what inference will."""
     segments = conversation_segments(messages)
     if check_template and getattr(tokenizer, "chat_template", None):
         rendered = render_chat(messages, tokenizer)
@@ -54,28 +54,42 @@ def tokenize_conversation(messages: list[dict], tokenizer, check_template: bool 
                              f"{rendered[max(0, at - 40):at + 40]!r} vs segments "
                              f"{joined[max(0, at - 40):at + 40]!r} (set data.check_chat_template=false "
                              "to train on the segments anyway)")
-    ids: list[int] = []
-    trainable: list[bool] = []
-    for _kind, text, is_trained in segments:
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        ids.extend(piece)
-        trainable.extend([is_trained] * len(piece))
-    return TokenizedSequence(torch.tensor(ids, dtype=torch.long), torch.tensor(trainable, dtype=torch.bool))
+    return segments
+
+
+def _assemble(segments, pieces: list[list[int]]) -> TokenizedSequence:
+    ids = torch.tensor(list(itertools.chain.from_iterable(pieces)), dtype=torch.long)
+    flags = torch.tensor([is_trained for _, _, is_trained in segments], dtype=torch.bool)
+    trainable = torch.repeat_interleave(flags, torch.tensor([len(p) for p in pieces], dtype=torch.long))
+    return TokenizedSequence(ids, trainable)
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, check_template: bool = True) -> TokenizedSequence:
+    """Ids and trainable mask of a conversation, each segment tokenized on its own (module doc)."""
+    segments = checked_segments(messages, tokenizer, check_template)
+    return _assemble(segments, [tokenizer.encode(text, add_special_tokens=False) for _, text, _ in segments])
 
 
 def tokenize_trajectories(trajectories: list[SFTTrajectory], tokenizer, *, max_seq_len: int = 0,
                           min_score: float | None = None, check_template: bool = True,
                           source: str = "data") -> list[TokenizedSequence]:
-    out = []
-    dropped_long = dropped_score = 0
+    """tokenize_conversation over a data set, with every segment of every trajectory encoded in
+    one batched tokenizer call (the fast tokenizers encode batches in parallel, in Rust)."""
+    kept, dropped_score = [], 0
     for i, t in enumerate(trajectories):
         if min_score is not None and (t.score is None or t.score < min_score):
             dropped_score += 1
             continue
         try:
-            seq = tokenize_conversation(t.messages, tokenizer, check_template)
+            kept.append(checked_segments(t.messages, tokenizer, check_template))
         except ValueError as e:
             raise ValueError(f"{source}: trajectory {i + 1}: {e}") from None
+    texts = [text for segments in kept for _, text, _ in segments]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, start, dropped_long = [], 0, 0
+    for segments in kept:
+        seq = _assemble(segments, encoded[start:start + len(segments)])
+        start += len(segments)
         if max_seq_len and len(seq) > max_seq_len:
             dropped_long += 1
             continue

@@ -87,9 +87,14 @@ class SFTTrainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if not resume and latest_checkpoint(self.ckpt_root) is not None:
+            raise ValueError(f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, "
+                             "or choose another out_dir")
         if dist_info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            if not resume:  # rows of an earlier run that saved no checkpoint
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         trajectories = load_trajectories(cfg.data.train_file)
         model_dir, self.tokenizer = prepare_model_source(cfg, trajectories, dist_info)
         sequences = tokenize_trajectories(trajectories, self.tokenizer, max_seq_len=cfg.data.max_seq_len,
