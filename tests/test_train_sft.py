@@ -202,3 +202,28 @@ def test_a_fresh_run_refuses_an_out_dir_with_checkpoints(data_file, reference):
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(reference["out"], data_file))
     with one_rank() as info, pytest.raises(ValueError, match="already holds checkpoints: pass --resume"):
         SFTTrainer(cfg, info)
+
+
+def test_export_command_writes_any_checkpoint(tmp_path, data_file, reference):
+    from safetensors.torch import load_file
+
+    from rci_fast.train.export import export_checkpoint
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(reference["out"], data_file))
+    with one_rank() as info:  # the latest checkpoint = the weights exported at the end of training
+        used = export_checkpoint(cfg, info, tmp_path / "latest", dtype="fp32")
+    assert used.name == "step_00000040"
+    end, again = (load_file(p / "model.safetensors") for p in (reference["out"] / "hf", tmp_path / "latest"))
+    assert end.keys() == again.keys() and all(torch.equal(end[k], again[k]) for k in end)
+    r = subprocess.run([sys.executable, "-m", "rci_fast", "export", "--config", "configs/smoke.yaml",
+                        *overrides(reference["out"], data_file), "--checkpoint",
+                        str(reference["out"] / "checkpoints/step_00000036"), "--out", str(tmp_path / "s36")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "s36")
+    assert hf.dtype == torch.bfloat16
+    s36 = load_file(tmp_path / "s36" / "model.safetensors")
+    assert not torch.equal(s36["model.norm.weight"].float(), end["model.norm.weight"])  # an earlier step
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "none", data_file))
+    with one_rank() as info, pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        export_checkpoint(cfg, info, tmp_path / "x")

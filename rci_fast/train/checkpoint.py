@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 from rci_fast.model import Transformer
 from rci_fast.model.checkpoint import save_pretrained
@@ -112,6 +112,13 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
         log.warning("%s has no RNG state for rank %d (saved with another world size); RNG not restored",
                     path, dist.get_rank())
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_model_weights(path: str | Path, model) -> None:
+    """Collective: only the model's tensors of a checkpoint (for export or evaluation)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
 
 
 def export_hf(model, inner: Transformer, tokenizer, out_dir: str | Path, dtype: torch.dtype) -> None:

@@ -31,6 +31,19 @@ def add_parser(subparsers) -> None:
     sft.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     sft.set_defaults(func=_sft)
 
+    export = subparsers.add_parser(
+        "export", help="write a training checkpoint as a Hugging Face folder",
+        description="Gathers the sharded weights of a checkpoint into a Hugging Face folder "
+                    "(config.json, safetensors, tokenizer) that transformers and vLLM load. "
+                    "Runs as one process or under torchrun.")
+    export.add_argument("--config", required=True, help="the run's YAML config (for out_dir and the model)")
+    export.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for sft")
+    export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest in <out_dir>/checkpoints)")
+    export.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights dtype (default bf16)")
+    export.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    export.set_defaults(func=_export)
+
 
 def _sft(args) -> int:
     import yaml
@@ -68,4 +81,28 @@ def _sft(args) -> int:
         print(f"sft: step {last['step']} loss {last['loss']:.4f}; {cfg.out_dir}/metrics.jsonl, "
               f"checkpoints in {cfg.out_dir}/checkpoints"
               + (f", export in {cfg.out_dir}/hf" if cfg.checkpoint.export_at_end else ""))
+    return 0
+
+
+def _export(args) -> int:
+    from rci_fast.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rci-fast export: {e}", file=sys.stderr)
+        return 2
+    from rci_fast.train import init_distributed
+    from rci_fast.train.export import export_checkpoint
+
+    info = init_distributed(args.device)
+    try:
+        path = export_checkpoint(cfg, info, args.out, args.checkpoint, args.dtype)
+    except FileNotFoundError as e:
+        print(f"rci-fast export: {e}", file=sys.stderr)
+        return 1
+    finally:
+        info.close()
+    if info.is_main:
+        print(f"exported {path} to {args.out}")
     return 0
