@@ -103,6 +103,10 @@ def test_order_is_seeded_sharded_and_resumable(trajectories, tokenizer):
         assert trained == sum(mb.num_trained for mb in one.micro_batches(0, index))
         shares = ranks[0].rank_share(ranks[0].global_batch(0, index))
         assert sorted(shares[0] + shares[1]) == sorted(one.global_batch(0, index))
+    idle = [SFTBatches(seqs, 2, budget, seed=3, rank=r, world_size=4) for r in range(4)]
+    for rank in idle[2:]:  # two sequences, four ranks: the last two run one empty micro-batch
+        (mb,) = rank.micro_batches(0, 0)
+        assert mb.num_trained == 0 and mb.num_tokens == 1 and (mb.targets == IGNORE).all()
     with pytest.raises(ValueError, match="impossible token budget.*micro_batch_tokens is 8"):
         SFTBatches(seqs, 5, 8, seed=0)
 

@@ -61,8 +61,8 @@ def reference(tmp_path_factory, data_file):
     """An uninterrupted single-process run; its model's log-probs on one sequence, and its export."""
     out = tmp_path_factory.mktemp("reference")
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(out, data_file))
-    with one_rank():
-        trainer = SFTTrainer(cfg, init_distributed("cpu"))
+    with one_rank() as info:
+        trainer = SFTTrainer(cfg, info)
         rows = trainer.train()
         seq = trainer.batches.sequences[0]
         targets = torch.cat([seq.input_ids[1:], torch.tensor([-100])])
@@ -227,3 +227,40 @@ def test_export_command_writes_any_checkpoint(tmp_path, data_file, reference):
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "none", data_file))
     with one_rank() as info, pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         export_checkpoint(cfg, info, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_a_rank_without_sequences_still_steps(tmp_path, data_file, reference):
+    # batch_size 1 on 2 ranks: rank 1 has nothing to train on and runs an empty micro-batch so that
+    # FSDP's collectives line up; the result equals one rank's.
+    common = dict(train__max_steps=2, train__batch_size=1, model__path=reference["init"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "rci_fast", "sft", "--config", "configs/smoke.yaml", "--device", "cpu",
+           *overrides(tmp_path / "two", data_file, **common)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with one_rank() as info:
+        trainer = SFTTrainer(load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "one", data_file, **common)),
+                             info)
+        one = [trainer.train_step() for _ in range(2)]
+    two = metrics(tmp_path / "two")
+    assert [row["loss"] for row in two] == pytest.approx([row["loss"] for row in one], rel=1e-5, abs=0)
+
+
+def test_resuming_a_finished_run_changes_nothing(data_file, reference):
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(reference["out"], data_file))
+    before = sorted(p.name for p in (reference["out"] / "checkpoints").iterdir())
+    with one_rank() as info:
+        trainer = SFTTrainer(cfg, info, resume=True)
+        assert trainer.step == STEPS and trainer.train() == []
+    assert sorted(p.name for p in (reference["out"] / "checkpoints").iterdir()) == before
+    assert len(metrics(reference["out"])) == STEPS
+
+
+def test_prune_keeps_the_newest_and_drops_stale_futures(tmp_path):
+    from rci_fast.train.checkpoint import _prune
+
+    for step in (4, 8, 12, 16):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    _prune(tmp_path, 12, keep=2)  # step 16: left by a run killed before it named it latest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008", "step_00000012"]

@@ -75,15 +75,23 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
             shutil.rmtree(final)
         os.rename(tmp, final)
         _atomic_write_text(root / LATEST, final.name + "\n")
-        _prune(root, keep)
+        _prune(root, step, keep)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def _prune(root: Path, current: int, keep: int) -> None:
+    """Keeps the newest `keep` checkpoints up to `current`. Ones beyond it were left by a run that
+    died before naming them latest; this run redid those steps, so they are stale."""
+    done = sorted((p for p in root.glob("step_*") if p.is_dir()), key=_step_of)
+    stale = [p for p in done if _step_of(p) > current]
+    older = [p for p in done if _step_of(p) <= current][:-keep]
+    for path in stale + older:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -122,6 +122,7 @@ class SFTTrainer:
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule, t.min_lr_ratio))
         self.step = 0
         self.bad_in_a_row = 0
+        self.saved_step = -1  # the step of the newest checkpoint on disk (loaded or written)
         if resume:
             self._resume()
 
@@ -139,6 +140,7 @@ class SFTTrainer:
             raise ValueError(f"--resume: {path} was trained on a different data order {state['data']} "
                              f"than this config gives {self._data_signature()}")
         self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
+        self.saved_step = self.step
         if self.dist.is_main:  # rows the killed run wrote after its last checkpoint are redone
             metrics = self.out_dir / "metrics.jsonl"
             if metrics.exists():
@@ -151,8 +153,10 @@ class SFTTrainer:
         epoch, index = divmod(self.step, self.batches.steps_per_epoch)
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": index, "bad_in_a_row": self.bad_in_a_row,
                  "data": self._data_signature()}
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler, state,
+        path = save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler, state,
                                keep=self.cfg.checkpoint.keep)
+        self.saved_step = self.step
+        return path
 
     def train_step(self) -> dict:
         """One optimizer step on the next global batch; returns its metrics row."""
@@ -214,7 +218,8 @@ class SFTTrainer:
                     self.save()
         finally:
             bar.close()
-        self.save()
+        if self.saved_step != self.step:  # not when resumed from the final checkpoint
+            self.save()
         if self.cfg.checkpoint.export_at_end:
             self.export(self.out_dir / "hf")
         return rows
