@@ -264,3 +264,15 @@ def test_prune_keeps_the_newest_and_drops_stale_futures(tmp_path):
         (tmp_path / f"step_{step:08d}").mkdir()
     _prune(tmp_path, 12, keep=2)  # step 16: left by a run killed before it named it latest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008", "step_00000012"]
+
+
+def test_bf16_compute_tracks_fp32(tmp_path, data_file, reference):
+    # The GPU setting (bf16 params in forward/backward, fp32 masters and reduction), run on CPU.
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(
+        tmp_path, data_file, model__path=reference["init"], train__mixed_precision="bf16", train__max_steps=3))
+    with one_rank() as info:
+        trainer = SFTTrainer(cfg, info)
+        rows = [trainer.train_step() for _ in range(3)]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # masters stay fp32
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference["rows"][:3]], rel=1e-2)
+    assert rows[0]["loss"] != reference["rows"][0]["loss"]  # bf16 rounding shows: the forward ran in bf16
