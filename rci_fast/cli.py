@@ -17,10 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     from rci_fast.sandbox import cli as sandbox_cli
     from rci_fast.tasks import cli as tasks_cli
     from rci_fast.train import cli as train_cli
+    from rci_fast.train import rl_cli
 
     sandbox_cli.add_parser(sub)
     tasks_cli.add_parser(sub)
     train_cli.add_parser(sub)
+    rl_cli.add_parser(sub)
     return parser
 
 

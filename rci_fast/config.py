@@ -223,3 +223,163 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=SFTConfi
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+# ---- RL: `rci-fast potential`, `rci-fast rl`, `rci-fast eval` share one config ------------------
+
+@dataclass
+class TasksSection:
+    train: list[str] = field(default_factory=list)   # task names; empty: every task of the train split
+    test: list[str] = field(default_factory=list)    # for eval; empty: every task of the test split
+    samples_per_task: int = 0        # train samples per task (the task's "train" sample split); 0: all
+    data_dir: str | None = None      # folder holding bbh/ and symbench/ (default: $RCI_FAST_DATA, ../shared/data)
+
+
+@dataclass
+class RolloutSection:
+    group_size: int = 5              # completions per prompt (the GRPO group)
+    prompts_per_step: int = 128      # prompts per optimizer step, over all ranks
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048       # model tokens per episode
+    max_total_tokens: int = 6144     # prompt + everything appended
+    max_code_calls: int = 8
+    code_timeout_s: float = 10.0
+    max_batch: int = 64              # sequences decoded together per rank
+    sandbox_workers: int = 0         # 0: one per core
+
+
+@dataclass
+class AlgoSection:
+    advantage: str = "grpo"          # grpo: (r - mean) / std per group | drgrpo: r - mean
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.2           # > clip_low: DAPO's clip-higher
+    kl_coef: float = 0.001           # 0: no reference model at all
+    kl_estimator: str = "low_var_kl"  # k1 | k3 | low_var_kl
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class RLTrainSection:
+    steps: int = 600                 # optimizer steps (one rollout batch each, split in mini_batches)
+    mini_batches: int = 1            # optimizer steps per rollout batch (old log-probs then differ)
+    micro_batch_tokens: int = 16384  # packed tokens per micro-batch per rank
+    lr: float = 1e-6
+    schedule: str = "constant"       # cosine | constant (after warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5
+    mixed_precision: str = "auto"
+
+
+@dataclass
+class CurriculumSection:
+    mode: str = "staged"             # staged | online | uniform
+    potential_file: str | None = None  # `rci-fast potential` output; default <out_dir>/potential.jsonl
+    steps_per_stage: int = 150
+    online_floor: float = 0.05
+    prior_trials: float = 2.0
+
+
+@dataclass
+class RewardSection:
+    correct: float = 1.0
+    well_formed: float = 0.1
+    malformed: float = -0.1
+    max_turns: int = 6
+    too_many_turns: float = -0.1
+    partial_credit: bool = False
+
+
+@dataclass
+class PotentialSection:
+    k: int = 20                      # attempts per training sample
+    batch_size: int = 256            # conversations per engine call
+
+
+@dataclass
+class EvalSection:
+    model: str | None = None         # HF folder; default <out_dir>/hf (the RL export), else model.path
+    attempts: int = 4                # per sample (pass@k with k = attempts)
+    samples_per_task: int = 20       # samples per test task (the tasks' "validation" sample split); 0: all
+    temperature: float = 0.6
+    modes: list[str] = field(default_factory=lambda: ["code", "text"])
+    batch_size: int = 256
+
+
+@dataclass
+class RLConfig:
+    out_dir: str = "runs/rl"
+    seed: int = 0
+    log_every: int = 1
+    model: ModelSection = field(default_factory=ModelSection)
+    tasks: TasksSection = field(default_factory=TasksSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    train: RLTrainSection = field(default_factory=RLTrainSection)
+    curriculum: CurriculumSection = field(default_factory=CurriculumSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    potential: PotentialSection = field(default_factory=PotentialSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    @property
+    def potential_file(self) -> str:
+        return self.curriculum.potential_file or f"{self.out_dir}/potential.jsonl"
+
+    def validate(self) -> None:
+        r, t, a = self.rollout, self.train, self.algo
+        for key, value in {"rollout.group_size": r.group_size, "rollout.prompts_per_step": r.prompts_per_step,
+                           "rollout.max_new_tokens": r.max_new_tokens, "rollout.max_batch": r.max_batch,
+                           "train.steps": t.steps, "train.mini_batches": t.mini_batches,
+                           "train.micro_batch_tokens": t.micro_batch_tokens, "train.max_bad_steps": t.max_bad_steps,
+                           "curriculum.steps_per_stage": self.curriculum.steps_per_stage,
+                           "potential.k": self.potential.k, "potential.batch_size": self.potential.batch_size,
+                           "eval.attempts": self.eval.attempts, "eval.batch_size": self.eval.batch_size,
+                           "log_every": self.log_every, "checkpoint.keep": self.checkpoint.keep}.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1 (got {value})")
+        for key, value in {"rollout.max_code_calls": r.max_code_calls, "rollout.sandbox_workers": r.sandbox_workers,
+                           "tasks.samples_per_task": self.tasks.samples_per_task,
+                           "eval.samples_per_task": self.eval.samples_per_task, "train.warmup_steps": t.warmup_steps,
+                           "train.grad_clip": t.grad_clip, "checkpoint.every": self.checkpoint.every,
+                           "algo.kl_coef": a.kl_coef, "algo.entropy_coef": a.entropy_coef,
+                           "rollout.temperature": r.temperature, "eval.temperature": self.eval.temperature}.items():
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0 (got {value})")
+        if r.max_total_tokens <= r.max_new_tokens:
+            raise ConfigError(f"rollout.max_total_tokens ({r.max_total_tokens}) must exceed rollout.max_new_tokens "
+                              f"({r.max_new_tokens}): it holds the prompt too")
+        if t.micro_batch_tokens < r.max_total_tokens:
+            raise ConfigError(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold one whole trajectory "
+                              f"(rollout.max_total_tokens = {r.max_total_tokens})")
+        if r.prompts_per_step % t.mini_batches:
+            raise ConfigError(f"train.mini_batches ({t.mini_batches}) must divide rollout.prompts_per_step "
+                              f"({r.prompts_per_step})")
+        if not t.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0 (got {t.lr})")
+        choices = {"algo.advantage": (a.advantage, ("grpo", "drgrpo")),
+                   "algo.aggregation": (a.aggregation, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
+                   "algo.kl_estimator": (a.kl_estimator, ("k1", "k3", "low_var_kl")),
+                   "train.schedule": (t.schedule, ("cosine", "constant")),
+                   "train.mixed_precision": (t.mixed_precision, ("auto", "bf16", "fp32")),
+                   "curriculum.mode": (self.curriculum.mode, ("staged", "online", "uniform"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}: expected one of {', '.join(allowed)} (got {value!r})")
+        for mode in self.eval.modes:
+            if mode not in ("code", "text"):
+                raise ConfigError(f"eval.modes: expected code and/or text (got {mode!r})")
+        if not 0 <= a.clip_low < 1 or a.clip_high < 0:
+            raise ConfigError("algo.clip_low must be in [0, 1) and algo.clip_high >= 0")
+        if not 0 < r.top_p <= 1:
+            raise ConfigError(f"rollout.top_p: must be in (0, 1] (got {r.top_p})")
+        if len(t.betas) != 2:
+            raise ConfigError(f"train.betas: expected two numbers (got {t.betas})")
+        if self.model.path is None:
+            raise ConfigError("model.path: required (the policy to start from, e.g. the SFT run's <out_dir>/hf)")

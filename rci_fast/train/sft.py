@@ -80,21 +80,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
 
 
+def start_run(cfg, dist_info: DistInfo, resume: bool) -> tuple[Path, Path]:
+    """Seeds, checks and prepares <out_dir> for a training run (SFT or RL); returns (out_dir,
+    checkpoint root). A fresh run refuses an out_dir that holds checkpoints."""
+    out_dir = Path(cfg.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise ValueError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another out_dir")
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if not resume:  # rows of an earlier run that saved no checkpoint
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return out_dir, ckpt_root
+
+
+def drop_metrics_after(out_dir: Path, step: int) -> None:
+    """On resume: the rows a killed run wrote after its last checkpoint are redone, not doubled."""
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(r + "\n" for r in rows))
+
+
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, dist_info: DistInfo, resume: bool = False):
         self.cfg, self.dist = cfg, dist_info
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_root = self.out_dir / "checkpoints"
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        if not resume and latest_checkpoint(self.ckpt_root) is not None:
-            raise ValueError(f"{self.out_dir} already holds checkpoints: pass --resume to continue that run, "
-                             "or choose another out_dir")
-        if dist_info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            if not resume:  # rows of an earlier run that saved no checkpoint
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.out_dir, self.ckpt_root = start_run(cfg, dist_info, resume)
         trajectories = load_trajectories(cfg.data.train_file)
         model_dir, self.tokenizer = prepare_model_source(cfg, trajectories, dist_info)
         sequences = tokenize_trajectories(trajectories, self.tokenizer, max_seq_len=cfg.data.max_seq_len,
@@ -141,12 +156,8 @@ class SFTTrainer:
                              f"than this config gives {self._data_signature()}")
         self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
         self.saved_step = self.step
-        if self.dist.is_main:  # rows the killed run wrote after its last checkpoint are redone
-            metrics = self.out_dir / "metrics.jsonl"
-            if metrics.exists():
-                rows = [line for line in metrics.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= self.step]
-                metrics.write_text("".join(r + "\n" for r in rows))
+        if self.dist.is_main:
+            drop_metrics_after(self.out_dir, self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:

@@ -1,0 +1,128 @@
+"""`rci-fast potential` and `rci-fast eval`: the policy measured through the rollout engine.
+
+Both are data-parallel: under torchrun each rank takes every world_size-th (task, sample) pair,
+runs its own engine and sandbox, and rank 0 gathers the results and writes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from rci_fast.config import RLConfig
+from rci_fast.evaluate import TaskReport, evaluate
+from rci_fast.model import load_pretrained
+from rci_fast.rl.potential import estimate_pass_rates, write_potential
+from rci_fast.rollout.policy import engine_policy
+from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
+from rci_fast.train.distributed import DistInfo
+from rci_fast.train.parallelize import compute_dtype
+from rci_fast.train.rollouts import load_items, make_engine, sampling_params
+
+log = logging.getLogger("rci_fast.measure")
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (config.json missing)")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+    dtype = compute_dtype(cfg.train.mixed_precision, dist_info.device)
+    return load_pretrained(path, dtype=dtype, device=dist_info.device).eval(), tokenizer
+
+
+def _sandbox(cfg: RLConfig):
+    from rci_fast.sandbox import Sandbox
+
+    workers = cfg.rollout.sandbox_workers
+    return Sandbox(workers=workers) if workers else Sandbox()
+
+
+def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
+    """p of every training sample from potential.k attempts (rollout temperature), written to the
+    potential file with Π and the 4 groups. Returns the summary on rank 0."""
+    items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir)
+    rank, world = dist_info.rank, dist_info.world_size
+    model, tokenizer = _load(cfg.model.path, cfg, dist_info)
+    params = sampling_params(cfg.rollout, cfg.rollout.temperature, seed=cfg.seed * 1009 + rank)
+    with _sandbox(cfg) as sandbox:
+        policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
+        mine = items[rank::world]
+        rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size) \
+            if mine else np.zeros(0)
+    shards = _gather(rates.tolist(), world)
+    if not dist_info.is_main:
+        return None
+    p = np.zeros(len(items))
+    for r, shard in enumerate(shards):
+        p[r::world] = shard
+    Path(cfg.potential_file).parent.mkdir(parents=True, exist_ok=True)
+    return {**write_potential(cfg.potential_file, items, p), "path": cfg.potential_file}
+
+
+def eval_model_path(cfg: RLConfig) -> str:
+    """eval.model, else the RL run's export <out_dir>/hf when it exists, else model.path."""
+    if cfg.eval.model:
+        return cfg.eval.model
+    exported = Path(cfg.out_dir) / "hf"
+    return str(exported) if (exported / "config.json").is_file() else cfg.model.path
+
+
+def merge_reports(shards: list[list[TaskReport]]) -> list[TaskReport]:
+    """Per-task reports of disjoint sample shards -> one per task (weighted by samples)."""
+    by_task: dict[str, list[TaskReport]] = {}
+    for shard in shards:
+        for report in shard:
+            by_task.setdefault(report.task, []).append(report)
+    merged = []
+    for task, parts in by_task.items():
+        n = sum(p.samples for p in parts)
+        mean = lambda field: sum(getattr(p, field) * p.samples for p in parts) / n  # noqa: E731
+        merged.append(TaskReport(task, n, parts[0].attempts, mean("accuracy"), mean("pass_at_k"),
+                                 mean("mean_turns"), mean("mean_code_calls")))
+    return merged
+
+
+def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
+    """Per-task accuracy, pass@k, turns and code calls on the test tasks, in code-interpreter and/or
+    text-only mode; writes <out_dir>/eval.json on rank 0 and returns it there."""
+    e = cfg.eval
+    items = load_items(cfg.tasks.test, "test", "validation", e.samples_per_task, cfg.tasks.data_dir)
+    rank, world = dist_info.rank, dist_info.world_size
+    path = eval_model_path(cfg)
+    model, tokenizer = _load(path, cfg, dist_info)
+    params = sampling_params(cfg.rollout, e.temperature, seed=cfg.seed * 1009 + rank)
+    mine = items[rank::world]
+    results = {}
+    with _sandbox(cfg) as sandbox:
+        for mode in e.modes:
+            engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
+            prompt = SYSTEM_PROMPT if mode == "code" else TEXT_ONLY_SYSTEM_PROMPT
+            reports = evaluate(engine_policy(engine, params), mine, attempts=e.attempts, system_prompt=prompt,
+                               batch_size=e.batch_size) if mine else []
+            results[mode] = merge_reports(_gather(reports, world))
+    if not dist_info.is_main:
+        return None
+    out = {"model": path, "attempts": e.attempts, "temperature": e.temperature,
+           "mean_accuracy": {m: float(np.mean([r.accuracy for r in rs])) for m, rs in results.items()},
+           "modes": {m: [dataclasses.asdict(r) for r in rs] for m, rs in results.items()}}
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(cfg.out_dir) / ".eval.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, Path(cfg.out_dir) / "eval.json")
+    out["reports"] = results
+    return out
+

@@ -1,0 +1,102 @@
+"""What `potential`, `rl` and `eval` share: the task samples, the engine, the policy's weights
+for the engine, and the reward of a rollout.
+
+Weights for rollouts: the trainer's model is sharded (FSDP2), the engine needs a plain model. Before
+each rollout phase every rank gathers the full, unsharded state dict (`get_model_state_dict` with
+`full_state_dict=True`: one all-gather per parameter) and copies it into a persistent plain
+Transformer in the compute dtype. It costs one full copy of the weights per rank (15 GB for a 7B
+model in bf16) and is the simplest correct way; gathering per layer during decoding would
+all-gather every layer at every decode step.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from rci_fast.model import Transformer
+from rci_fast.rollout import RolloutEngine, SamplingParams, Trajectory
+from rci_fast.tasks import RewardConfig, compute_reward, list_tasks, load_task
+from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages, render_chat
+
+
+def load_items(names: list[str], split: str, sample_split: str | None, per_task: int = 0,
+               data_dir: str | None = None) -> list[tuple]:
+    """(task, sample) pairs of the tasks `names` (empty: every task of the task `split`), the
+    first `per_task` samples (0: all) of each task's `sample_split`."""
+    names = list(names) or list_tasks(split=split, data_dir=data_dir)
+    if not names:
+        raise ValueError(f"no task to run: the task list is empty and the {split} split names none")
+    items = []
+    for name in names:
+        try:
+            task = load_task(name, data_dir=data_dir)
+        except KeyError as e:
+            raise ValueError(f"tasks: {e.args[0]}") from None
+        samples = task.samples(sample_split)
+        items += [(task, s) for s in (samples[:per_task] if per_task else samples)]
+    if not items:
+        raise ValueError(f"tasks {names} hold no {sample_split} samples")
+    return items
+
+
+def prompt_ids(tokenizer, sample, system_prompt: str = SYSTEM_PROMPT) -> list[int]:
+    """The rendered conversation start (system, user, assistant header), as engine_policy builds it."""
+    text = render_chat(build_messages(sample.prompt, system_prompt), tokenizer, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def sampling_params(rollout_cfg, temperature: float, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=rollout_cfg.top_p,
+                          max_new_tokens=rollout_cfg.max_new_tokens,
+                          max_total_tokens=rollout_cfg.max_total_tokens, seed=seed)
+
+
+def make_engine(model: Transformer, tokenizer, sandbox, rollout_cfg) -> RolloutEngine:
+    return RolloutEngine(model, tokenizer, sandbox, max_batch=rollout_cfg.max_batch,
+                         max_code_calls=rollout_cfg.max_code_calls, code_timeout_s=rollout_cfg.code_timeout_s)
+
+
+@torch.no_grad()
+def sync_weights(sharded, inner: Transformer, rollout_model: Transformer) -> None:
+    """Collective: copies the sharded model's current weights into rollout_model (module doc).
+    `sharded` is the FSDP root, `inner` the Transformer inside it."""
+    prefix = next(name for name, module in sharded.named_modules() if module is inner) + "."
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    target = rollout_model.state_dict()
+    for key, value in full.items():
+        name = key.removeprefix(prefix)
+        if name not in target:
+            raise KeyError(f"sync_weights: {name} is not a parameter of the rollout model")
+        target[name].copy_(value)
+
+
+def turns_of(trajectory: Trajectory, tokenizer) -> list[str]:
+    """The assistant turns: model text between interpreter results (special tokens dropped). A
+    trajectory cut off right after an interpreter result gets an empty last turn (no answer)."""
+    turns, previous = [], None
+    for segment in trajectory.segments[1:]:
+        if segment.kind == "model":
+            text = tokenizer.decode(segment.ids, skip_special_tokens=True)
+            if previous == "model":
+                turns[-1] += text
+            else:
+                turns.append(text)
+        previous = segment.kind
+    if previous != "model":
+        turns.append("")
+    return turns
+
+
+def reward_config(section) -> RewardConfig:
+    return RewardConfig(correct=section.correct, well_formed=section.well_formed, malformed=section.malformed,
+                        max_turns=section.max_turns, too_many_turns=section.too_many_turns,
+                        partial_credit=section.partial_credit)
+
+
+def rewards_of(trajectories: list[Trajectory], items: list[tuple], tokenizer, config: RewardConfig):
+    """compute_reward of each trajectory against its (task, sample); and its number of turns."""
+    out = []
+    for trajectory, (task, sample) in zip(trajectories, items):
+        turns = turns_of(trajectory, tokenizer)
+        out.append((compute_reward(task, sample, turns, config), len(turns)))
+    return out

@@ -1,0 +1,259 @@
+"""The GRPO trainer on a tiny SFT'd model (CPU, gloo): the update does not depend on the
+micro-batch split or the number of ranks, the curriculum's stages and online updates show in the
+metrics, kill -9 + --resume equals an uninterrupted run.
+
+Run as a script under torchrun, this file is the 2-rank worker of test_two_ranks_match_one_rank:
+it replays recorded rollouts (see there)."""
+import contextlib
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rci_fast.config import ConfigError, RLConfig, load_config
+from rci_fast.rl.potential import write_potential
+from rci_fast.train import init_distributed
+from rci_fast.train.grpo import GRPOTrainer, RolloutSequence
+from rci_fast.train.rollouts import load_items
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = "[rg/basic_arithmetic,rg/gcd,rg/lcm,rg/chain_sum]"
+
+
+def rl_overrides(out_dir, model_dir, **extra):
+    # entropy_coef and a large kl_coef make every step's loss depend on its normaliser even
+    # when a group's rewards tie (then the advantages are 0).
+    base = {"out_dir": out_dir, "model.path": model_dir, "tasks.train": TASKS, "tasks.samples_per_task": 3,
+            "train.steps": 3, "algo.kl_coef": 0.1, "algo.entropy_coef": 0.01, "train.lr": 1e-3,
+            "checkpoint.every": 2, "checkpoint.export_at_end": False, "curriculum.mode": "online"}
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def rl_config(out_dir, model_dir, **extra):
+    return load_config(ROOT / "configs/smoke-rl.yaml", rl_overrides(out_dir, model_dir, **extra), cls=RLConfig)
+
+
+@contextlib.contextmanager
+def trainer_of(cfg, resume=False):
+    info = init_distributed("cpu")
+    trainer = None
+    try:
+        trainer = GRPOTrainer(cfg, info, resume=resume)
+        yield trainer
+    finally:
+        if trainer is not None:
+            trainer.close()
+        info.close()
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    """A tiny model after a short SFT on scripted trajectories: it writes <<<answers>>> sometimes."""
+    from rci_fast.config import SFTConfig
+    from rci_fast.sandbox import Sandbox
+    from rci_fast.tasks.teacher import generate
+    from rci_fast.tasks.trajectory import write_trajectories
+    from rci_fast.train import SFTTrainer
+
+    out = tmp_path_factory.mktemp("sft")
+    with Sandbox(workers=2) as sb:
+        write_trajectories(out / "sft.jsonl", generate(sb, ["basic_arithmetic", "gcd", "lcm", "chain_sum"],
+                                                      per_family=6, seed=0))
+    cfg = load_config(ROOT / "configs/smoke.yaml", [f"out_dir={out}", f"data.train_file={out / 'sft.jsonl'}",
+                                                    "train.max_steps=30", "checkpoint.every=0"], cls=SFTConfig)
+    info = init_distributed("cpu")
+    try:
+        SFTTrainer(cfg, info).train()
+    finally:
+        info.close()
+    return out / "hf"
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="algo.advantage"):
+        rl_config(tmp_path, tmp_path, algo__advantage="ppo")
+    with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
+        rl_config(tmp_path, tmp_path, train__micro_batch_tokens=512)
+    with pytest.raises(ConfigError, match="unknown key 'rollout.group'"):
+        rl_config(tmp_path, tmp_path, rollout__group=3)
+    with pytest.raises(ConfigError, match="model.path: required"):
+        load_config(None, [], cls=RLConfig)
+
+
+def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir):
+    """One update on the same trajectories (random advantages) with 1 and with 3+ micro-batches:
+    same loss (the token-mean over the global count), grad norm and weights after the step."""
+    results = []
+    for budget in (4096, 1024):
+        cfg = rl_config(tmp_path / str(budget), policy_dir, train__micro_batch_tokens=budget)
+        with trainer_of(cfg) as trainer:
+            _, trajectories = trainer.rollout(trainer.curriculum.draw(0, 4))
+            advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(1)).tolist()
+            mbs = trainer.micro_batches([RolloutSequence.of(t, a) for t, a in zip(trajectories, advantages)])
+            trainer.prepare(mbs, old_logprobs=False)
+            sums, grad_norm, finite = trainer.update(mbs)
+            mask = torch.cat([mb.mask for mb in mbs])
+            adv = torch.cat([mb.advantages for mb in mbs])
+            weights = [p.detach().clone() for p in trainer.model.parameters()]
+            results.append((len(mbs), float(sums[0]), grad_norm, weights, float((adv * mask).sum() / mask.sum()),
+                            float(sums[4] / sums[1])))
+    (n1, loss1, g1, w1, adv1, ent1), (n2, loss2, g2, w2, adv2, ent2) = results
+    assert n1 == 1 and n2 >= 3
+    # At the first step the policy is the reference (kl 0) and the ratio is 1, so the loss is
+    # -mean(A) - entropy_coef * mean(entropy) over the trained tokens.
+    assert loss1 == pytest.approx(-adv1 - 0.01 * ent1, rel=1e-5)
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    assert g2 == pytest.approx(g1, rel=1e-5)
+    for a, b in zip(w1, w2):  # Adam moves each weight by ~lr = 1e-3: 1e-6 is 0.1% of a step
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_staged_curriculum_through_the_loop(tmp_path, policy_dir):
+    """A potential file with samples in all four groups; one stage per step: the metrics show
+    stages 0..3 and the cumulative pool sizes; a checkpoint holds the curriculum state."""
+    cfg = rl_config(tmp_path, policy_dir, curriculum__mode="staged", curriculum__steps_per_stage=1,
+                    train__steps=4, checkpoint__every=0)
+    items = load_items(["rg/basic_arithmetic", "rg/gcd", "rg/lcm", "rg/chain_sum"], "train", "train", 3)
+    p = np.array([0.5, 0.4, 0.75, 0.85, 0.9, 1.0, 0.0, 0.5, 0.3, 0.2, 0.95, 0.6])  # Π groups 0..3
+    tmp_path.mkdir(exist_ok=True)
+    summary = write_potential(str(tmp_path / "potential.jsonl"), items, p)
+    sizes = summary["group_sizes"]
+    assert min(sizes) > 0
+    with trainer_of(cfg) as trainer:
+        drawn = []
+        rollout = trainer.rollout
+        trainer.rollout = lambda indices: (drawn.append(indices.copy()), rollout(indices))[1]
+        rows = trainer.train()
+        groups = trainer.curriculum.groups
+    assert [r["stage"] for r in rows] == [0, 1, 2, 3]
+    assert [r["pool"] for r in rows] == list(np.cumsum(sizes))
+    for stage, indices in enumerate(drawn):
+        assert np.all(groups[indices] <= stage)
+    for r in rows:
+        assert all(np.isfinite(r[k]) for k in ("loss", "reward_mean", "kl", "entropy", "grad_norm"))
+        assert r["rollout_s"] > 0 and r["update_s"] > 0 and sum(r["finish_reasons"].values()) == 16
+    state = json.loads((tmp_path / "checkpoints/step_00000004/trainer_state.json").read_text())
+    assert state["step"] == 4 and len(state["curriculum"]["trials"]) == 12
+
+
+def test_online_curriculum_updates_pass_rates(tmp_path, policy_dir):
+    cfg = rl_config(tmp_path, policy_dir, train__steps=2)
+    with trainer_of(cfg) as trainer:
+        before = trainer.curriculum.trials.sum()
+        row = trainer.train_step()
+        assert trainer.curriculum.trials.sum() == before + 16  # 4 prompts x 4 completions
+        assert row["stage"] is None and 0 <= row["pass_rate_mean"] <= 1
+    with pytest.raises(FileNotFoundError, match="rci-fast potential"):
+        with trainer_of(rl_config(tmp_path / "s", policy_dir, curriculum__mode="staged")):
+            pass
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, policy_dir):
+    """An uninterrupted 1-rank run of 6 steps; its rollouts are recorded for the 2-rank replay."""
+    out = tmp_path_factory.mktemp("rl-reference")
+    cfg = rl_config(out, policy_dir, train__steps=6)
+    recorded = {}
+    with trainer_of(cfg) as trainer:
+        rollout = trainer.rollout
+
+        def record(indices):
+            mine, trajectories = rollout(indices)
+            recorded[trainer.step] = trajectories
+            return mine, trajectories
+        trainer.rollout = record
+        rows = trainer.train()
+    with open(out / "rollouts.pkl", "wb") as f:
+        pickle.dump(recorded, f)
+    return {"rows": rows, "out": out}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replay_worker(out_dir, model_dir, rollouts_file):
+    """Under torchrun: the RL loop with each rank's share of the recorded rollouts."""
+    with open(rollouts_file, "rb") as f:
+        recorded = pickle.load(f)
+    cfg = rl_config(out_dir, model_dir)
+    with trainer_of(cfg) as trainer:
+        g, world, rank = cfg.rollout.group_size, trainer.dist.world_size, trainer.dist.rank
+
+        def replay(indices):
+            mine = list(range(rank, len(indices), world))
+            everything = recorded[trainer.step]
+            return mine, [everything[j * g + k] for j in mine for k in range(g)]
+        trainer.rollout = replay
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(tmp_path, policy_dir, reference):
+    """Rollouts are data-parallel, each rank with its own seeded engine, so 2 ranks sample other
+    completions than 1 rank; the 2-rank run replays the 1-rank run's rollouts (each rank its
+    share) and everything after generation runs as in training: rewards, advantages, packing,
+    reference and update, curriculum. Tolerance: fp32 sums in another order."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), __file__, str(out), str(policy_dir), str(reference["out"] / "rollouts.pkl")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two, one = metrics(out), reference["rows"][:3]
+    assert [row["trained_tokens"] for row in two] == [row["trained_tokens"] for row in one]
+    assert [row["reward_mean"] for row in two] == [row["reward_mean"] for row in one]
+    assert all(abs(row["loss"]) > 1e-4 for row in one)
+    assert [row["loss"] for row in two] == pytest.approx([row["loss"] for row in one], rel=1e-5, abs=1e-7)
+    assert [row["grad_norm"] for row in two] == pytest.approx([row["grad_norm"] for row in one], rel=1e-4)
+    assert [row["kl"] for row in two] == pytest.approx([row["kl"] for row in one], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, policy_dir, reference):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rci_fast", "rl", "--config", "configs/smoke-rl.yaml", "--device", "cpu",
+           *rl_overrides(out, policy_dir, train__steps=6)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            path = out / "metrics.jsonl"
+            if path.exists() and len(path.read_text().splitlines()) >= 3:  # past the step-2 checkpoint
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert len(metrics(out)) < 6
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    rows = metrics(out)
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    ref = reference["rows"]
+    # Rollouts after the resume are sampled again (seeded by step) from the restored weights.
+    assert [row["reward_mean"] for row in rows] == [row["reward_mean"] for row in ref]
+    assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in ref], rel=1e-6, abs=1e-9)
+
+
+if __name__ == "__main__":
+    replay_worker(*sys.argv[1:4])
