@@ -2,6 +2,7 @@
 `rci-fast` command in a subprocess with configs/smoke.yaml and configs/smoke-rl.yaml."""
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +19,22 @@ def rci(*args, timeout=180):
     return r
 
 
-@pytest.mark.slow
-def test_smoke_pipeline_sft_potential_rl_eval(tmp_path):
-    data, sft, rl = tmp_path / "sft.jsonl", tmp_path / "sft", tmp_path / "rl"
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data, sft = tmp / "sft.jsonl", tmp / "sft"
     rci("gen-sft", "--teacher", "scripted", "--out", data, "--per-family", 3, "--families",
         "basic_arithmetic,gcd,lcm,chain_sum")
     rci("sft", "--config", "configs/smoke.yaml", "--device", "cpu", f"out_dir={sft}", f"data.train_file={data}",
         "train.max_steps=20")
     assert (sft / "hf" / "config.json").is_file()
-    common = ["--device", "cpu", f"out_dir={rl}", f"model.path={sft / 'hf'}"]
+    return sft / "hf"
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_sft_potential_rl_eval(tmp_path, sft_model):
+    rl = tmp_path / "rl"
+    common = ["--device", "cpu", f"out_dir={rl}", f"model.path={sft_model}"]
 
     r = rci("potential", "--config", "configs/smoke-rl.yaml", *common)
     rows = [json.loads(line) for line in (rl / "potential.jsonl").read_text().splitlines()]
@@ -56,6 +64,37 @@ def test_smoke_pipeline_sft_potential_rl_eval(tmp_path):
                    for t in tasks)
     assert all(t["mean_code_calls"] == 0 for t in report["modes"]["text"])  # no interpreter in text mode
     assert "[code mode]" in r.stdout and "[text mode]" in r.stdout and "pass@k" in r.stdout
+
+
+def torchrun(*args, timeout=240):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "rci_fast", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"torchrun rci-fast {args[0]} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.mark.slow
+def test_potential_rl_eval_under_torchrun(tmp_path, sft_model):
+    """2 gloo ranks, real rollouts on each: every sample and task is measured once, the RL loop runs
+    with its collectives (weight gathering, outcome gathering, checkpoint, export)."""
+    rl = tmp_path / "rl"
+    common = ["--device", "cpu", f"out_dir={rl}", f"model.path={sft_model}", "rollout.sandbox_workers=1"]
+    torchrun("potential", "--config", "configs/smoke-rl.yaml", *common)
+    rows = [json.loads(line) for line in (rl / "potential.jsonl").read_text().splitlines()]
+    assert len({(row["task"], row["sample_id"]) for row in rows}) == len(rows) == 12
+    torchrun("rl", "--config", "configs/smoke-rl.yaml", *common, "train.steps=3", "rollout.prompts_per_step=3")
+    metrics = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(sum(m["finish_reasons"].values()) == 12 for m in metrics)  # 3 prompts x 4, over both ranks
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) for m in metrics)
+    assert (rl / "hf" / "config.json").is_file()
+    torchrun("eval", "--config", "configs/smoke-rl.yaml", *common, "eval.modes=[code]")
+    report = json.loads((rl / "eval.json").read_text())
+    assert [t["samples"] for t in report["modes"]["code"]] == [3, 3]
 
 
 def test_rl_commands_fail_clearly(tmp_path):

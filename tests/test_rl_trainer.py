@@ -122,6 +122,34 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_mini_batches_recompute_old_logprobs(tmp_path, policy_dir):
+    """Recomputed old log-probs equal the update's own (the policy is unchanged until the first
+    optimizer step), so the loss is the same either way; with 2 mini-batches one RL step takes 2
+    optimizer steps."""
+    cfg = rl_config(tmp_path, policy_dir, train__mini_batches=2)
+    with trainer_of(cfg) as trainer:
+        _, trajectories = trainer.rollout(trainer.curriculum.draw(0, 4))
+        sequences = [RolloutSequence.of(t, a) for t, a in zip(trajectories, [1.0, -1.0] * 8)]
+        losses = []
+        for recompute in (False, True):
+            mbs = trainer.micro_batches(sequences)
+            trainer.prepare(mbs, old_logprobs=recompute)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            for mb in mbs:  # the loss of the update, without its optimizer step
+                b = mb.batch
+                logp = trainer.model(b.input_ids, b.targets, b.cu_seqlens).detach()
+                old = mb.old_logp if recompute else logp
+                if recompute:
+                    torch.testing.assert_close(mb.old_logp[mb.mask], logp[mb.mask], rtol=0, atol=1e-6)
+                loss += float(((logp - old).exp() * -mb.advantages * mb.mask).sum())
+            losses.append(loss)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+        row = trainer.train_step()
+        assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # two AdamW steps in one RL step
+        assert 0 <= row["clip_frac"] <= 1 and np.isfinite(row["loss"])
+
+
 def test_staged_curriculum_through_the_loop(tmp_path, policy_dir):
     """A potential file with samples in all four groups; one stage per step: the metrics show
     stages 0..3 and the cumulative pool sizes; a checkpoint holds the curriculum state."""
