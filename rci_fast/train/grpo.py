@@ -47,7 +47,7 @@ from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, spl
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.parallelize import compute_dtype, parallelize
-from rci_fast.train.rollouts import (load_items, make_engine, prompt_ids, reward_config, rewards_of,
+from rci_fast.train.rollouts import (load_items, make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
                                      sampling_params, sync_weights)
 from rci_fast.train.sft import (TrainingDiverged, clip_grad_norm, drop_metrics_after, lr_factor, peak_memory_mb,
                                 start_run)
@@ -141,13 +141,6 @@ class GRPOTrainer:
         total = t.steps * t.mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, t.warmup_steps, t.schedule, t.min_lr_ratio))
-        # The engine's own plain copy of the policy, refreshed before every rollout phase.
-        self.rollout_model = load_pretrained(path, dtype=self.compute_dtype, device=device).eval()
-        from rci_fast.sandbox import Sandbox
-
-        workers = cfg.rollout.sandbox_workers or None
-        self.sandbox = Sandbox(**({"workers": workers} if workers else {}))
-        self.engine = make_engine(self.rollout_model, self.tokenizer, self.sandbox, cfg.rollout)
         self.reward_cfg = reward_config(cfg.reward)
         self._prompts: dict[int, list[int]] = {}
         self.step = 0
@@ -155,6 +148,11 @@ class GRPOTrainer:
         self.saved_step = -1
         if resume:
             self._resume()
+        # The engine's own plain copy of the policy, refreshed before every rollout phase; the
+        # sandbox starts last, so a failed set-up leaves no worker processes behind.
+        self.rollout_model = load_pretrained(path, dtype=self.compute_dtype, device=device).eval()
+        self.sandbox = make_sandbox(cfg.rollout)
+        self.engine = make_engine(self.rollout_model, self.tokenizer, self.sandbox, cfg.rollout)
 
     # ---- set-up ----------------------------------------------------------------------------
 

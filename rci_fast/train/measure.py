@@ -23,7 +23,7 @@ from rci_fast.rollout.policy import engine_policy
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.parallelize import compute_dtype
-from rci_fast.train.rollouts import load_items, make_engine, sampling_params
+from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params
 
 log = logging.getLogger("rci_fast.measure")
 
@@ -44,13 +44,6 @@ def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
     return load_pretrained(path, dtype=dtype, device=dist_info.device).eval(), tokenizer
 
 
-def _sandbox(cfg: RLConfig):
-    from rci_fast.sandbox import Sandbox
-
-    workers = cfg.rollout.sandbox_workers
-    return Sandbox(workers=workers) if workers else Sandbox()
-
-
 def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     """p of every training sample from potential.k attempts (rollout temperature), written to the
     potential file with Π and the 4 groups. Returns the summary on rank 0."""
@@ -58,7 +51,7 @@ def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     rank, world = dist_info.rank, dist_info.world_size
     model, tokenizer = _load(cfg.model.path, cfg, dist_info)
     params = sampling_params(cfg.rollout, cfg.rollout.temperature, seed=cfg.seed * 1009 + rank)
-    with _sandbox(cfg) as sandbox:
+    with make_sandbox(cfg.rollout) as sandbox:
         policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
         mine = items[rank::world]
         rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size) \
@@ -107,7 +100,7 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     params = sampling_params(cfg.rollout, e.temperature, seed=cfg.seed * 1009 + rank)
     mine = items[rank::world]
     results = {}
-    with _sandbox(cfg) as sandbox:
+    with make_sandbox(cfg.rollout) as sandbox:
         for mode in e.modes:
             engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
             prompt = SYSTEM_PROMPT if mode == "code" else TEXT_ONLY_SYSTEM_PROMPT

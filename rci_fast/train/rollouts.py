@@ -51,6 +51,14 @@ def sampling_params(rollout_cfg, temperature: float, seed: int) -> SamplingParam
                           max_total_tokens=rollout_cfg.max_total_tokens, seed=seed)
 
 
+def make_sandbox(rollout_cfg):
+    """The sandbox of one rank: rollout.sandbox_workers workers (0: one per core)."""
+    from rci_fast.sandbox import Sandbox
+
+    workers = rollout_cfg.sandbox_workers
+    return Sandbox(workers=workers) if workers else Sandbox()
+
+
 def make_engine(model: Transformer, tokenizer, sandbox, rollout_cfg) -> RolloutEngine:
     return RolloutEngine(model, tokenizer, sandbox, max_batch=rollout_cfg.max_batch,
                          max_code_calls=rollout_cfg.max_code_calls, code_timeout_s=rollout_cfg.code_timeout_s)
