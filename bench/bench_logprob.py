@@ -22,7 +22,6 @@ The last line printed is one JSON object with every figure.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time

@@ -1,7 +1,6 @@
 """`rci-fast sandbox ...`: run a file in the sandbox, benchmark it, or show what it does."""
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys

@@ -120,7 +120,7 @@ def attacks(outside: str, readable: str, secret_file: str, bystander: int, port:
         Attack("snoop bystander via /proc", f"print(open('/proc/{bystander}/environ').read(), open('/proc/{bystander}/cmdline').read())", ("error",)),
         Attack("list /proc", "import os\nprint(os.listdir('/proc'))", ("error",)),
         Attack("print environment", "import os\nprint(dict(os.environ))", ("ok",)),
-        Attack("chdir up and write", f"import os\nos.chdir('..')\nopen('pwned', 'w').write('x')", ("error",)),
+        Attack("chdir up and write", "import os\nos.chdir('..')\nopen('pwned', 'w').write('x')", ("error",)),
         Attack("write into a readable folder", f"print(open('{readable}/data.txt').read())\nopen('{readable}/pwned', 'w')", ("error",),
                must_not_print=(SECRET,)),
         # descriptors and misc

@@ -6,19 +6,18 @@ Run as a script under torchrun, this file is the 2-rank worker of test_two_ranks
 it replays recorded rollouts (see there)."""
 import contextlib
 import json
-import os
 import pickle
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from process_helpers import kill_once_metrics_reach
 from rci_fast.config import ConfigError, RLConfig, load_config
 from rci_fast.rl.potential import write_potential
 from rci_fast.train import init_distributed
@@ -262,20 +261,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, policy_dir, refe
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rci_fast", "rl", "--config", "configs/smoke-rl.yaml", "--device", "cpu",
            *rl_overrides(out, policy_dir, train__steps=6)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            path = out / "metrics.jsonl"
-            if path.exists() and len(path.read_text().splitlines()) >= 3:  # past the step-2 checkpoint
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None and time.monotonic() >= deadline:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode = kill_once_metrics_reach(cmd, ROOT, out / "metrics.jsonl", rows=3)  # past the step-2 checkpoint
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert len(metrics(out)) < 6
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]

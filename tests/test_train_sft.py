@@ -3,18 +3,17 @@ an uninterrupted run, the HF export loads in transformers with the same log-prob
 losses skip steps and abort, bad data fails with its file and line."""
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from process_helpers import kill_once_metrics_reach
 from rci_fast.config import load_config
 from rci_fast.model import load_pretrained
 from rci_fast.sandbox import Sandbox
@@ -115,20 +114,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, data_file, refer
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rci_fast", "sft", "--config", "configs/smoke.yaml",
            *overrides(out, data_file, model__path=reference["init"])]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            path = out / "metrics.jsonl"
-            if path.exists() and len(path.read_text().splitlines()) >= 7:  # past the step-4 checkpoint
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None and time.monotonic() >= deadline:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode = kill_once_metrics_reach(cmd, ROOT, out / "metrics.jsonl", rows=7)  # past the step-4 checkpoint
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     done_before = len(metrics(out))
     assert done_before < STEPS
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=240)

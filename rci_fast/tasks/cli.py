@@ -1,7 +1,6 @@
 """`rci-fast tasks` (the registry as a table) and `rci-fast gen-sft` (SFT trajectories)."""
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 

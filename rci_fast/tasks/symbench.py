@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from rci_fast.tasks import symbench_checkers as checkers
 from rci_fast.tasks.base import Sample, Task, TaskDataError, resolve_data_dir

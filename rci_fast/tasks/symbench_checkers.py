@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from rci_fast.tasks.answer import (ints_in, normalize_text, numbers_equal, numbers_in, parse_list,
+from rci_fast.tasks.answer import (ints_in, numbers_equal, numbers_in, parse_list,
                                    parse_number, parse_positions, strip_wrapping)
 
 
