@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -45,6 +44,7 @@ from rci_fast.rollout import Trajectory
 from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, split_by_budget
 from rci_fast.train.distributed import DistInfo
+from rci_fast.train.metrics import MetricsLog
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.parallelize import compute_dtype, parallelize
 from rci_fast.train.rollouts import (load_items, make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
@@ -367,13 +367,13 @@ class GRPOTrainer:
         rows, every = [], self.cfg.checkpoint.every
         total = self.cfg.train.steps
         bar = tqdm(total=total, initial=self.step, desc="rl", dynamic_ncols=True, disable=not self.dist.is_main)
+        log = MetricsLog(self.out_dir) if self.dist.is_main else None
         try:
             while self.step < total:
                 row = self.train_step()
                 rows.append(row)
                 if self.dist.is_main:
-                    with open(self.out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    log.write(row)
                     bar.update(1)
                     if self.step % self.cfg.log_every == 0:
                         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}",
@@ -382,6 +382,8 @@ class GRPOTrainer:
                     self.save()
         finally:
             bar.close()
+            if log is not None:
+                log.close()
         if self.saved_step != self.step:
             self.save()
         if self.cfg.checkpoint.export_at_end:

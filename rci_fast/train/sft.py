@@ -25,6 +25,7 @@ from rci_fast.tasks.trajectory import load_trajectories
 from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rci_fast.train.data import MicroBatch, SFTBatches, tokenize_trajectories
 from rci_fast.train.distributed import DistInfo, all_reduce_sum
+from rci_fast.train.metrics import MetricsLog
 from rci_fast.train.model_source import prepare_model_source
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.parallelize import compute_dtype, parallelize
@@ -213,14 +214,13 @@ class SFTTrainer:
         every = self.cfg.checkpoint.every
         bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", dynamic_ncols=True,
                    disable=not self.dist.is_main)
-        metrics_path = self.out_dir / "metrics.jsonl"
+        log = MetricsLog(self.out_dir) if self.dist.is_main else None
         try:
             while self.step < self.total_steps:
                 row = self.train_step()
                 rows.append(row)
                 if self.dist.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    log.write(row)
                     bar.update(1)
                     if self.step % self.cfg.log_every == 0:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
@@ -229,6 +229,8 @@ class SFTTrainer:
                     self.save()
         finally:
             bar.close()
+            if log is not None:
+                log.close()
         if self.saved_step != self.step:  # not when resumed from the final checkpoint
             self.save()
         if self.cfg.checkpoint.export_at_end:
