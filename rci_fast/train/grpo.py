@@ -41,7 +41,7 @@ from rci_fast.model import load_pretrained
 from rci_fast.rl import Curriculum, CurriculumConfig, group_advantages
 from rci_fast.rl.potential import read_potential
 from rci_fast.rollout import Trajectory
-from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from rci_fast.train.checkpoint import export_hf, save_checkpoint
 from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, split_by_budget
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.metrics import MetricsLog
@@ -49,7 +49,7 @@ from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.parallelize import compute_dtype, parallelize
 from rci_fast.train.rollouts import (load_items, make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
                                      sampling_params, sync_weights)
-from rci_fast.train.sft import (TrainingDiverged, clip_grad_norm, drop_metrics_after, lr_factor, peak_memory_mb,
+from rci_fast.train.sft import (TrainingDiverged, clip_grad_norm, lr_factor, peak_memory_mb, resume_from_latest,
                                 start_run)
 
 log = logging.getLogger("rci_fast.rl")
@@ -178,22 +178,15 @@ class GRPOTrainer:
                 "curriculum": {"successes": c["successes"].tolist(), "trials": c["trials"].tolist(), "rng": c["rng"]}}
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
-            log.warning("--resume: no checkpoint under %s; starting from step 0", self.ckpt_root)
-            return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        if state["num_items"] != len(self.items):
-            raise ValueError(f"--resume: {path} was trained on {state['num_items']} samples, this config has "
-                             f"{len(self.items)}")
-        c = state["curriculum"]
-        self.curriculum.load_state_dict({"successes": np.array(c["successes"]), "trials": np.array(c["trials"]),
-                                         "rng": c["rng"]})
-        self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
-        self.saved_step = self.step
-        if self.dist.is_main:
-            drop_metrics_after(self.out_dir, self.step)
-        log.info("resumed from %s at step %d", path, self.step)
+        def restore(state, path):
+            if state["num_items"] != len(self.items):
+                raise ValueError(f"--resume: {path} was trained on {state['num_items']} samples, this config "
+                                 f"has {len(self.items)}")
+            c = state["curriculum"]
+            self.curriculum.load_state_dict({"successes": np.array(c["successes"]),
+                                             "trials": np.array(c["trials"]), "rng": c["rng"]})
+
+        resume_from_latest(self, restore)
 
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,

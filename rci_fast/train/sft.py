@@ -99,6 +99,23 @@ def start_run(cfg, dist_info: DistInfo, resume: bool) -> tuple[Path, Path]:
     return out_dir, ckpt_root
 
 
+def resume_from_latest(trainer, restore) -> None:
+    """Loads the newest checkpoint under trainer.ckpt_root into its model, optimizer and scheduler;
+    `restore(state, path)` checks and restores what is specific to the trainer; then the step
+    counters and metrics.jsonl are brought back to the checkpoint's step. (SFT and RL share it.)"""
+    path = latest_checkpoint(trainer.ckpt_root)
+    if path is None:
+        log.warning("--resume: no checkpoint under %s; starting from step 0", trainer.ckpt_root)
+        return
+    state = load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    restore(state, path)
+    trainer.step, trainer.bad_in_a_row = state["step"], state["bad_in_a_row"]
+    trainer.saved_step = trainer.step
+    if trainer.dist.is_main:
+        drop_metrics_after(trainer.out_dir, trainer.step)
+    log.info("resumed from %s at step %d", path, trainer.step)
+
+
 def drop_metrics_after(out_dir: Path, step: int) -> None:
     """On resume: the rows a killed run wrote after its last checkpoint are redone, not doubled."""
     metrics = out_dir / "metrics.jsonl"
@@ -147,19 +164,12 @@ class SFTTrainer:
                 "seed": self.batches.seed}
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
-            log.warning("--resume: no checkpoint under %s; starting from step 0", self.ckpt_root)
-            return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        if state["data"] != self._data_signature():
-            raise ValueError(f"--resume: {path} was trained on a different data order {state['data']} "
-                             f"than this config gives {self._data_signature()}")
-        self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
-        self.saved_step = self.step
-        if self.dist.is_main:
-            drop_metrics_after(self.out_dir, self.step)
-        log.info("resumed from %s at step %d", path, self.step)
+        def restore(state, path):
+            if state["data"] != self._data_signature():
+                raise ValueError(f"--resume: {path} was trained on a different data order {state['data']} "
+                                 f"than this config gives {self._data_signature()}")
+
+        resume_from_latest(self, restore)
 
     def save(self) -> Path:
         epoch, index = divmod(self.step, self.batches.steps_per_epoch)
