@@ -44,13 +44,12 @@ from rci_fast.rollout import Trajectory
 from rci_fast.train.checkpoint import export_hf, save_checkpoint
 from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, split_by_budget
 from rci_fast.train.distributed import DistInfo
-from rci_fast.train.metrics import MetricsLog
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.parallelize import compute_dtype, parallelize
 from rci_fast.train.rollouts import (load_items, make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
                                      sampling_params, sync_weights)
 from rci_fast.train.sft import (TrainingDiverged, clip_grad_norm, lr_factor, peak_memory_mb, resume_from_latest,
-                                start_run)
+                                run_steps, start_run)
 
 log = logging.getLogger("rci_fast.rl")
 
@@ -355,30 +354,9 @@ class GRPOTrainer:
 
     def train(self) -> list[dict]:
         """Runs to train.steps, writing metrics.jsonl and checkpoints; returns this run's rows."""
-        from tqdm import tqdm
-
-        rows, every = [], self.cfg.checkpoint.every
-        total = self.cfg.train.steps
-        bar = tqdm(total=total, initial=self.step, desc="rl", dynamic_ncols=True, disable=not self.dist.is_main)
-        log = MetricsLog(self.out_dir) if self.dist.is_main else None
-        try:
-            while self.step < total:
-                row = self.train_step()
-                rows.append(row)
-                if self.dist.is_main:
-                    log.write(row)
-                    bar.update(1)
-                    if self.step % self.cfg.log_every == 0:
-                        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}",
-                                        kl=f"{row['kl']:.4f}", stage=row["stage"])
-                if every and self.step % every == 0 and self.step < total:
-                    self.save()
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-        if self.saved_step != self.step:
-            self.save()
+        rows = run_steps(self, self.cfg.train.steps, "rl", lambda row: dict(
+            reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.4f}",
+            stage=row["stage"]))
         if self.cfg.checkpoint.export_at_end:
             export_hf(self.model, self.inner, self.tokenizer, self.out_dir / "hf", self.compute_dtype)
         return rows

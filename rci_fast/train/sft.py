@@ -99,6 +99,36 @@ def start_run(cfg, dist_info: DistInfo, resume: bool) -> tuple[Path, Path]:
     return out_dir, ckpt_root
 
 
+def run_steps(trainer, total_steps: int, desc: str, postfix) -> list[dict]:
+    """The step loop both trainers share: trainer.train_step() until `total_steps`, a metrics row
+    per step (rank 0: metrics.jsonl, TensorBoard, progress bar with `postfix(row)`), a checkpoint
+    every checkpoint.every steps and one at the end (not when resumed from the final one)."""
+    from tqdm import tqdm
+
+    rows, every = [], trainer.cfg.checkpoint.every
+    bar = tqdm(total=total_steps, initial=trainer.step, desc=desc, dynamic_ncols=True,
+               disable=not trainer.dist.is_main)
+    metrics = MetricsLog(trainer.out_dir) if trainer.dist.is_main else None
+    try:
+        while trainer.step < total_steps:
+            row = trainer.train_step()
+            rows.append(row)
+            if metrics is not None:
+                metrics.write(row)
+                bar.update(1)
+                if trainer.step % trainer.cfg.log_every == 0:
+                    bar.set_postfix(**postfix(row))
+            if every and trainer.step % every == 0 and trainer.step < total_steps:
+                trainer.save()
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if trainer.saved_step != trainer.step:
+        trainer.save()
+    return rows
+
+
 def resume_from_latest(trainer, restore) -> None:
     """Loads the newest checkpoint under trainer.ckpt_root into its model, optimizer and scheduler;
     `restore(state, path)` checks and restores what is specific to the trainer; then the step
@@ -218,31 +248,8 @@ class SFTTrainer:
 
     def train(self) -> list[dict]:
         """Runs to total_steps, writing metrics.jsonl and checkpoints; returns this run's rows."""
-        from tqdm import tqdm
-
-        rows = []
-        every = self.cfg.checkpoint.every
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="sft", dynamic_ncols=True,
-                   disable=not self.dist.is_main)
-        log = MetricsLog(self.out_dir) if self.dist.is_main else None
-        try:
-            while self.step < self.total_steps:
-                row = self.train_step()
-                rows.append(row)
-                if self.dist.is_main:
-                    log.write(row)
-                    bar.update(1)
-                    if self.step % self.cfg.log_every == 0:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                        tok_s=f"{row['tokens_per_s']:.0f}")
-                if every and self.step % every == 0 and self.step < self.total_steps:
-                    self.save()
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-        if self.saved_step != self.step:  # not when resumed from the final checkpoint
-            self.save()
+        rows = run_steps(self, self.total_steps, "sft", lambda row: dict(
+            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"))
         if self.cfg.checkpoint.export_at_end:
             self.export(self.out_dir / "hf")
         return rows
