@@ -36,6 +36,25 @@ def _gather(obj, world_size: int) -> list:
     return out
 
 
+class _Progress:
+    """A tqdm bar on rank 0 for the engine's batches; progress(done, total) is the callback
+    estimate_pass_rates and evaluate take."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="episode", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+
+
 def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")
@@ -54,7 +73,8 @@ def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     with make_sandbox(cfg.rollout) as sandbox:
         policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
         mine = items[rank::world]
-        rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size) \
+        rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size,
+                                    progress=_Progress("potential", dist_info.is_main)) \
             if mine else np.zeros(0)
     shards = _gather(rates.tolist(), world)
     if not dist_info.is_main:
@@ -105,7 +125,8 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
             engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
             prompt = SYSTEM_PROMPT if mode == "code" else TEXT_ONLY_SYSTEM_PROMPT
             reports = evaluate(engine_policy(engine, params), mine, attempts=e.attempts, system_prompt=prompt,
-                               batch_size=e.batch_size) if mine else []
+                               batch_size=e.batch_size, progress=_Progress(f"eval ({mode})", dist_info.is_main)) \
+                if mine else []
             results[mode] = merge_reports(_gather(reports, world))
     if not dist_info.is_main:
         return None
