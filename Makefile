@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # CPU machines get the pinned CPU build of torch (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo demo-sandbox bench clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[train,test]"
+	$(VPY) -m pip install -q -e ".[train,test,demo]"
 	touch $(STAMP)
 
 test: setup
@@ -23,7 +23,11 @@ test: setup
 test-fast: setup
 	$(VPY) -m pytest -q -m "not slow" tests
 
+# The whole recipe on a tiny model (about 15 minutes on 2 CPU cores): runs/demo/report.md
 demo: setup
+	$(VPY) -m rci_fast demo --out runs/demo
+
+demo-sandbox: setup
 	$(VPY) -m rci_fast sandbox demo
 	$(VPY) bench/bench_sandbox.py --quick
 

@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(multi-turn SFT + curriculum GRPO), fast.")
     parser.add_argument("--version", action="version", version=f"rci_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from rci_fast import demo
     from rci_fast.sandbox import cli as sandbox_cli
     from rci_fast.tasks import cli as tasks_cli
     from rci_fast.train import cli as train_cli
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks_cli.add_parser(sub)
     train_cli.add_parser(sub)
     rl_cli.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,249 @@
+"""`rci-fast demo`: the R1-Code-Interpreter recipe end to end on a tiny model, on a CPU.
+
+Stages (each is skipped when its output already exists, so an interrupted demo continues):
+  data       scripted-teacher trajectories for the training families (code runs in the sandbox)
+  base       a byte-level BPE tokenizer trained on them, a tiny random Qwen2, and a copying
+             warm-up on random tokens (rci_fast/train/warmup.py: the stand-in for pretraining)
+  sft        multi-turn SFT of the base model
+  potential  each training sample's pass rate p under the SFT model, and Π = 4p(1-p)
+  rl         GRPO from the SFT model twice: curriculum (high- to low-potential) and uniform
+  eval       base, SFT and both GRPO models, code-interpreter and text-only mode, on held-out
+             samples of the training families and on held-out families
+  report     <out>/report.md with the table and the PNG plots
+
+The two configs say everything about the run: configs/demo-sft.yaml (model, SFT) and
+configs/demo-rl.yaml (training families = tasks.train, held-out families = tasks.test, RL,
+potential, eval). The demo only fills in paths and the seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("rci_fast.demo")
+
+MODELS = ("base", "sft", "grpo-uniform", "grpo-curriculum")
+MODEL_TITLES = {"base": "base (copying warm-up only)", "sft": "SFT", "grpo-uniform": "SFT + GRPO (uniform)",
+                "grpo-curriculum": "SFT + GRPO (curriculum)"}
+EVAL_SETS = {"samples": "held-out samples", "families": "held-out families"}
+# Small enough for a test to run every stage in about a minute.
+QUICK_SFT = ["train.epochs=1", "train.max_steps=6"]
+QUICK_WARMUP_STEPS = 4
+QUICK_RL = ["train.steps=4", "curriculum.steps_per_stage=1", "tasks.samples_per_task=4", "potential.k=2",
+            "eval.samples_per_task=2", "eval.attempts=1", "rollout.max_new_tokens=48"]
+
+
+@dataclass
+class DemoPlan:
+    out: Path
+    seed: int = 0
+    per_family: int = 200                 # teacher samples tried per training family
+    warmup_steps: int = 1600              # copying warm-up steps of the base model
+    sft_config: str = "configs/demo-sft.yaml"
+    rl_config: str = "configs/demo-rl.yaml"
+    sft_overrides: list[str] = field(default_factory=list)
+    rl_overrides: list[str] = field(default_factory=list)
+
+    def sft_cfg(self):
+        from rci_fast.config import SFTConfig, load_config
+
+        return load_config(self.sft_config, [*self.sft_overrides, f"seed={self.seed}",
+                                             f"out_dir={self.out / 'sft'}", f"model.path={self.out / 'base'}",
+                                             f"data.train_file={self.out / 'sft.jsonl'}"], cls=SFTConfig)
+
+    def rl_cfg(self, out_dir: Path, *extra: str):
+        from rci_fast.config import RLConfig, load_config
+
+        return load_config(self.rl_config, [*self.rl_overrides, f"seed={self.seed}", f"out_dir={out_dir}",
+                                            f"model.path={self.out / 'sft' / 'hf'}",
+                                            f"curriculum.potential_file={self.out / 'potential.jsonl'}",
+                                            *extra], cls=RLConfig)
+
+    def model_path(self, name: str) -> Path:
+        return {"base": self.out / "base", "sft": self.out / "sft" / "hf",
+                "grpo-uniform": self.out / "rl-uniform" / "hf",
+                "grpo-curriculum": self.out / "rl-curriculum" / "hf"}[name]
+
+
+def teacher_families(task_names: list[str]) -> list[str]:
+    """The scripted teacher's family of each training task (rg/<family>)."""
+    from rci_fast.tasks.teacher import FAMILIES
+
+    families = [name.removeprefix("rg/") for name in task_names]
+    missing = [f for f in families if f not in FAMILIES]
+    if missing or not families:
+        raise ValueError(f"demo: tasks.train must list reasoning-gym tasks the scripted teacher knows "
+                         f"(rg/<family>, see `rci-fast gen-sft --list-families`); not known: {missing}")
+    return families
+
+
+def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
+    """Runs work() unless the stage's output `done` exists; adds its wall time to timings_file."""
+    if done.exists():
+        log.info("demo: %s already done (%s)", name, done)
+        return
+    log.info("demo: %s ...", name)
+    start = time.perf_counter()
+    work()
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    timings[name] = round(time.perf_counter() - start, 1)
+    tmp = timings_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(timings, indent=1))
+    os.replace(tmp, timings_file)
+
+
+def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
+    """Runs every stage not yet done; returns the report's path."""
+    from rci_fast.sandbox import Sandbox
+    from rci_fast.tasks.teacher import generate
+    from rci_fast.tasks.trajectory import load_trajectories, write_trajectories
+    from rci_fast.train import init_distributed, run_sft
+    from rci_fast.train.grpo import run_rl
+    from rci_fast.train.measure import run_eval, run_potential
+    from rci_fast.train.model_source import build_tiny_model
+    from rci_fast.train.warmup import copy_warmup
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    sft_cfg, rl_base = plan.sft_cfg(), plan.rl_cfg(plan.out / "rl")
+    families = teacher_families(rl_base.tasks.train)
+    timings = plan.out / "timings.json"
+    info = init_distributed(device)
+    if info.world_size != 1:
+        raise RuntimeError("rci-fast demo runs as one process (use the sft/rl commands under torchrun)")
+    try:
+        data = plan.out / "sft.jsonl"
+
+        def write_data():
+            with Sandbox(workers=rl_base.rollout.sandbox_workers or None) as sandbox:
+                trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed))
+            write_trajectories(str(data), trajectories)
+
+        run_stage(timings, "data", data, write_data)
+
+        def build_base():
+            init = plan.out / "init_model"
+            if not (init / "config.json").exists():
+                build_tiny_model(sft_cfg, load_trajectories(str(data)), init)
+            copy_warmup(str(init), str(plan.model_path("base")), plan.warmup_steps, seed=plan.seed)
+
+        run_stage(timings, "base", plan.model_path("base") / "config.json", build_base)
+        run_stage(timings, "sft", plan.model_path("sft") / "config.json", lambda: run_sft(sft_cfg, info))
+        run_stage(timings, "potential", plan.out / "potential.jsonl", lambda: run_potential(rl_base, info))
+        for mode in ("curriculum", "uniform"):
+            cfg = plan.rl_cfg(plan.out / f"rl-{mode}", f"curriculum.mode={'staged' if mode == 'curriculum' else mode}")
+            run_stage(timings, f"rl-{mode}", plan.model_path(f"grpo-{mode}") / "config.json",
+                      lambda cfg=cfg: run_rl(cfg, info))
+        for name in MODELS:
+            for eval_set in EVAL_SETS:
+                tasks = rl_base.tasks.train if eval_set == "samples" else rl_base.tasks.test
+                cfg = plan.rl_cfg(plan.out / "eval" / f"{name}-{eval_set}", f"eval.model={plan.model_path(name)}",
+                                  f"tasks.test={json.dumps(tasks)}")
+                run_stage(timings, f"eval {name} {eval_set}", Path(cfg.out_dir) / "eval.json",
+                          lambda cfg=cfg: run_eval(cfg, info))
+    finally:
+        info.close()
+    from rci_fast.demo_report import write_report
+
+    return write_report(plan, rl_base, json.loads(timings.read_text()) if timings.exists() else {})
+
+
+def load_results(out: Path) -> dict:
+    """{model: {eval_set: {mode: mean accuracy over tasks}}} of a finished demo folder."""
+    results: dict = {}
+    for name in MODELS:
+        for eval_set in EVAL_SETS:
+            path = out / "eval" / f"{name}-{eval_set}" / "eval.json"
+            if path.exists():
+                results.setdefault(name, {})[eval_set] = json.loads(path.read_text())["mean_accuracy"]
+    return results
+
+
+def summarize(outs: list[Path]) -> str:
+    """Mean ± standard deviation over several demo runs (seeds) of every table cell, and the
+    GRPO - SFT gain per run, as a Markdown table."""
+    runs = [load_results(o) for o in outs]
+    if not runs or any(not r for r in runs):
+        missing = [str(o) for o, r in zip(outs, runs) if not r]
+        raise FileNotFoundError(f"no finished demo (eval/*/eval.json) in: {', '.join(missing) or 'no folder given'}")
+    cols = [(s, m) for s in EVAL_SETS for m in ("code", "text")]
+    head = "| model | " + " | ".join(f"{EVAL_SETS[s]}, {m}" for s, m in cols) + " |"
+    lines = [f"{len(runs)} runs: {', '.join(str(o) for o in outs)} (mean ± std of the mean accuracy over tasks)",
+             "", head, "|---" * (len(cols) + 1) + "|"]
+
+    def cell(values):
+        return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
+
+    for name in MODELS:
+        row = [cell([r[name][s][m] for r in runs if m in r.get(name, {}).get(s, {})]) for s, m in cols]
+        lines.append(f"| {MODEL_TITLES[name]} | " + " | ".join(row) + " |")
+    for name in ("grpo-uniform", "grpo-curriculum"):
+        gains = [r[name]["samples"]["code"] - r["sft"]["samples"]["code"] for r in runs
+                 if "code" in r.get(name, {}).get("samples", {})]
+        if gains:
+            lines.append(f"\n{MODEL_TITLES[name]} - SFT, held-out samples, code mode: "
+                         f"{cell(gains)} (per run: {', '.join(f'{g:+.3f}' for g in gains)})")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the whole recipe on a tiny model on a CPU, with a report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[1] + "\nExamples:\n"
+        "  rci-fast demo                          # runs/demo/report.md\n"
+        "  rci-fast demo --seed 1 --out runs/demo-seed1\n"
+        "  rci-fast demo --summary runs/demo runs/demo-seed1 runs/demo-seed2")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a rerun continues it")
+    p.add_argument("--seed", type=int, default=0, help="seed of data styles, init, SFT order, sampling (default 0)")
+    p.add_argument("--per-family", type=int, default=200, help="teacher samples per training family (default 200)")
+    p.add_argument("--warmup-steps", type=int, default=1600,
+                   help="copying warm-up steps of the random base model (default 1600)")
+    p.add_argument("--sft-config", default="configs/demo-sft.yaml", help="SFT config (default configs/demo-sft.yaml)")
+    p.add_argument("--rl-config", default="configs/demo-rl.yaml",
+                   help="RL/potential/eval config; tasks.train = training families, tasks.test = held-out "
+                        "families (default configs/demo-rl.yaml)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the pipeline, ~1 min)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--summary", nargs="+", metavar="DIR",
+                   help="print mean ± std over finished demo folders (seeds) instead of running")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    import sys
+
+    from rci_fast.config import ConfigError
+
+    if args.summary:
+        try:
+            print(summarize([Path(d) for d in args.summary]))
+        except FileNotFoundError as e:
+            print(f"rci-fast demo: {e}", file=sys.stderr)
+            return 1
+        return 0
+    for path in (args.sft_config, args.rl_config):
+        if not os.path.isfile(path):
+            print(f"rci-fast demo: config not found: {path} (run from the repository root or pass "
+                  f"--sft-config/--rl-config)", file=sys.stderr)
+            return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    plan = DemoPlan(Path(args.out), args.seed, args.per_family, args.warmup_steps, args.sft_config,
+                    args.rl_config, QUICK_SFT if args.quick else [], QUICK_RL if args.quick else [])
+    if args.quick:
+        plan.per_family, plan.warmup_steps = min(plan.per_family, 8), QUICK_WARMUP_STEPS
+    try:
+        report = run_demo(plan, args.device)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"rci-fast demo: {e}", file=sys.stderr)
+        return 1
+    print(f"demo: report in {report}\n")
+    table = [line for line in report.read_text().splitlines() if line.startswith("|")][:6]
+    print("\n".join(table))
+    return 0

@@ -1,0 +1,73 @@
+"""`rci-fast demo --quick`: every stage of the demo runs (few steps each), the report has its
+table and plots, a rerun continues instead of redoing, and --summary aggregates runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def demo(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "rci_fast", "demo", "--device", "cpu", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    r = demo("--quick", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_table_and_plots(quick_demo):
+    out, r = quick_demo
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    for title in ("base", "SFT |", "SFT + GRPO (uniform)", "SFT + GRPO (curriculum)"):
+        assert any(line.startswith(f"| {title}") for line in table), title
+    assert "held-out samples, code" in report and "held-out families, text" in report
+    for png in ("training.png", "code_calls.png", "per_task.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in report
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"data", "base", "sft", "potential", "rl-curriculum", "rl-uniform"} <= set(timings)
+    assert sum(k.startswith("eval ") for k in timings) == 8  # 4 models x 2 evaluation sets
+    for name in ("base", "sft/hf", "rl-uniform/hf", "rl-curriculum/hf"):
+        assert (out / name / "config.json").is_file()
+    # the curriculum run really was staged, the uniform one was not
+    stages = [json.loads(line)["stage"] for line in (out / "rl-curriculum" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == sorted(stages) and stages[-1] > stages[0]
+    assert all(json.loads(line)["stage"] is None
+               for line in (out / "rl-uniform" / "metrics.jsonl").read_text().splitlines())
+    assert "| SFT |" in r.stdout  # the table is printed at the end
+
+
+@pytest.mark.slow
+def test_demo_rerun_continues_and_summary_aggregates(quick_demo):
+    out, _ = quick_demo
+    before = (out / "timings.json").read_text()
+    r = demo("--quick", "--out", out, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("already done") == 6 + 8  # every stage skipped
+    assert (out / "timings.json").read_text() == before
+    r = demo("--summary", out, out)
+    assert r.returncode == 0, r.stderr
+    assert "2 runs" in r.stdout and "± 0.000" in r.stdout
+    assert "SFT + GRPO (curriculum) - SFT" in r.stdout
+
+
+def test_demo_errors_are_clear(tmp_path):
+    r = demo("--summary", tmp_path)
+    assert r.returncode == 1 and "no finished demo" in r.stderr
+    r = demo("--out", tmp_path / "x", "--rl-config", tmp_path / "missing.yaml")
+    assert r.returncode == 2 and "config not found" in r.stderr
+    bad = tmp_path / "bad-rl.yaml"
+    bad.write_text((ROOT / "configs" / "demo-rl.yaml").read_text().replace("rg/gcd,", "rg/no_such_family,"))
+    r = demo("--out", tmp_path / "y", "--rl-config", bad)
+    assert r.returncode == 1 and "no_such_family" in r.stderr
