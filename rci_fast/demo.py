@@ -187,8 +187,8 @@ def summarize(outs: list[Path]) -> str:
         gains = [r[name]["samples"]["code"] - r["sft"]["samples"]["code"] for r in runs
                  if "code" in r.get(name, {}).get("samples", {})]
         if gains:
-            lines.append(f"\n{MODEL_TITLES[name]} - SFT, held-out samples, code mode: "
-                         f"{cell(gains)} (per run: {', '.join(f'{g:+.3f}' for g in gains)})")
+            lines.append(f"\n{MODEL_TITLES[name]} - SFT, held-out samples, code mode: {np.mean(gains):+.3f} "
+                         f"± {np.std(gains):.3f} (per run: {', '.join(f'{g:+.3f}' for g in gains)})")
     return "\n".join(lines)
 
 
