@@ -1,6 +1,7 @@
 """`rci-fast demo`: the R1-Code-Interpreter recipe end to end on a tiny model, on a CPU.
 
-Stages (each is skipped when its output already exists, so an interrupted demo continues):
+Stages (each is skipped when its output already exists, and SFT and RL resume from their last
+checkpoint, so an interrupted demo continues):
   data       scripted-teacher trajectories for the training families (code runs in the sandbox)
   base       a byte-level BPE tokenizer trained on them, a tiny random Qwen2, and a copying
              warm-up on random tokens (rci_fast/train/warmup.py: the stand-in for pretraining)
@@ -99,6 +100,13 @@ def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
     os.replace(tmp, timings_file)
 
 
+def has_checkpoint(cfg) -> bool:
+    """An interrupted training stage left a checkpoint: the rerun resumes from it."""
+    from rci_fast.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(Path(cfg.out_dir) / "checkpoints") is not None
+
+
 def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
     """Runs every stage not yet done; returns the report's path."""
     from rci_fast.sandbox import Sandbox
@@ -134,12 +142,13 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
             copy_warmup(str(init), str(plan.model_path("base")), plan.warmup_steps, seed=plan.seed)
 
         run_stage(timings, "base", plan.model_path("base") / "config.json", build_base)
-        run_stage(timings, "sft", plan.model_path("sft") / "config.json", lambda: run_sft(sft_cfg, info))
+        run_stage(timings, "sft", plan.model_path("sft") / "config.json",
+                  lambda: run_sft(sft_cfg, info, resume=has_checkpoint(sft_cfg)))
         run_stage(timings, "potential", plan.out / "potential.jsonl", lambda: run_potential(rl_base, info))
         for mode in ("curriculum", "uniform"):
             cfg = plan.rl_cfg(plan.out / f"rl-{mode}", f"curriculum.mode={'staged' if mode == 'curriculum' else mode}")
             run_stage(timings, f"rl-{mode}", plan.model_path(f"grpo-{mode}") / "config.json",
-                      lambda cfg=cfg: run_rl(cfg, info))
+                      lambda cfg=cfg: run_rl(cfg, info, resume=has_checkpoint(cfg)))
         for name in MODELS:
             for eval_set in EVAL_SETS:
                 tasks = rl_base.tasks.train if eval_set == "samples" else rl_base.tasks.test

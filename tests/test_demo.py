@@ -1,6 +1,7 @@
 """`rci-fast demo --quick`: every stage of the demo runs (few steps each), the report has its
 table and plots, a rerun continues instead of redoing, and --summary aggregates runs."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +50,21 @@ def test_quick_demo_writes_report_table_and_plots(quick_demo):
 
 
 @pytest.mark.slow
-def test_demo_rerun_continues_and_summary_aggregates(quick_demo):
+def test_demo_rerun_skips_done_stages_resumes_training_and_summary_aggregates(quick_demo):
     out, _ = quick_demo
     before = (out / "timings.json").read_text()
     r = demo("--quick", "--out", out, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("already done") == 6 + 8  # every stage skipped
     assert (out / "timings.json").read_text() == before
+    # an RL stage killed after its last checkpoint, before its export: the rerun resumes it
+    shutil.rmtree(out / "rl-uniform" / "hf")
+    for folder in (out / "eval").glob("grpo-uniform-*"):
+        shutil.rmtree(folder)
+    r = demo("--quick", "--out", out, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and (out / "rl-uniform" / "hf" / "config.json").is_file()
+    assert r.stderr.count("already done") == 6 + 8 - 3
     r = demo("--summary", out, out)
     assert r.returncode == 0, r.stderr
     assert "2 runs" in r.stdout and "± 0.000" in r.stdout
