@@ -87,6 +87,8 @@ def teacher_families(task_names: list[str]) -> list[str]:
 
 def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
     """Runs work() unless the stage's output `done` exists; adds its wall time to timings_file."""
+    from rci_fast.train.checkpoint import atomic_write_text
+
     if done.exists():
         log.info("demo: %s already done (%s)", name, done)
         return
@@ -95,9 +97,7 @@ def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
     work()
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     timings[name] = round(time.perf_counter() - start, 1)
-    tmp = timings_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(timings, indent=1))
-    os.replace(tmp, timings_file)
+    atomic_write_text(timings_file, json.dumps(timings, indent=1))
 
 
 def has_checkpoint(cfg) -> bool:
@@ -174,6 +174,16 @@ def load_results(out: Path) -> dict:
     return results
 
 
+def results_table(cell) -> list[str]:
+    """The results as Markdown lines: a row per model, a column per (evaluation set, mode);
+    cell(model, eval_set, mode) gives the text of one cell."""
+    cols = [(s, m) for s in EVAL_SETS for m in ("code", "text")]
+    lines = ["| model | " + " | ".join(f"{EVAL_SETS[s]}, {m}" for s, m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in MODELS:
+        lines.append(f"| {MODEL_TITLES[name]} | " + " | ".join(cell(name, s, m) for s, m in cols) + " |")
+    return lines
+
+
 def summarize(outs: list[Path]) -> str:
     """Mean ± standard deviation over several demo runs (seeds) of every table cell, and the
     GRPO - SFT gain per run, as a Markdown table."""
@@ -181,17 +191,13 @@ def summarize(outs: list[Path]) -> str:
     if not runs or any(not r for r in runs):
         missing = [str(o) for o, r in zip(outs, runs) if not r]
         raise FileNotFoundError(f"no finished demo (eval/*/eval.json) in: {', '.join(missing) or 'no folder given'}")
-    cols = [(s, m) for s in EVAL_SETS for m in ("code", "text")]
-    head = "| model | " + " | ".join(f"{EVAL_SETS[s]}, {m}" for s, m in cols) + " |"
-    lines = [f"{len(runs)} runs: {', '.join(str(o) for o in outs)} (mean ± std of the mean accuracy over tasks)",
-             "", head, "|---" * (len(cols) + 1) + "|"]
 
-    def cell(values):
+    def cell(name, eval_set, mode):
+        values = [r[name][eval_set][mode] for r in runs if mode in r.get(name, {}).get(eval_set, {})]
         return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
 
-    for name in MODELS:
-        row = [cell([r[name][s][m] for r in runs if m in r.get(name, {}).get(s, {})]) for s, m in cols]
-        lines.append(f"| {MODEL_TITLES[name]} | " + " | ".join(row) + " |")
+    lines = [f"{len(runs)} runs: {', '.join(str(o) for o in outs)} (mean ± std of the mean accuracy over tasks)",
+             "", *results_table(cell)]
     for name in ("grpo-uniform", "grpo-curriculum"):
         gains = [r[name]["samples"]["code"] - r["sft"]["samples"]["code"] for r in runs
                  if "code" in r.get(name, {}).get("samples", {})]

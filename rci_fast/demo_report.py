@@ -8,9 +8,12 @@ import platform
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from rci_fast.demo import EVAL_SETS, MODEL_TITLES, MODELS, load_results
+from rci_fast.demo import MODEL_TITLES, load_results, results_table
+from rci_fast.model import ModelConfig, Transformer
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS
+from rci_fast.train.checkpoint import atomic_write_text
 
 RL_RUNS = {"curriculum": "GRPO, curriculum", "uniform": "GRPO, uniform"}
 
@@ -26,11 +29,18 @@ def _per_task(out: Path, name: str, eval_set: str = "samples", mode: str = "code
     return {r["task"]: r["accuracy"] for r in json.loads(path.read_text())["modes"].get(mode, [])}
 
 
-def plot_training(runs: dict[str, list[dict]], steps_per_stage: int, stages: int, path: Path) -> None:
-    """Reward and accuracy per step of both RL runs, with the curriculum's stage boundaries."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(runs: dict[str, list[dict]], steps_per_stage: int, stages: int, path: Path) -> None:
+    """Reward and accuracy per step of both RL runs, with the curriculum's stage boundaries."""
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, key, title in zip(axes, ("reward_mean", "accuracy"), ("mean reward", "rollout accuracy")):
@@ -49,9 +59,7 @@ def plot_training(runs: dict[str, list[dict]], steps_per_stage: int, stages: int
 
 
 def plot_code_calls(runs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for mode, rows in runs.items():
@@ -67,9 +75,7 @@ def plot_code_calls(runs: dict[str, list[dict]], path: Path) -> None:
 
 def plot_per_task(per_model: dict[str, dict[str, float]], path: Path) -> None:
     """Accuracy per held-out-sample task (code mode), one bar per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     tasks = sorted({t for accs in per_model.values() for t in accs})
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tasks)), 4))
@@ -87,15 +93,6 @@ def plot_per_task(per_model: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def _table(results: dict) -> list[str]:
-    cols = [(s, m) for s in EVAL_SETS for m in ("code", "text")]
-    lines = ["| model | " + " | ".join(f"{EVAL_SETS[s]}, {m}" for s, m in cols) + " |", "|---" * 5 + "|"]
-    for name in MODELS:
-        cells = [results.get(name, {}).get(s, {}).get(m) for s, m in cols]
-        lines.append(f"| {MODEL_TITLES[name]} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
-    return lines
-
-
 def write_report(plan, rl_cfg, timings: dict) -> Path:
     out = plan.out
     runs = {mode: _read_jsonl(out / f"rl-{mode}" / "metrics.jsonl") for mode in RL_RUNS
@@ -108,13 +105,11 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
 
     results = load_results(out)
     model_cfg = json.loads((plan.model_path("base") / "config.json").read_text())
-    from rci_fast.model import ModelConfig, Transformer
-
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):  # shapes only, no memory
         params = sum(p.numel() for p in Transformer(ModelConfig.from_hf(model_cfg)).parameters())
     sft_rows = _read_jsonl(out / "sft" / "metrics.jsonl")
-    trajectories = sum(1 for _ in open(out / "sft.jsonl"))
-    potential = _read_jsonl(Path(plan.out / "potential.jsonl"))
+    trajectories = len(_read_jsonl(out / "sft.jsonl"))
+    potential = _read_jsonl(out / "potential.jsonl")
     groups = np.bincount([p["group"] for p in potential], minlength=stages)
     r, e = rl_cfg.rollout, rl_cfg.eval
     lines = [
@@ -141,7 +136,9 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
         f"attempts each at temperature {e.temperature}; held-out families (never trained on): "
         f"{', '.join(t.removeprefix('rg/') for t in rl_cfg.tasks.test)}. Text-only mode: the same model with "
         f"the text-only system prompt and no interpreter.", "",
-        "## Mean accuracy over tasks", "", *_table(results), "",
+        "## Mean accuracy over tasks", "",
+        *results_table(lambda name, s, m: f"{results[name][s][m]:.3f}"
+                       if m in results.get(name, {}).get(s, {}) else "-"), "",
         "## Training", "", "![reward and accuracy per step](training.png)", "",
         "![code calls per episode](code_calls.png)", "",
         "## Accuracy per task (held-out samples, code mode)", "", "![accuracy per task](per_task.png)", "",
@@ -151,7 +148,5 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
         "## Time per stage", "", "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()], ""]
     path = out / "report.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -28,7 +28,8 @@ LATEST = "latest"
 log = logging.getLogger(__name__)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes a temporary file next to `path`, then renames it over `path`: never half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -74,7 +75,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
         if final.exists():  # a rerun of the same step after a resume from an older checkpoint
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _atomic_write_text(root / LATEST, final.name + "\n")
+        atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, step, keep)
     dist.barrier()
     return final

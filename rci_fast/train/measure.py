@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from rci_fast.model import load_pretrained
 from rci_fast.rl.potential import estimate_pass_rates, write_potential
 from rci_fast.rollout.policy import engine_policy
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
+from rci_fast.train.checkpoint import atomic_write_text
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.parallelize import compute_dtype
 from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params
@@ -134,9 +134,7 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
            "mean_accuracy": {m: float(np.mean([r.accuracy for r in rs])) for m, rs in results.items()},
            "modes": {m: [dataclasses.asdict(r) for r in rs] for m, rs in results.items()}}
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(cfg.out_dir) / ".eval.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, Path(cfg.out_dir) / "eval.json")
+    atomic_write_text(Path(cfg.out_dir) / "eval.json", json.dumps(out, indent=1))
     out["reports"] = results
     return out
 
