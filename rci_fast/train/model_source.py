@@ -18,6 +18,16 @@ from rci_fast.tokenizer import train_bpe_tokenizer
 from rci_fast.train.distributed import DistInfo
 
 
+def write_model_folder(model: Transformer, tokenizer, out_dir: Path) -> None:
+    """Weights, config and tokenizer into one folder, written beside out_dir and renamed into
+    place (out_dir must not exist yet)."""
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    os.rename(tmp, out_dir)
+
+
 def build_tiny_model(cfg: SFTConfig, trajectories, out_dir: Path) -> None:
     """Writes config.json, safetensors and the tokenizer of a random tiny Qwen2 to out_dir."""
     tiny = cfg.model.tiny
@@ -38,11 +48,7 @@ def build_tiny_model(cfg: SFTConfig, trajectories, out_dir: Path) -> None:
                 module.weight.normal_(0.0, tiny.init_std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    os.rename(tmp, out_dir)
+    write_model_folder(model, tokenizer, out_dir)
 
 
 def prepare_model_source(cfg: SFTConfig, trajectories, dist_info: DistInfo):

@@ -11,20 +11,16 @@ task data is used: the warm-up teaches copying, nothing about the tasks.
 """
 from __future__ import annotations
 
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from rci_fast.model import load_pretrained, save_pretrained
+from rci_fast.model import load_pretrained
 from rci_fast.train.data import TokenizedSequence, pack
+from rci_fast.train.model_source import write_model_folder
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.sft import lr_factor
-
-log = logging.getLogger("rci_fast.warmup")
 
 
 def copy_sequence(gen: torch.Generator, token_ids: torch.Tensor, digit_ids: torch.Tensor, max_span: int = 24,
@@ -73,9 +69,5 @@ def copy_warmup(model_dir: str, out_dir: str, steps: int, seed: int = 0, batch_s
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    tmp = Path(out_dir).with_name(f".tmp-{Path(out_dir).name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    os.rename(tmp, out_dir)
+    write_model_folder(model, tokenizer, Path(out_dir))
     return losses
