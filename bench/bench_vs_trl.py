@@ -575,6 +575,16 @@ def main() -> int:
     return 0
 
 
+def print_step_table(block: dict, last_header: str, last_cell) -> None:
+    """rci_fast's and TRL's step split, tokens and tok/s, then one column of their own."""
+    print(f"{'':10} {'step s':>7} {'rollout':>7} {'update':>7} {'other':>7} {'gen tok':>7} {'tok/s':>7} "
+          f"{last_header:>7}")
+    for name in ("rci_fast", "trl"):
+        r = block[name]
+        print(f"{name:10} {fmt_split(r)} {r['generated_tokens_per_step']:7.0f} {r['completion_tok_s']:7.0f} "
+              f"{last_cell(r)}")
+
+
 def report(result: dict, args) -> None:
     print(f"tiny Qwen2: {result['params'] / 1e6:.2f}M parameters ({result['matmul_params'] / 1e6:.2f}M in matmuls), "
           f"vocab {result['vocab']}, fp32, {result['threads']} threads; trl {result['trl']}, "
@@ -584,11 +594,7 @@ def report(result: dict, args) -> None:
         g, f = result["grpo"], result["grpo"]["floor"]
         print(f"\nGRPO step: {PROMPTS} prompts x {GROUP} = {PROMPTS * GROUP} completions of {NEW_TOKENS} tokens, "
               f"prompts {f['prompt_tokens_mean']:.0f} tokens on average, no reference model; medians")
-        print(f"{'':10} {'step s':>7} {'rollout':>7} {'update':>7} {'other':>7} {'gen tok':>7} {'tok/s':>7} {'x floor':>7}")
-        for name in ("rci_fast", "trl"):
-            r = g[name]
-            print(f"{name:10} {fmt_split(r)} {r['generated_tokens_per_step']:7.0f} {r['completion_tok_s']:7.0f} "
-                  f"{r['of_floor']:7.2f}")
+        print_step_table(g, "x floor", lambda r: f"{r['of_floor']:7.2f}")
         print(f"{'floor':10} {f['floor_s']:7.3f} {f['floor_generation_s']:7.3f} {f['floor_update_s']:7.3f}"
               f"   ({f['gflop_generation']:.2f} + {f['gflop_update']:.2f} GFLOP at {f['gemm_gflops_decode_m16']:.0f} "
               f"GFLOP/s (decode GEMMs, M=16) / {f['gemm_gflops_update']:.0f} GFLOP/s (update GEMMs))")
@@ -606,11 +612,7 @@ def report(result: dict, args) -> None:
         c = result["with_code"]
         print(f"\nGRPO step with code: {c['calls_per_completion']} calls per completion, each sleeping "
               f"{c['code_sleep_ms']} ms; scripted policy; medians")
-        print(f"{'':10} {'step s':>7} {'rollout':>7} {'update':>7} {'other':>7} {'gen tok':>7} {'tok/s':>7} {'prompt':>7}")
-        for name in ("rci_fast", "trl"):
-            r = c[name]
-            print(f"{name:10} {fmt_split(r)} {r['generated_tokens_per_step']:7.0f} {r['completion_tok_s']:7.0f} "
-                  f"{r['prompt_tokens_mean']:7.0f}")
+        print_step_table(c, "prompt", lambda r: f"{r['prompt_tokens_mean']:7.0f}")
         print(f"(gen tok: model tokens per step; TRL's completions also hold "
               f"{c['trl']['completion_tokens_with_tool_output'] - c['trl']['generated_tokens_per_step']:.0f} tokens of "
               f"tool output and call syntax per step; prompt: mean prompt tokens, the same ids on both sides: "
