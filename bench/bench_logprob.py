@@ -2,6 +2,7 @@
 
     python bench/bench_logprob.py            # CPU part always; GPU part when CUDA is available
     python bench/bench_logprob.py --quick    # small shapes, a smoke run
+    python bench/bench_logprob.py --gpu-only # skip the CPU part (a GPU lease is short)
 
 Methods (each measured in its own process, so one method's freed memory cannot hide another's peak):
   naive      log_softmax(hidden @ W.T).gather(targets)
@@ -208,6 +209,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run in seconds")
     p.add_argument("--repeats", type=int, default=2, help="timed forward+backward steps per method")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU part")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -219,11 +221,13 @@ def main():
         return
 
     result = {"bench": "logprob", "torch": torch.__version__, "threads": torch.get_num_threads()}
-    cpu_shape = dict(T=256, H=128, V=32000) if args.quick else CPU_SHAPE
-    cpu = run_suite(["naive", "trl_rows", "rci_torch"], cpu_shape, "cpu", "float32", args.repeats,
-                    mm_rows=min(512, cpu_shape["T"]))
-    print_table(f"CPU ({torch.get_num_threads()} threads)", cpu)
-    result["cpu"] = cpu
+    result["cpu"] = None
+    if not args.gpu_only:
+        cpu_shape = dict(T=256, H=128, V=32000) if args.quick else CPU_SHAPE
+        cpu = run_suite(["naive", "trl_rows", "rci_torch"], cpu_shape, "cpu", "float32", args.repeats,
+                        mm_rows=min(512, cpu_shape["T"]))
+        print_table(f"CPU ({torch.get_num_threads()} threads)", cpu)
+        result["cpu"] = cpu
 
     if torch.cuda.is_available():
         result["gpu_name"] = torch.cuda.get_device_name()

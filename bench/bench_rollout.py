@@ -9,9 +9,14 @@
    engine (code runs while others decode) vs a lockstep loop written the way TRL's tool loop
    works: generate the whole batch until every sequence stopped at a code block or EOS, execute
    all blocks, append the results, generate again with the grown prompts.
+On a GPU (--device cuda) the same two scenarios run in bf16 on Qwen2.5-0.5B/1.5B-sized random
+models (--size; their vocabulary is the benchmark tokenizer's 8192, not Qwen's 151936), and the
+floor is the larger of the FLOPs at the bf16 matmul rate and the bytes every decode step must read
+(all weights plus the KV cache) at the copy bandwidth, both measured in the same run.
 Prints a table and a final JSON line.
 
     python bench/bench_rollout.py [--quick]
+    python bench/bench_rollout.py --device cuda --size 0.5b
 """
 from __future__ import annotations
 
@@ -45,10 +50,15 @@ def corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines + [CODE, "Code Execution Results:\n42\n", "Let me compute this step by step.", "<<<42>>>"] * 50
 
 
-def tiny_qwen2(vocab_size: int, path: str) -> Qwen2ForCausalLM:
+# Model shapes: hidden, intermediate, layers, attention heads, key/value heads (Qwen2.5's for 0.5b/1.5b).
+SIZES = {"tiny": (256, 704, 3, 4, 2), "0.5b": (896, 4864, 24, 14, 2), "1.5b": (1536, 8960, 28, 12, 2)}
+
+
+def random_qwen2(vocab_size: int, path: str, size: str = "tiny") -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=704,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    hidden, inter, layers, heads, kv = SIZES[size]
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                       tie_word_embeddings=True, eos_token_id=0)
     model = Qwen2ForCausalLM(cfg).eval()
     model.save_pretrained(path)
@@ -63,6 +73,35 @@ def decode_flops(cfg, batch: int, prompt: int, new: int) -> float:
     tokens = batch * (prompt + new)
     attn = sum(4 * cfg.num_hidden_layers * h * t for t in range(prompt + new)) * batch
     return per_token * tokens + attn
+
+
+def gpu_floor_s(cfg, n_params: int, batch: int, prompt: int, new: int) -> dict:
+    """GPU floor of a decode run: the FLOPs at the bf16 matmul rate, or the bytes each step must
+    read (weights once, the batch's KV cache so far) at the copy bandwidth, whichever is larger."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB, well past L2
+    dst = torch.empty_like(src)
+
+    def best_s(fn, reps=10):
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return min(times)
+
+    flops_per_s = 2 * 8192 ** 3 / best_s(lambda: a @ b)
+    bytes_per_s = 2 * src.numel() * 2 / best_s(lambda: dst.copy_(src))  # read + write
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    read = sum(n_params * 2 + batch * (prompt + t) * kv_per_token for t in range(new))
+    compute_s = decode_flops(cfg, batch, prompt, new) / flops_per_s
+    memory_s = read / bytes_per_s
+    return {"floor_s": max(compute_s, memory_s), "compute_s": compute_s, "memory_s": memory_s,
+            "matmul_tflops": flops_per_s / 1e12, "copy_tb_s": bytes_per_s / 1e12}
 
 
 def matmul_gflops(cfg, batch: int) -> float:
@@ -90,13 +129,19 @@ class ForceScript(LogitsProcessor):
         self.script_for_row = script_for_row
 
     def __call__(self, input_ids, scores):
+        # Every row has the same length inside generate: no per-row read of input_ids (a GPU sync).
         out = torch.full_like(scores, float("-inf"))
-        for row in range(scores.shape[0]):
-            out[row, self.script_for_row(row, input_ids[row].tolist())] = 0.0
+        tokens = [self.script_for_row(row, input_ids.shape[1]) for row in range(scores.shape[0])]
+        out[torch.arange(len(tokens), device=out.device), torch.tensor(tokens, device=out.device)] = 0.0
         return out
 
 
-def plain_decoding(tok, hf, ours, batch, prompt_len, new, seed=0) -> dict:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(5, len(tok), (batch, prompt_len), generator=g)
     engine = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch)
@@ -106,21 +151,27 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, seed=0) -> dict:
     trajs = engine.generate(prompts.tolist(), params)
     ours_s = time.perf_counter() - t0
     assert all(len(t.token_ids) == prompt_len + new for t in trajs)
+    prompts = prompts.to(device)
     hf.generate(prompts[:2], max_new_tokens=4, do_sample=True, pad_token_id=0)
+    sync(device)
     t0 = time.perf_counter()
     out = hf.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=True,
                       temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+    sync(device)
     hf_s = time.perf_counter() - t0
     assert out.shape == (batch, prompt_len + new)
     cfg = hf.config
-    floor_s = decode_flops(cfg, batch, prompt_len, new) / (matmul_gflops(cfg, batch) * 1e9)
+    if device == "cuda":
+        floor = gpu_floor_s(cfg, sum(p.numel() for p in hf.parameters()), batch, prompt_len, new)
+    else:
+        floor = {"floor_s": decode_flops(cfg, batch, prompt_len, new) / (matmul_gflops(cfg, batch) * 1e9)}
     tokens = batch * new
     return {"tokens": tokens, "rci_fast_tok_s": tokens / ours_s, "transformers_tok_s": tokens / hf_s,
-            "floor_tok_s": tokens / floor_s, "speedup_vs_transformers": hf_s / ours_s,
-            "rci_fast_vs_floor": ours_s / floor_s}
+            "floor_tok_s": tokens / floor["floor_s"], "speedup_vs_transformers": hf_s / ours_s,
+            "rci_fast_vs_floor": ours_s / floor["floor_s"], "floor": floor}
 
 
-def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
+def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", seed=0) -> dict:
     """Each sequence: `calls` x (some text, then the code block), then the answer. The text
     before each block has a random length in [4, max_think] tokens, as a model's would; the same
     scripts drive both sides."""
@@ -135,14 +186,16 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
     prompts = [[5 + row] + base for row in range(batch)]  # the first token tells the row
 
     def engine_force(segments_per_row, logits):
-        out = torch.full_like(logits, float("-inf"))
-        for i, segments in enumerate(segments_per_row):
+        tokens = []
+        for segments in segments_per_row:
             row = segments[0].ids[0] - 5
             model = [s for s in segments if s.kind == "model"]
             n_turn = len(model) - 1 if model and segments[-1].kind == "model" else len(model)
             done = len(model[n_turn].ids) if n_turn < len(model) else 0
             script = scripts[row][min(n_turn, calls)]
-            out[i, script[done] if done < len(script) else 0] = 0.0
+            tokens.append(script[done] if done < len(script) else 0)
+        out = torch.full_like(logits, float("-inf"))
+        out[torch.arange(len(tokens), device=out.device), torch.tensor(tokens, device=out.device)] = 0.0
         return out
 
     engine = RolloutEngine(ours, tok, sandbox, max_batch=batch, logits_processor=engine_force,
@@ -165,8 +218,9 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
         max_len = max(len(r) for r in rows)
         ids = torch.tensor([[0] * (max_len - len(r)) + r for r in rows])  # left padding
         mask = (torch.arange(max_len) >= torch.tensor([max_len - len(r) for r in rows])[:, None]).long()
-        proc = ForceScript(lambda row, seq, m=max_len: round_scripts[row][len(seq) - m]
-                           if len(seq) - m < len(round_scripts[row]) else 0)
+        ids, mask = ids.to(device), mask.to(device)
+        proc = ForceScript(lambda row, length, m=max_len: round_scripts[row][length - m]
+                           if length - m < len(round_scripts[row]) else 0)
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=max(map(len, round_scripts)),
                           do_sample=False, logits_processor=LogitsProcessorList([proc]),
                           pad_token_id=0, eos_token_id=None)
@@ -188,24 +242,34 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, seed=0) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch (a smoke run)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--size", choices=list(SIZES), default="tiny",
+                        help="model shape (default tiny: 4.3M parameters; 0.5b/1.5b are GPU sizes)")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tok = train_bpe_tokenizer(corpus(), vocab_size=8192)
     path = tempfile.mkdtemp(prefix="rci-bench-")
-    hf = tiny_qwen2(len(tok), path)
-    ours = load_pretrained(path)
+    hf = random_qwen2(len(tok), path, args.size).to(args.device, dtype)
+    ours = load_pretrained(path, dtype=dtype, device=args.device)
     n_params = sum(p.numel() for p in ours.parameters())
     batch, new = (16, 32) if args.quick else (64, 128)
-    plain = plain_decoding(tok, hf, ours, batch, 32, new)
+    plain = plain_decoding(tok, hf, ours, batch, 32, new, args.device)
     with Sandbox(workers=8) as sb:  # the calls sleep: more workers than cores is right
-        code = with_code(tok, hf, ours, sb, 8 if args.quick else 32, 64, 3)
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "params": n_params,
-              "plain": plain, "with_code": code}
-    print(f"tiny Qwen2, {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
+        code = with_code(tok, hf, ours, sb, 8 if args.quick else 32, 64, 3, args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    result = {"device": args.device, "where": where, "size": args.size, "dtype": str(dtype),
+              "threads": torch.get_num_threads(), "params": n_params, "plain": plain, "with_code": code}
+    print(f"random Qwen2 ({args.size}), {n_params / 1e6:.1f}M parameters, {str(dtype)[6:]}, {where}")
     print(f"plain decoding ({batch} x 32 prompt tokens, {new} new, sampled):")
     print(f"  rci_fast {plain['rci_fast_tok_s']:8.0f} tok/s   transformers {plain['transformers_tok_s']:8.0f} tok/s"
           f"   floor {plain['floor_tok_s']:8.0f} tok/s")
-    print(f"  {plain['speedup_vs_transformers']:.2f}x transformers; {plain['rci_fast_vs_floor']:.2f}x the compute floor's time")
+    print(f"  {plain['speedup_vs_transformers']:.2f}x transformers; {plain['rci_fast_vs_floor']:.2f}x the floor's time")
+    if "memory_s" in plain["floor"]:
+        f = plain["floor"]
+        print(f"  floor: compute {f['compute_s'] * 1e3:.1f} ms at {f['matmul_tflops']:.0f} TFLOP/s, memory "
+              f"{f['memory_s'] * 1e3:.1f} ms at {f['copy_tb_s']:.2f} TB/s; the run took "
+              f"{plain['tokens'] / plain['rci_fast_tok_s'] * 1e3:.0f} ms")
     print(f"with code ({code['sequences']} sequences x {code['calls_per_sequence']} calls of ~50 ms):")
     print(f"  rci_fast {code['rci_fast_tok_s']:8.0f} tok/s   lockstep {code['lockstep_tok_s']:8.0f} tok/s"
           f"   {code['speedup_vs_lockstep']:.2f}x; {100 * code['code_time_hidden_fraction']:.0f}% of code time hidden")

@@ -70,9 +70,8 @@ def _logits_tile(h, w_block):
 
 
 def _add_grad_hidden_(acc, dz, w_block):
-    """acc += dz @ w_block; acc fp32 [C, H], dz fp32 [C, Vb]."""
+    """acc += dz @ w_block; acc fp32 [C, H], dz [C, Vb] (fp32, or w_block's dtype on tensor cores)."""
     if _tensor_cores(w_block):
-        dz = dz.to(w_block.dtype)
         if _MM_OUT_DTYPE:
             return torch.addmm(acc, dz, w_block, out_dtype=torch.float32, out=acc)
         return acc.add_(dz @ w_block)
@@ -80,10 +79,9 @@ def _add_grad_hidden_(acc, dz, w_block):
 
 
 def _grad_weight_block_(out, dz, h, accumulate):
-    """out (fp32 [Vb, H]) = or += dz.T @ h."""
+    """out (fp32 [Vb, H]) = or += dz.T @ h; dz as in _add_grad_hidden_."""
     beta = 1.0 if accumulate else 0.0  # beta 0: out is not read (it may hold garbage)
     if _tensor_cores(h):
-        dz = dz.to(h.dtype)
         if _MM_OUT_DTYPE:
             return torch.addmm(out, dz.t(), h, beta=beta, out_dtype=torch.float32, out=out)
         return out.add_(dz.t() @ h) if accumulate else out.copy_(dz.t() @ h)
@@ -157,13 +155,21 @@ class _LinearLogprob(torch.autograd.Function):
         # The first token chunk writes every block of dW (beta = 0), so empty() is safe unless T = 0.
         new_grad_w = torch.empty if T else torch.zeros
         grad_w = new_grad_w(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # On tensor cores d/dlogits goes to the matmuls in the weight's dtype: the row pass writes it
+        # there directly (one half-size buffer per tile, reused) instead of fp32 + a cast per matmul.
+        dz_low = None
+        if _tensor_cores(weight):
+            dz_low = torch.empty(min(T, ctx.chunk), min(V, ctx.block), dtype=weight.dtype, device=weight.device)
         for ci, (t0, t1) in enumerate(_spans(T, ctx.chunk)):
             h, local_c = hidden[t0:t1], local[t0:t1]
             acc_h = torch.zeros(t1 - t0, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
             for v0, v1 in _spans(V, ctx.block):
-                dz = _logits_tile(h, weight[v0:v1])
-                ctx.rows.grad_block_(dz, local_c - v0 * (local_c >= 0), lse[t0:t1], entropy[t0:t1],
-                                     g[t0:t1], None if g_ent is None else g_ent[t0:t1], ctx.inv_temp)
+                tile = _logits_tile(h, weight[v0:v1])
+                out = None if dz_low is None else dz_low[:t1 - t0, :v1 - v0]
+                dz = ctx.rows.grad_block_(tile, local_c - v0 * (local_c >= 0), lse[t0:t1], entropy[t0:t1],
+                                          g[t0:t1], None if g_ent is None else g_ent[t0:t1], ctx.inv_temp,
+                                          out=out)
+                del tile
                 if need_h:
                     _add_grad_hidden_(acc_h, dz, weight[v0:v1])
                 if need_w:

@@ -27,8 +27,9 @@ def block_stats(logits, local_targets, inv_temp):
     return m, s, a, z_target
 
 
-def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp):
-    """Turn fp32 logits [C, Vb] in place into d loss / d logits (the 1/T included).
+def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out=None):
+    """Turn fp32 logits [C, Vb] in place into d loss / d logits (the 1/T included), and return it;
+    with `out` given, the result is copied into it (in out's dtype) and out is returned.
     grad_logp and grad_entropy are already zero for ignored tokens; grad_entropy may be None."""
     g = grad_logp * inv_temp
     z = logits.mul_(inv_temp) if inv_temp != 1.0 else logits
@@ -44,4 +45,4 @@ def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, in
     here = (local_targets >= 0) & (local_targets < dz.shape[1])
     rows = torch.arange(dz.shape[0], device=dz.device)[here]
     dz[rows, local_targets[here]] += g[here]
-    return dz
+    return dz if out is None else out.copy_(dz)

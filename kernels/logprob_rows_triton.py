@@ -48,10 +48,11 @@ def _block_stats_kernel(logits_ptr, stride_row, targets_ptr, m_ptr, s_ptr, a_ptr
 
 
 @triton.jit
-def _grad_block_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr,
+def _grad_block_kernel(logits_ptr, stride_row, out_ptr, stride_out, targets_ptr, lse_ptr, entropy_ptr,
                        grad_logp_ptr, grad_entropy_ptr, Vb, inv_temp, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    out_row_ptr = out_ptr + row.to(tl.int64) * stride_out
     cols = tl.arange(0, BLOCK_V)
     target = tl.load(targets_ptr + row)
     g = tl.load(grad_logp_ptr + row).to(tl.float32)
@@ -66,7 +67,8 @@ def _grad_block_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, entropy_ptr
         # All in fp32, the target term (p_y - 1) included.
         dz = -g * p - g_ent * p * (logp + entropy)
         dz = tl.where(idx == target, dz + g, dz)
-        tl.store(row_ptr + idx, dz * inv_temp, mask=in_tile)
+        # Stored in out's dtype: bf16 for the tensor-core matmuls that follow, written once.
+        tl.store(out_row_ptr + idx, (dz * inv_temp).to(out_ptr.dtype.element_ty), mask=in_tile)
 
 
 def _block_v(Vb, block_v):
@@ -83,12 +85,15 @@ def block_stats(logits, local_targets, inv_temp, block_v=None):
     return m, s, a, z_target
 
 
-def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp, block_v=None):
-    """Same contract as logprob_rows_torch.grad_block_: logits becomes d loss / d logits in place."""
+def grad_block_(logits, local_targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out=None,
+                block_v=None):
+    """Same contract as logprob_rows_torch.grad_block_: d loss / d logits, in place in `logits`, or
+    written to `out` ([C, Vb], any float dtype) in one pass."""
     C, Vb = logits.shape
+    out = logits if out is None else out
     if grad_entropy is None:
         grad_entropy = torch.zeros_like(grad_logp)
     if C:
-        _grad_block_kernel[(C,)](logits, logits.stride(0), local_targets, lse, entropy,
+        _grad_block_kernel[(C,)](logits, logits.stride(0), out, out.stride(0), local_targets, lse, entropy,
                                  grad_logp, grad_entropy, Vb, inv_temp, BLOCK_V=_block_v(Vb, block_v))
-    return logits
+    return out

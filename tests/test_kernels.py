@@ -198,6 +198,15 @@ def test_triton_rows_with_many_partial_steps():
         got_dz = logprob_rows_triton.grad_block_(*on_dev(logits.clone(), local, lse, entropy, g, g_ent),
                                                  0.5, block_v=block_v)
         torch.testing.assert_close(got_dz.cpu().double(), want_dz, atol=1e-6, rtol=1e-5)
+        # Written to a separate bf16 buffer (what the tensor-core backward uses): one bf16 rounding
+        # of the same values, within 2^-7 relative (the interpreter truncates; a GPU rounds, 2^-8);
+        # the input tile is left as it was.
+        tile = logits.clone().to(dev)
+        out = torch.full((C, Vb), float("nan"), dtype=torch.bfloat16, device=dev)
+        got_low = logprob_rows_triton.grad_block_(tile, *on_dev(local, lse, entropy, g, g_ent), 0.5,
+                                                  out=out, block_v=block_v)
+        assert got_low is out and torch.equal(tile.cpu(), logits)
+        torch.testing.assert_close(out.cpu().double(), want_dz, atol=1e-6, rtol=2 ** -7)
 
 
 def test_block_merge_equals_one_block():
