@@ -255,6 +255,7 @@ def main() -> int:
     n_params = sum(p.numel() for p in ours.parameters())
     batch, new = (16, 32) if args.quick else (64, 128)
     plain = plain_decoding(tok, hf, ours, batch, 32, new, args.device)
+    print(f"plain decoding: {json.dumps(plain)}", flush=True)  # kept if the code scenario fails
     with Sandbox(workers=8) as sb:  # the calls sleep: more workers than cores is right
         code = with_code(tok, hf, ours, sb, 8 if args.quick else 32, 64, 3, args.device)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"

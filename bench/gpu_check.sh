@@ -40,10 +40,15 @@ if ls .whl/* >/dev/null 2>&1; then
     step wheels 240 $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
         --target /tmp/site .whl/* && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-install() { $PY -m pip install -q --no-deps --no-build-isolation --no-index -e .; }
+INSTALL=($PY -m pip install -q --no-deps --no-build-isolation --no-index -e .)
 # A newer compiler may warn where ours does not: retry without -Werror rather than lose the lease.
-step install 240 install || { sed -i 's/"-Werror", //' setup.py; step install_no_werror 240 install; } || {
+step install 240 "${INSTALL[@]}" || { sed -i 's/"-Werror", //' setup.py; step install_no_werror 240 "${INSTALL[@]}"; } || {
     tail -20 "$OUT/install.log"; exit 1; }
+
+# The sandbox first: the rollout tests and benchmarks need it, and a machine may refuse it.
+step sandbox 60 $PY -c "from rci_fast.sandbox import Sandbox
+with Sandbox(workers=1) as sb: print(sb.run('print(6 * 7)'))"
+tail -4 "$OUT/sandbox.log" | tee -a "$SUMMARY"
 
 # -- 1. correctness on the GPU
 step tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py tests/test_policy_loss.py
@@ -63,20 +68,20 @@ tail -1 "$OUT/bench_rollout.log" > "$OUT/bench_rollout.json"
 # -- 4. the trainer under torchrun, NCCL, bf16
 RUN=$OUT/train
 mkdir -p "$RUN"
-trun() { $PY -m torch.distributed.run --nproc_per_node 1 --master_port 29533 -m rci_fast "$@"; }
+TRUN=($PY -m torch.distributed.run --nproc_per_node 1 --master_port 29533 -m rci_fast)  # (step can't run functions)
 last_metrics() { tail -1 "$1/metrics.jsonl" | tee -a "$SUMMARY"; }
 step gen_sft 120 $PY -m rci_fast gen-sft --teacher scripted --out "$RUN/sft.jsonl" --per-family 24
-step sft_smoke 180 trun sft --config configs/smoke.yaml --device cuda "out_dir=$RUN/sft" \
+step sft_smoke 180 "${TRUN[@]}" sft --config configs/smoke.yaml --device cuda "out_dir=$RUN/sft" \
     "data.train_file=$RUN/sft.jsonl" train.max_steps=30 && last_metrics "$RUN/sft"
-step sft_0.5b 180 trun sft --config configs/smoke.yaml --device cuda "out_dir=$RUN/sft05" \
+step sft_0.5b 180 "${TRUN[@]}" sft --config configs/smoke.yaml --device cuda "out_dir=$RUN/sft05" \
     "data.train_file=$RUN/sft.jsonl" train.max_steps=12 train.micro_batch_tokens=16384 train.batch_size=32 \
     model.tiny.vocab_size=8192 model.tiny.hidden_size=896 model.tiny.intermediate_size=4864 \
     model.tiny.num_hidden_layers=24 model.tiny.num_attention_heads=14 model.tiny.num_key_value_heads=2 \
     checkpoint.every=1000 checkpoint.export_at_end=false && last_metrics "$RUN/sft05"
 COMMON=(--config configs/smoke-rl.yaml --device cuda "out_dir=$RUN/rl" "model.path=$RUN/sft/hf")
-step potential 120 trun potential "${COMMON[@]}"
-step rl 180 trun rl "${COMMON[@]}" && last_metrics "$RUN/rl"
-step eval 120 trun eval "${COMMON[@]}" && grep -E "mode\]|mean" "$OUT/eval.log" | head -6 | tee -a "$SUMMARY"
+step potential 120 "${TRUN[@]}" potential "${COMMON[@]}"
+step rl 180 "${TRUN[@]}" rl "${COMMON[@]}" && last_metrics "$RUN/rl"
+step eval 120 "${TRUN[@]}" eval "${COMMON[@]}" && grep -E "mode\]|mean" "$OUT/eval.log" | head -6 | tee -a "$SUMMARY"
 for f in sft_smoke sft_0.5b potential rl eval; do
     grep -qE "Error|Traceback" "$OUT/$f.log" && { note "--- $f.log (tail)"; tail -15 "$OUT/$f.log" | tee -a "$SUMMARY"; }
 done

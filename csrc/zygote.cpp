@@ -72,6 +72,17 @@ bool write_full(int fd, const void* buf, size_t n) {
   return true;
 }
 
+// Appends what a non-blocking `fd` holds now, up to `cap` bytes in all; `open` turns false at EOF.
+void drain_into(int fd, std::string& dst, size_t cap, bool& open) {
+  char buf[4096];
+  while (dst.size() < cap) {
+    ssize_t n = read(fd, buf, std::min(sizeof buf, cap - dst.size()));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) { open = open && n != 0; return; }
+    dst.append(buf, static_cast<size_t>(n));
+  }
+}
+
 bool writev_full(int fd, iovec* iov, int cnt) {
   while (cnt > 0) {
     ssize_t r = writev(fd, iov, cnt);
@@ -367,11 +378,21 @@ class Worker {
     const double t0 = now_ms();
     ChildMessage m{kChildMagic, static_cast<uint32_t>(code.size()), session ? CHILD_SESSION : 0u, 0,
                    limits};
-    if (c.pid <= 0 || (fresh_child && (!wait_ready(c) || !apply_limits(c.pid, limits))) ||
-        !write_full(c.control_w, &m, sizeof m) ||
-        !write_full(c.control_w, code.data(), code.size())) {
+    const char* failed = nullptr;
+    if (c.pid <= 0) failed = "fork failed";
+    else if (fresh_child && !wait_ready(c)) failed = "the run process died or hung while locking itself down";
+    else if (fresh_child && !apply_limits(c.pid, limits)) failed = "setting the run's rlimits failed";
+    else if (!write_full(c.control_w, &m, sizeof m) || !write_full(c.control_w, code.data(), code.size()))
+      failed = "the pipe to the run process broke (the session ended)";
+    if (failed) {
       o.h.status = ST_ERROR;
-      o.err = "rci_fast sandbox: could not start a run (fork or pipe failed, or the session ended)\n";
+      o.err = std::string("rci_fast sandbox: could not start a run: ") + failed + "\n";
+      if (c.pid > 0) {  // the set-up writes why it gave up to its stderr (die_in_child, a traceback)
+        std::string why;
+        bool open = true;
+        drain_into(c.err_r, why, 4096, open);
+        if (!why.empty()) o.err += "its stderr:\n" + why;
+      }
       o.h.flags |= RF_SESSION_ENDED;
       return o;
     }
