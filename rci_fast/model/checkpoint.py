@@ -19,23 +19,11 @@ INDEX = "model.safetensors.index.json"
 def load_pretrained(path: str, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Transformer:
     """Builds the model from `path/config.json` and loads its safetensors weights."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {path!r}")
-    with open(config_path) as f:
-        cfg = ModelConfig.from_hf(json.load(f))
+    cfg = read_config(path)
     state = _read_safetensors(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    missing = sorted(expected - set(state))
-    if missing:
-        raise KeyError(f"checkpoint {path!r} lacks tensors: {', '.join(missing[:8])}"
-                       + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if unexpected:
-        raise KeyError(f"checkpoint {path!r} has tensors this architecture does not use: "
-                       f"{', '.join(unexpected[:8])}")
+    check_tensor_names(path, state, model)
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=False)  # only a tied lm_head is absent, checked above
     if cfg.tie_word_embeddings:
@@ -45,18 +33,45 @@ def load_pretrained(path: str, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+def read_config(path: str) -> ModelConfig:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in {path!r}")
+    with open(config_path) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def check_tensor_names(path: str, names, model: Transformer) -> None:
+    """Raises KeyError naming what the checkpoint at `path` lacks or has beyond `model`'s tensors."""
+    own = set(model.state_dict())
+    expected = {k for k in own if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(expected - set(names))
+    if missing:
+        raise KeyError(f"checkpoint {path!r} lacks tensors: {', '.join(missing[:8])}"
+                       + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    unexpected = sorted(set(names) - own)
+    if unexpected:
+        raise KeyError(f"checkpoint {path!r} has tensors this architecture does not use: "
+                       f"{', '.join(unexpected[:8])}")
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors files of the checkpoint at `path` (one, or the shards of its index)."""
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            names = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.isfile(os.path.join(path, SINGLE)):
-        files = [SINGLE]
+        names = [SINGLE]
     else:
         raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path!r}")
+    return [os.path.join(path, name) for name in names]
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(os.path.join(path, name)))
+    for file in safetensors_files(path):
+        state.update(load_file(file))
     return state
 
 

@@ -6,12 +6,10 @@ from pathlib import Path
 import torch
 
 from rci_fast.config import SFTConfig
-from rci_fast.model import load_pretrained
 from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_model_weights
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.model_source import prepare_model_source
-from rci_fast.train.modeling import TokenLogprobs
-from rci_fast.train.parallelize import parallelize
+from rci_fast.train.parallelize import load_sharded
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -28,8 +26,7 @@ def export_checkpoint(cfg: SFTConfig, dist_info: DistInfo, out_dir: str | Path,
         raise FileNotFoundError(f"{cfg.out_dir}/init_model is missing: it holds the tiny model's "
                                 "architecture and tokenizer that the checkpoint was trained from")
     model_dir, tokenizer = prepare_model_source(cfg, None, dist_info)
-    inner = load_pretrained(model_dir, dtype=torch.float32, device="cpu")
-    model = parallelize(TokenLogprobs(inner), dist_info.mesh, torch.float32)
+    model = load_sharded(model_dir, dist_info, torch.float32, weights=False)  # the checkpoint's come next
     load_model_weights(path, model)
-    export_hf(model, inner, tokenizer, out_dir, DTYPES[dtype])
+    export_hf(model, model.model, tokenizer, out_dir, DTYPES[dtype])
     return path

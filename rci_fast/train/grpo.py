@@ -44,8 +44,7 @@ from rci_fast.rollout import Trajectory
 from rci_fast.train.checkpoint import export_hf, save_checkpoint
 from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, split_by_budget
 from rci_fast.train.distributed import DistInfo
-from rci_fast.train.modeling import TokenLogprobs
-from rci_fast.train.parallelize import compute_dtype, parallelize
+from rci_fast.train.parallelize import compute_dtype, load_sharded
 from rci_fast.train.rollouts import (load_items, make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
                                      sampling_params, sync_weights)
 from rci_fast.train.sft import (TrainingDiverged, clip_grad_norm, lr_factor, peak_memory_mb, resume_from_latest,
@@ -124,14 +123,12 @@ class GRPOTrainer:
         device = dist_info.device
         self.compute_dtype = compute_dtype(cfg.train.mixed_precision, device)
         # Policy: fp32 masters, sharded; reference: the same start, frozen, sharded the same way.
-        self.inner = load_pretrained(path, dtype=torch.float32, device="cpu")
+        self.model = load_sharded(path, dist_info, self.compute_dtype, cfg.model.activation_checkpointing)
+        self.inner = self.model.model
         self.inner.train()
-        self.model = parallelize(TokenLogprobs(self.inner), dist_info.mesh, self.compute_dtype,
-                                 cfg.model.activation_checkpointing)
         self.ref = None
         if cfg.algo.kl_coef > 0:
-            ref_inner = load_pretrained(path, dtype=torch.float32, device="cpu").requires_grad_(False).eval()
-            self.ref = parallelize(TokenLogprobs(ref_inner), dist_info.mesh, self.compute_dtype)
+            self.ref = load_sharded(path, dist_info, self.compute_dtype).requires_grad_(False).eval()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in self.model.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},

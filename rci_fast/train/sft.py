@@ -20,15 +20,13 @@ import yaml
 from torch.distributed.tensor import DTensor
 
 from rci_fast.config import SFTConfig, config_to_dict
-from rci_fast.model import load_pretrained
 from rci_fast.tasks.trajectory import load_trajectories
 from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rci_fast.train.data import MicroBatch, SFTBatches, tokenize_trajectories
 from rci_fast.train.distributed import DistInfo, all_reduce_sum
 from rci_fast.train.metrics import MetricsLog
 from rci_fast.train.model_source import prepare_model_source
-from rci_fast.train.modeling import TokenLogprobs
-from rci_fast.train.parallelize import compute_dtype, parallelize
+from rci_fast.train.parallelize import compute_dtype, load_sharded
 
 log = logging.getLogger("rci_fast.sft")
 
@@ -171,11 +169,10 @@ class SFTTrainer:
         warmup = t.warmup_steps or round(t.warmup_ratio * self.total_steps)
 
         # fp32 master weights; FSDP casts to the compute dtype for forward/backward.
-        self.inner = load_pretrained(model_dir, dtype=torch.float32, device="cpu")
-        self.inner.train()
         self.compute_dtype = compute_dtype(t.mixed_precision, dist_info.device)
-        self.model = parallelize(TokenLogprobs(self.inner), dist_info.mesh, self.compute_dtype,
-                                 cfg.model.activation_checkpointing)
+        self.model = load_sharded(model_dir, dist_info, self.compute_dtype, cfg.model.activation_checkpointing)
+        self.inner = self.model.model
+        self.inner.train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(
