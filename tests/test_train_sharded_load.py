@@ -1,5 +1,6 @@
 """load_sharded: a checkpoint read straight into FSDP2 shards (meta-device build, each rank reads
-only its rows) holds exactly the weights load_pretrained reads whole, on 1 and on 2 ranks."""
+only its rows) holds exactly the weights load_pretrained reads whole, on 1 and on 2 ranks; and
+sync_weights copies them back out into a plain model exactly."""
 import json
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from rci_fast.model import load_pretrained
 from rci_fast.train.distributed import init_distributed
 from rci_fast.train.parallelize import load_sharded
+from rci_fast.train.rollouts import sync_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # Odd first dimensions: 131 vocabulary rows split 66 / 65 over 2 ranks.
@@ -54,6 +56,13 @@ def compare(paths: list[str], dist_info) -> list[str]:
         if full.config.tie_word_embeddings:
             assert wrapper.model.lm_head.weight is wrapper.model.model.embed_tokens.weight
         torch.testing.assert_close(wrapper.model.inv_freq, full.inv_freq, rtol=0, atol=0)
+        # sync_weights: back from the shards into a plain model (the engine's copy), unit by unit
+        with torch.no_grad():
+            for p in full.parameters():
+                p.zero_()
+        sync_weights(wrapper, wrapper.model, full)
+        for name, p in full.named_parameters():
+            assert torch.equal(ours[name], p), f"{path}: sync_weights {name}"
         checked.append(Path(path).name)
     return checked
 
