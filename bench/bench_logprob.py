@@ -11,10 +11,13 @@ Methods (each measured in its own process, so one method's freed memory cannot h
   rci_torch  fused_linear_logprob(backend="torch"): chunked, logits never whole
   rci_triton fused_linear_logprob(backend="triton")                     (GPU only)
   liger      Liger-Kernel's LigerFusedLinearCrossEntropyLoss, if it is installed (GPU only; it returns
-             a reduced loss, not per-token log-probs: same matmuls, an upper bound on speed)
+             a reduced loss, not per-token log-probs, and forms its gradient in the forward: 6THV)
+  loss_*     rci_fast's GRPO loss from hidden states (linear_policy_loss), torch or Triton rows:
+             2pass = log-probs, then the backward recomputes the logits (8THV); 1pass = the
+             gradient formed in the forward, one chunk over the whole vocabulary at a time (6THV)
 All count 8*T*H*V FLOPs for forward + backward (logits 2THV; backward recompute 2THV + dH 2THV +
-dW 2THV): "floor" is that count over the machine's measured matmul rate; naive paths do 6THV, so
-they may beat the floor's time without being faster per useful FLOP.
+dW 2THV): "floor" is that count over the machine's measured matmul rate; naive paths, Liger and the
+one-pass loss do 6THV, so they may beat the floor's time without being faster per useful FLOP.
 Peak extra memory: CPU, the process's peak resident set (VmHWM, reset before the run) minus its
 resident set after the inputs exist; GPU, max_memory_allocated minus the inputs. Both include the
 gradients dH and dW, which every method must return; "work" is the peak without them.
@@ -53,6 +56,21 @@ def rci(backend):
     return lambda hidden, weight, targets: fused_linear_logprob(hidden, weight, targets, backend=backend)
 
 
+def rci_loss(backend, one_pass):
+    """The GRPO loss on top (linear_policy_loss), two-pass (logp, then backward) or one pass."""
+    from rci_fast.kernels import linear_policy_loss
+
+    def fn(hidden, weight, targets):
+        T, V = targets.shape[0], weight.shape[0]
+        gen = torch.Generator(device=targets.device).manual_seed(1)
+        old = torch.full((T,), -float(torch.log(torch.tensor(V))), device=targets.device)
+        adv = torch.randn(T, generator=gen, device=targets.device)
+        mask = torch.ones(T, dtype=torch.bool, device=targets.device)
+        return linear_policy_loss(hidden, weight, targets, old, adv, mask, backend=backend,
+                                  one_pass=one_pass)[0]
+    return fn
+
+
 def liger():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
@@ -61,7 +79,10 @@ def liger():
 
 def get_method(name):
     return {"naive": naive, "trl_rows": trl_rows}.get(name) or {
-        "rci_torch": lambda: rci("torch"), "rci_triton": lambda: rci("triton"), "liger": liger}[name]()
+        "rci_torch": lambda: rci("torch"), "rci_triton": lambda: rci("triton"), "liger": liger,
+        "loss_torch_2pass": lambda: rci_loss("torch", False), "loss_torch_1pass": lambda: rci_loss("torch", True),
+        "loss_triton_2pass": lambda: rci_loss("triton", False),
+        "loss_triton_1pass": lambda: rci_loss("triton", True)}[name]()
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -192,17 +213,21 @@ def print_table(title, suite):
               f"{mm['flops_per_s'] / 1e9:.1f} GFLOP/s -> 8*T*H*V floor {suite['floor_s']:.3f} s")
     print("'of floor': the floor over the step time; 'local': the same with the matmul rate measured in the")
     print("method's own process just after its steps (differs from the first when the machine is shared)")
-    print(f"{'method':<11} {'best s':>8} {'TFLOP/s':>8} {'of floor':>9} {'local':>7} {'peak MiB':>9} {'vs naive':>9} "
+    print(f"{'method':<17} {'best s':>8} {'TFLOP/s':>8} {'of floor':>9} {'local':>7} {'peak MiB':>9} {'vs naive':>9} "
           f"{'work MiB':>9} {'vs naive':>9}")
     for r in suite["rows"]:
         if "error" in r:
-            print(f"{r['method']:<11} error: {r['error']}")
+            print(f"{r['method']:<17} error: {r['error']}")
             continue
         frac = f"{r['floor_fraction']:.0%}" if r.get("floor_fraction") else "-"
-        print(f"{r['method']:<11} {r['best_s']:>8.3f} {r['tflops_8thv']:>8.3f} {frac:>9} "
+        print(f"{r['method']:<17} {r['best_s']:>8.3f} {r['tflops_8thv']:>8.3f} {frac:>9} "
               f"{r['local_floor_fraction']:>7.0%} "
               f"{r['peak_extra_bytes'] / mib:>9.0f} {r.get('peak_vs_naive', 0):>9.1%} "
               f"{r['work_bytes'] / mib:>9.0f} {r.get('work_vs_naive', 0):>9.1%}")
+
+
+def pick(methods, args):
+    return [m for m in methods if m in args.methods.split(",")] if args.methods else methods
 
 
 def main():
@@ -210,6 +235,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run in seconds")
     p.add_argument("--repeats", type=int, default=2, help="timed forward+backward steps per method")
     p.add_argument("--gpu-only", action="store_true", help="skip the CPU part")
+    p.add_argument("--methods", help="comma-separated subset of the methods (default: all of the device's)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -224,8 +250,8 @@ def main():
     result["cpu"] = None
     if not args.gpu_only:
         cpu_shape = dict(T=256, H=128, V=32000) if args.quick else CPU_SHAPE
-        cpu = run_suite(["naive", "trl_rows", "rci_torch"], cpu_shape, "cpu", "float32", args.repeats,
-                        mm_rows=min(512, cpu_shape["T"]))
+        cpu = run_suite(pick(["naive", "trl_rows", "rci_torch", "loss_torch_2pass", "loss_torch_1pass"], args),
+                        cpu_shape, "cpu", "float32", args.repeats, mm_rows=min(512, cpu_shape["T"]))
         print_table(f"CPU ({torch.get_num_threads()} threads)", cpu)
         result["cpu"] = cpu
 
@@ -233,8 +259,9 @@ def main():
         result["gpu_name"] = torch.cuda.get_device_name()
         result["gpu"] = []
         for shape in ([dict(T=1024, H=512, V=32000)] if args.quick else GPU_SHAPES):
-            suite = run_suite(["naive", "trl_rows", "rci_torch", "rci_triton", "liger"], shape, "cuda",
-                              "bfloat16", max(args.repeats, 5), mm_rows=4096)
+            suite = run_suite(pick(["naive", "trl_rows", "rci_torch", "rci_triton", "liger", "loss_triton_2pass",
+                                    "loss_triton_1pass"], args), shape, "cuda", "bfloat16", max(args.repeats, 5),
+                              mm_rows=4096)
             print_table(f"GPU {result['gpu_name']}", suite)
             result["gpu"].append(suite)
     else:

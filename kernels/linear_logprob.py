@@ -238,3 +238,83 @@ def fused_linear_logprob(hidden, weight, targets, temperature=1.0, *, return_ent
     logp, entropy = _LinearLogprob.apply(hidden, weight, targets, 1.0 / float(temperature),
                                          int(ignore_index), chunk, block, rows)
     return (logp, entropy) if return_entropy else logp
+
+
+class _LinearLossOnePass(torch.autograd.Function):
+    """loss = chunk_loss over all tokens, its gradient formed in the forward (linear_policy_loss's
+    one_pass): per chunk of tokens, one fp32 tile over the whole vocabulary, its row statistics,
+    the loss's per-token gradient (autograd on the chunk's [C] log-probs and entropies), the tile
+    turned into d loss / d logits, then dH and dW. The backward scales them by the upstream grad."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, ignore_index, chunk, rows, chunk_loss):
+        T, V = hidden.shape[0], weight.shape[0]
+        ignored = targets == ignore_index
+        local = targets.masked_fill(ignored, -1)
+        logp = torch.zeros(T, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logp)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty(T, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        dz_low = None
+        if _tensor_cores(weight):
+            dz_low = torch.empty(min(T, chunk), V, dtype=weight.dtype, device=weight.device)
+        for t0, t1 in _spans(T, chunk):
+            h, local_c, ignored_c = hidden[t0:t1], local[t0:t1], ignored[t0:t1]
+            tile = _logits_tile(h, weight)
+            m, s, a, z_target = rows.block_stats(tile, local_c, inv_temp)
+            lse, ent = merge_block_stats(m[None], s[None], a[None])
+            logp_c = (z_target - lse).masked_fill(ignored_c, 0.0)
+            ent = ent.masked_fill(ignored_c, 0.0)
+            with torch.enable_grad():
+                lp, en = logp_c.clone().requires_grad_(), ent.clone().requires_grad_()
+                loss_c = chunk_loss(t0, t1, lp, en)
+                g, g_ent = torch.autograd.grad(loss_c, [lp, en], allow_unused=True, materialize_grads=True)
+            loss += loss_c.detach()
+            logp[t0:t1], entropy[t0:t1] = logp_c, ent
+            g, g_ent = g.float().masked_fill(ignored_c, 0.0), g_ent.float().masked_fill(ignored_c, 0.0)
+            if rows is logprob_rows_torch:
+                # Its block_stats left z - m in the tile (z = logits / T): log p = tile - (lse - m), and
+                # the 1/T of d z / d logits goes into the upstream gradients instead.
+                shift, temp, g, g_ent = lse - m, 1.0, g * inv_temp, g_ent * inv_temp
+            else:  # the Triton row pass only reads the tile
+                shift, temp = lse, inv_temp
+            out = None if dz_low is None else dz_low[:t1 - t0]
+            dz = rows.grad_block_(tile, local_c, shift, ent, g.contiguous(), g_ent.contiguous(), temp, out=out)
+            del tile
+            grad_h[t0:t1] = 0.0
+            _add_grad_hidden_(grad_h[t0:t1], dz, weight)
+            _grad_weight_block_(grad_w, dz, h, accumulate=True)
+            del dz
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # In place: no second fp32 dW (a second backward through the graph then fails loudly on the
+        # saved tensors' version check instead of computing with scaled values).
+        return (grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype),
+                None, None, None, None, None, None)
+
+
+def fused_linear_loss(hidden, weight, targets, chunk_loss, temperature=1.0, *, backend="auto",
+                      ignore_index=-100, chunk_size=None):
+    """A loss over the tokens' log-probs and entropies, with its gradient formed in the forward pass
+    (6*T*H*V FLOPs instead of the 8 of fused_linear_logprob + backward). chunk_loss(t0, t1, logp,
+    entropy) returns the loss of tokens t0..t1 from their fp32 [t1 - t0] log-probs and entropies
+    (differentiable); the total loss must be the sum over chunks (a fixed weighting of per-token
+    terms, as every policy_loss aggregation is). Returns (loss, logp, entropy), the last two
+    detached. Memory: one [chunk x V] fp32 tile, plus dH and an fp32 dW held from the forward on."""
+    _check_inputs(hidden, weight, targets, temperature, ignore_index)
+    rows = _pick_rows(backend, hidden.device)
+    V = weight.shape[0]
+    kind = hidden.device.type if hidden.device.type in TILE_BYTES else "cpu"
+    chunk = int(chunk_size) if chunk_size else max(1, min(MAX_CHUNK_TOKENS[kind], TILE_BYTES[kind] // (4 * V)))
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    return _LinearLossOnePass.apply(hidden, weight, targets, 1.0 / float(temperature), int(ignore_index),
+                                    chunk, rows, chunk_loss)
+

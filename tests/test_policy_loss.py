@@ -193,3 +193,115 @@ def test_bad_input_raises_clear_error(bad, error, message):
     args.update({k: v for k, v in bad.items() if k in args})
     with pytest.raises(error, match=message):
         policy_loss(args.pop("logp"), args.pop("old_logp"), args.pop("advantages"), args.pop("mask"), **kw)
+
+
+# ---- one pass: the loss's gradient formed inside the forward (6THV instead of 8THV) ----------------
+# Against float64 autograd through log_softmax and the same policy_loss. Tolerances as in
+# test_kernels: fp32 loss within 1e-6, gradients 1e-5 + 1e-4 x |reference|; bf16 inputs: the loss
+# within 1e-5, gradients 2e-2 x max|reference| + 8e-3 x |reference| (they come back in bf16).
+ONE_PASS_SHAPES = [(1, 40, 1000), (7, 72, 1237), (129, 40, 1000)]
+
+
+def one_pass_case(T, H, V, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) * (3.0 / H ** 0.5)).to(dtype)
+    targets = torch.randint(0, V, (T,), generator=gen)
+    mask = torch.rand(T, generator=gen) > 0.2
+    targets[~mask & (torch.rand(T, generator=gen) > 0.5)] = -100  # some masked tokens are ignored too
+    with torch.no_grad():
+        logp_all = torch.log_softmax(hidden.double() @ weight.double().t() / 0.7, -1)
+        logp = logp_all.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).float()
+    old = logp + torch.randn(T, generator=gen) * 0.3
+    ref = logp + torch.randn(T, generator=gen) * 0.3
+    old[0] = logp[0] + 30.0  # ratio e^-20 (clamped)
+    adv = torch.randn(T, generator=gen)
+    seq_ids = torch.sort(torch.randint(0, 4, (T,), generator=gen)).values
+    return hidden, weight, targets, old, ref, adv, mask, seq_ids
+
+
+def on_backend_device(backend, *tensors):
+    """Triton runs on CUDA tensors when there is a GPU, on CPU tensors under the interpreter else."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+    return list(tensors)
+
+
+def one_pass_reference(hidden, weight, targets, old, ref, adv, mask, kw):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp_all = torch.log_softmax(h @ w.t() / 0.7, -1)
+    ignored = targets == -100
+    logp = logp_all.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).masked_fill(ignored, 0.0)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(ignored, 0.0)
+    loss, _ = policy_loss(logp, old.double(), adv.double(), mask, ref_logp=ref.double(), entropy=entropy, **kw)
+    loss.backward()
+    return loss, h.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("T,H,V", ONE_PASS_SHAPES)
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_one_pass_matches_float64(backend, T, H, V, aggregation):
+    case = one_pass_case(T, H, V, seed=T + V)
+    hidden, weight, targets, old, ref, adv, mask, seq_ids = case
+    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
+              aggregation=aggregation, norm=3.0 * T, global_tokens=int(mask.sum()) + 5)
+    want_loss, want_gh, want_gw = one_pass_reference(hidden, weight, targets, old, ref, adv, mask,
+                                                     dict(kw, seq_ids=seq_ids))
+    hidden, weight, targets, old, ref, adv, mask, seq_ids = on_backend_device(backend, *case)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = linear_policy_loss(h, w, targets, old, adv, mask, temperature=0.7, backend=backend,
+                                     chunk_size=5, one_pass=True, ref_logp=ref, seq_ids=seq_ids, **kw)
+    loss.backward()
+    torch.testing.assert_close(loss.double().cpu(), want_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h.grad.double().cpu(), want_gh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double().cpu(), want_gw, atol=1e-5, rtol=1e-4)
+    # the logging stats are those of the two-pass op
+    _, two = linear_policy_loss(hidden, weight, targets, old, adv, mask, temperature=0.7, backend=backend,
+                                ref_logp=ref, seq_ids=seq_ids, **kw)
+    for key in ("logp", "entropy", "ratio", "kl", "clip_frac", "kl_mean", "entropy_mean"):
+        torch.testing.assert_close(stats[key].float(), two[key].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_pass_bf16(backend):
+    case = one_pass_case(33, 24, 1237, seed=5, dtype=torch.bfloat16)
+    kw = dict(kl_coef=0.05, entropy_coef=0.02)
+    want_loss, want_gh, want_gw = one_pass_reference(*case[:7], kw)
+    hidden, weight, targets, old, ref, adv, mask, _ = on_backend_device(backend, *case)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = linear_policy_loss(h, w, targets, old, adv, mask, temperature=0.7, backend=backend,
+                                 chunk_size=16, one_pass=True, ref_logp=ref, **kw)
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double().cpu(), want_loss, atol=1e-5, rtol=0)
+    for got, want in ((h.grad, want_gh), (w.grad, want_gw)):
+        torch.testing.assert_close(got.double().cpu(), want, atol=2e-2 * want.abs().max().item(), rtol=8e-3)
+
+
+def test_one_pass_default_chunk_and_upstream_scale():
+    """The default chunk (one fp32 tile over the whole vocabulary per chunk) and a non-unit upstream
+    gradient, which the backward applies to the stored gradients."""
+    hidden, weight, targets, old, ref, adv, mask, _ = one_pass_case(50, 16, 300, seed=9)
+    outs = []
+    for one_pass in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _ = linear_policy_loss(h, w, targets, old, adv, mask, temperature=0.7, one_pass=one_pass)
+        (3.0 * loss).backward()
+        outs.append((loss, h.grad, w.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_one_pass_second_backward_fails_loudly():
+    """The backward scales the stored gradients in place: a second backward through the same graph
+    must raise (autograd's version check), never return scaled-twice gradients."""
+    hidden, weight, targets, old, _, adv, mask, _ = one_pass_case(9, 16, 300, seed=2)
+    h = hidden.clone().requires_grad_()
+    loss, _ = linear_policy_loss(h, weight, targets, old, adv, mask, one_pass=True)
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
