@@ -160,7 +160,9 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, t
     whole vocabulary at a time (the loss is a fixed weighting of per-token terms, token_weights):
     3 matmuls per tile instead of 4 (6*T*H*V FLOPs, not 8), as Liger's fused linear cross-entropy
     does. The backward then only scales the stored gradients. Same loss and gradients up to fp32
-    rounding."""
+    rounding. With one_pass, old_logp=None means the log-probs themselves, detached (one optimizer
+    step per batch: ratio 1, the plain policy gradient), which the two-pass caller passes as
+    logp.detach()."""
     loss_kwargs = dict(clip_low=clip_low, clip_high=clip_high, ref_logp=ref_logp, kl_coef=kl_coef,
                        kl_estimator=kl_estimator, entropy_coef=entropy_coef, aggregation=aggregation,
                        global_tokens=global_tokens, seq_ids=seq_ids, global_seqs=global_seqs, norm=norm)
@@ -175,15 +177,16 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, t
 
         def chunk_loss(t0, t1, logp_c, entropy_c):
             sl = slice(t0, t1)
-            per_token, _ = _per_token_loss(logp_c, old_logp[sl], advantages[sl], clip_low, clip_high,
+            old_c = logp_c.detach() if old_logp is None else old_logp[sl]
+            per_token, _ = _per_token_loss(logp_c, old_c, advantages[sl], clip_low, clip_high,
                                            None if ref_logp is None else ref_logp[sl], kl_coef, kl_estimator,
                                            entropy_c, entropy_coef)
             return (per_token * w[sl]).sum()
 
         loss, logp, entropy = fused_linear_loss(hidden, weight, targets, chunk_loss, temperature,
                                                 backend=backend, chunk_size=chunk_size)
-        _, stats = _per_token_loss(logp, old_logp, advantages, clip_low, clip_high, ref_logp, kl_coef,
-                                   kl_estimator, entropy, entropy_coef)
+        _, stats = _per_token_loss(logp, logp if old_logp is None else old_logp, advantages, clip_low, clip_high,
+                                   ref_logp, kl_coef, kl_estimator, entropy, entropy_coef)
         stats = _logging_stats(stats, mask.to(logp.dtype), entropy)
     stats["logp"], stats["entropy"] = logp.detach(), entropy.detach()
     return loss, stats

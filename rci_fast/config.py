@@ -258,6 +258,7 @@ class AlgoSection:
     kl_coef: float = 0.001           # 0: no reference model at all
     kl_estimator: str = "low_var_kl"  # k1 | k3 | low_var_kl
     entropy_coef: float = 0.0
+    one_pass_loss: bool = False      # the loss's gradient inside the forward: 6THV lm-head FLOPs, not 8THV
 
 
 @dataclass

@@ -95,12 +95,13 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregation):
-    """One update on the same trajectories (random advantages) with 1 and with 3+ micro-batches:
-    same loss (normalised by the global token or sequence count), grad norm and gradients."""
+    """One update on the same trajectories (random advantages) with 1 and with 3+ micro-batches,
+    and with the one-pass loss (gradient formed in the forward): same loss (normalised by the
+    global token or sequence count), grad norm and gradients."""
     results = []
-    for budget in (4096, 1024):
-        cfg = rl_config(tmp_path / str(budget), policy_dir, train__micro_batch_tokens=budget,
-                        algo__aggregation=aggregation, curriculum__mode="uniform")
+    for budget, one_pass in ((4096, False), (1024, False), (1024, True)):
+        cfg = rl_config(tmp_path / f"{budget}-{one_pass}", policy_dir, train__micro_batch_tokens=budget,
+                        algo__aggregation=aggregation, curriculum__mode="uniform", algo__one_pass_loss=one_pass)
         with trainer_of(cfg) as trainer:
             _, trajectories = trainer.rollout(trainer.curriculum.draw(0, 4))
             advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(1)).tolist()
@@ -112,7 +113,7 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregati
             grads = [p.grad.detach().clone() for p in trainer.model.parameters()]  # kept after the step
             results.append((len(mbs), float(sums[0]), grad_norm, grads, float((adv * mask).sum() / mask.sum()),
                             float(sums[4] / sums[1])))
-    (n1, loss1, g1, w1, adv1, ent1), (n2, loss2, g2, w2, adv2, ent2) = results
+    (n1, loss1, g1, w1, adv1, ent1), (n2, loss2, g2, w2, adv2, ent2), (_, loss3, g3, w3, _, ent3) = results
     assert n1 == 1 and n2 >= 3
     # At the first step the policy is the reference (kl 0) and the ratio is 1, so the loss is
     # -mean(A) - entropy_coef * mean(entropy) over the trained tokens.
@@ -123,6 +124,11 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregati
     # Gradients, not weights after the step: Adam turns a 1e-9 gradient's rounding into a
     # visible change of its weight's update.
     for a, b in zip(w1, w2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * g1)
+    # One pass: the same sums in another order (per-chunk loss terms, dW accumulated over chunks).
+    assert loss3 == pytest.approx(loss1, rel=1e-5) and ent3 == pytest.approx(ent1, rel=1e-5)
+    assert g3 == pytest.approx(g1, rel=1e-5)
+    for a, b in zip(w1, w3):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * g1)
 
 

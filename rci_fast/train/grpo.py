@@ -249,14 +249,20 @@ class GRPOTrainer:
         for mb in micro_batches:
             mb = _to(mb, device)
             b, mask = mb.batch, mb.mask
-            logp, entropy = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=self.cfg.rollout.temperature,
-                                       return_entropy=True)
-            old = mb.old_logp if mb.old_logp is not None else logp.detach()
-            loss, stats = policy_loss(
-                logp, old, mb.advantages, mask, clip_low=a.clip_low, clip_high=a.clip_high, ref_logp=mb.ref_logp,
-                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy=entropy, entropy_coef=a.entropy_coef,
+            loss_kwargs = dict(
+                advantages=mb.advantages, mask=mask, clip_low=a.clip_low, clip_high=a.clip_high, ref_logp=mb.ref_logp,
+                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
                 aggregation=a.aggregation, global_tokens=global_tokens, seq_ids=mb.seq_ids, global_seqs=global_seqs,
                 norm=self.cfg.rollout.max_new_tokens * max(global_seqs, 1.0))
+            if a.one_pass_loss:  # old_logp None: this forward's own log-probs, detached
+                loss, stats = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=self.cfg.rollout.temperature,
+                                         one_pass_loss=dict(loss_kwargs, old_logp=mb.old_logp))
+                logp, entropy = stats["logp"], stats["entropy"]
+            else:
+                logp, entropy = self.model(b.input_ids, b.targets, b.cu_seqlens,
+                                           temperature=self.cfg.rollout.temperature, return_entropy=True)
+                old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                loss, stats = policy_loss(logp, old, entropy=entropy, **loss_kwargs)
             (loss * world).backward()  # FSDP averages gradients over ranks; this makes it a sum
             with torch.no_grad():
                 m = mask.to(torch.float64)
