@@ -69,7 +69,12 @@ tail -1 "$OUT/bench_rollout.log" > "$OUT/bench_rollout.json"
 RUN=$OUT/train
 mkdir -p "$RUN"
 TRUN=($PY -m torch.distributed.run --nproc_per_node 1 --master_port 29533 -m rci_fast)  # (step can't run functions)
-last_metrics() { tail -1 "$1/metrics.jsonl" | tee -a "$SUMMARY"; }
+# The last metrics row, and every step's time (a slow first step is compilation; all slow is not)
+last_metrics() {
+    tail -1 "$1/metrics.jsonl" | tee -a "$SUMMARY"
+    $PY -c "import json, sys; t = [json.loads(l)['step_time_s'] for l in open(sys.argv[1])]
+print('step_time_s per step:', ' '.join(f'{x:.3f}' for x in t))" "$1/metrics.jsonl" | tee -a "$SUMMARY"
+}
 step gen_sft 120 $PY -m rci_fast gen-sft --teacher scripted --out "$RUN/sft.jsonl" --per-family 24
 step sft_smoke 180 "${TRUN[@]}" sft --config configs/smoke.yaml --device cuda "out_dir=$RUN/sft" \
     "data.train_file=$RUN/sft.jsonl" train.max_steps=30 && last_metrics "$RUN/sft"
@@ -81,8 +86,10 @@ step sft_0.5b 180 "${TRUN[@]}" sft --config configs/smoke.yaml --device cuda "ou
 COMMON=(--config configs/smoke-rl.yaml --device cuda "out_dir=$RUN/rl" "model.path=$RUN/sft/hf")
 step potential 120 "${TRUN[@]}" potential "${COMMON[@]}"
 step rl 180 "${TRUN[@]}" rl "${COMMON[@]}" && last_metrics "$RUN/rl"
+step rl_one_pass 180 "${TRUN[@]}" rl "${COMMON[@]}" "out_dir=$RUN/rl1" curriculum.mode=uniform \
+    algo.one_pass_loss=true && last_metrics "$RUN/rl1"
 step eval 120 "${TRUN[@]}" eval "${COMMON[@]}" && grep -E "mode\]|mean" "$OUT/eval.log" | head -6 | tee -a "$SUMMARY"
-for f in sft_smoke sft_0.5b potential rl eval; do
+for f in sft_smoke sft_0.5b potential rl rl_one_pass eval; do
     grep -qE "Error|Traceback" "$OUT/$f.log" && { note "--- $f.log (tail)"; tail -15 "$OUT/$f.log" | tee -a "$SUMMARY"; }
 done
 note "total $(( $(date +%s) - T0 )) s"
