@@ -17,7 +17,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from test_model import CONFIGS, random_hf_model  # noqa: E402
-from test_rollout import CORPUS, scripted  # noqa: E402
+from test_rollout import CORPUS, scripted, tiny_models  # noqa: E402
 
 from rci_fast.kernels import fused_linear_logprob  # noqa: E402
 from rci_fast.model import load_pretrained  # noqa: E402
@@ -69,17 +69,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def engine_models(tok, tmp_path_factory):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
-    hf = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.2)  # peaked distributions: greedy decoding has no near-ties
-    path = str(tmp_path_factory.mktemp("qwen2"))
-    hf.save_pretrained(path)
-    return hf.cuda(), load_pretrained(path, device="cuda")
+    return tiny_models(tok, str(tmp_path_factory.mktemp("qwen2")), device="cuda")
 
 
 def test_greedy_on_cuda_matches_transformers_token_for_token(tok, engine_models):

@@ -21,8 +21,8 @@ def tok():
     return train_bpe_tokenizer(CORPUS, vocab_size=320)
 
 
-@pytest.fixture(scope="module")
-def models(tok, tmp_path_factory):
+def tiny_models(tok, path, device="cpu"):
+    """A random tiny Qwen2 in transformers and the same weights in rci_fast, on `device`."""
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -31,9 +31,13 @@ def models(tok, tmp_path_factory):
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.2)  # peaked distributions: greedy decoding has no near-ties
-    path = str(tmp_path_factory.mktemp("qwen2"))
     hf.save_pretrained(path)
-    return hf, load_pretrained(path)
+    return hf.to(device), load_pretrained(path, device=device)
+
+
+@pytest.fixture(scope="module")
+def models(tok, tmp_path_factory):
+    return tiny_models(tok, str(tmp_path_factory.mktemp("qwen2")))
 
 
 @pytest.fixture(scope="module")
