@@ -17,7 +17,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from test_model import CONFIGS, random_hf_model  # noqa: E402
-from test_rollout import CORPUS, scripted, tiny_models  # noqa: E402
+from test_rollout import CORPUS, scripted, static_step_runs, tiny_models  # noqa: E402
 
 from rci_fast.kernels import fused_linear_logprob  # noqa: E402
 from rci_fast.model import load_pretrained  # noqa: E402
@@ -93,6 +93,15 @@ def test_code_call_inside_a_cuda_rollout(tok, engine_models):
     assert traj.code_statuses == ["ok"] and traj.finish_reason == "answer"
     assert [s.kind for s in traj.segments] == ["prompt", "model", "tool", "model"]
     assert traj.trainable_mask == [s.trainable for s in traj.segments for _ in s.ids]
+
+
+def test_cuda_graph_decoding_gives_the_same_trajectories(tok, engine_models):
+    """Decode steps replayed as CUDA graphs: the same greedy, sampled and code-calling
+    trajectories as the eager engine (rollout/decode_graphs.py)."""
+    from rci_fast.sandbox import Sandbox
+    _, ours = engine_models
+    with Sandbox(workers=2) as sb:
+        assert static_step_runs(tok, ours, True, sb) == static_step_runs(tok, ours, False, sb)
 
 
 def _float64_reference(hidden, weight, targets, g_logp, g_ent):

@@ -69,6 +69,32 @@ def test_slot_refill_gives_the_same_results(tok, models):
     assert [t.token_ids for t in wide] == [t.token_ids for t in narrow]
 
 
+def static_step_runs(tok, model, cuda_graphs, sandbox=None):
+    """Greedy, sampled (with slot refill) and code-calling runs of an engine with the given
+    cuda_graphs setting: what the static all-slot decode step must reproduce."""
+    plain = RolloutEngine(model, tok, max_batch=3, eos_ids=[], cuda_graphs=cuda_graphs)
+    greedy = plain.generate(prompts(tok) * 2, SamplingParams(temperature=0, max_new_tokens=40, stop_at_answer=False))
+    sampled = plain.generate(prompts(tok) * 2, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=40,
+                                                              stop_at_answer=False, seed=3))
+    turns = ["```python\nprint(6 * 7)\n```", " The answer is <<<42>>>."]
+    coded = RolloutEngine(model, tok, sandbox, max_batch=2, cuda_graphs=cuda_graphs,
+                          logits_processor=scripted(tok, turns)).generate(
+        [tok.encode("Compute 6 * 7 with Python.")] * 3, SamplingParams(max_new_tokens=64))
+    return [[(t.token_ids, t.trainable_mask, t.code_statuses, t.finish_reason) for t in run]
+            for run in (greedy, sampled, coded)]
+
+
+def test_static_decode_step_gives_the_same_trajectories(tok, models, sandbox):
+    """cuda_graphs="eager": every slot decodes at every step against a 256-rounded key length
+    (what a CUDA graph needs), without the graphs; same trajectories as the default step."""
+    _, ours = models
+    want = static_step_runs(tok, ours, False, sandbox)
+    assert static_step_runs(tok, ours, "eager", sandbox) == want
+    assert want[2][0][2] == ["ok"]
+    with pytest.raises(ValueError, match="CUDA device"):
+        RolloutEngine(ours, tok, cuda_graphs=True)
+
+
 def test_sampling_is_seeded(tok, models):
     _, ours = models
     engine = RolloutEngine(ours, tok)

@@ -143,17 +143,25 @@ class Attention(nn.Module):
 
 
 class CachedStep:
-    """What every layer of one cached forward shares: where to write, what to read, the mask."""
+    """What every layer of one cached forward shares: where to write, what to read, the mask.
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-                 fused: list[dict] | None = None):
+    slots None means rows 0..B-1 are slots 0..B-1; with `length` given too (at least the largest
+    position + 1), nothing here reads a tensor's value on the host: the step can be captured in a
+    CUDA graph."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor | None, positions: torch.Tensor,
+                 fused: list[dict] | None = None, length: int | None = None):
         B, T = positions.shape
         self.cache, self.positions, self.fused = cache, positions, fused
+        if slots is None:
+            slots = torch.arange(B, device=positions.device)
+            self._slice = slice(0, B)
+        else:
+            first = int(slots[0])
+            contiguous = torch.equal(slots, torch.arange(first, first + B, device=slots.device))
+            self._slice = slice(first, first + B) if contiguous else None
         self.rows = slots.unsqueeze(1).expand(B, T)
-        self.length = int(positions.max()) + 1
-        first = int(slots[0])
-        contiguous = torch.equal(slots, torch.arange(first, first + B, device=slots.device))
-        self._slice = slice(first, first + B) if contiguous else None
+        self.length = int(positions.max()) + 1 if length is None else length
         self._slots = slots
         # Query at position p sees cache positions 0..p of its own slot.
         self.mask = (torch.arange(self.length, device=positions.device)
@@ -253,12 +261,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                       slots: torch.Tensor) -> torch.Tensor:
-        """Runs tokens [B, T] at `positions` [B, T] of cache rows `slots` [B], writing their keys
-        and values; returns hidden states [B, T, hidden]."""
+                       slots: torch.Tensor | None, length: int | None = None) -> torch.Tensor:
+        """Runs tokens [B, T] at `positions` [B, T] of cache rows `slots` [B] (None: rows 0..B-1),
+        writing their keys and values; returns hidden states [B, T, hidden]. Queries attend to
+        the first `length` cache positions (default: up to the largest position; more only adds
+        masked keys)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        step = CachedStep(cache, slots, positions, self._fused)
+        step = CachedStep(cache, slots, positions, self._fused, length)
         for layer in self.model.layers:
             x = layer(x, cos, sin, None, step)
         return self.model.norm(x)

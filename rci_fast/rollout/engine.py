@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from rci_fast.model import KVCache, Transformer
+from rci_fast.rollout.decode_graphs import DecodeGraphs
 from rci_fast.rollout.sampling import SamplingParams, sample
 from rci_fast.tasks.prompt import DEFAULT_MAX_RESULT_CHARS, format_result
 
@@ -92,14 +93,17 @@ class RolloutEngine:
     model: rci_fast Transformer; tokenizer: a transformers tokenizer (encode/decode);
     sandbox: rci_fast.sandbox.Sandbox or None (then code blocks are not executed);
     logits_processor(segments_per_row, logits [B, V]) -> logits: a hook that can steer sampling
-    (tests use it to script a policy)."""
+    (tests use it to script a policy);
+    cuda_graphs: run decode steps as CUDA graphs (rollout/decode_graphs.py; "eager" runs the same
+    static all-slot step without graphs, on any device)."""
 
     def __init__(self, model: Transformer, tokenizer, sandbox=None, *, max_batch: int = 64,
                  max_code_calls: int = 8, code_timeout_s: float = 10.0,
                  max_tool_output_chars: int = DEFAULT_MAX_RESULT_CHARS,
                  tool_template: str = DEFAULT_TOOL_TEMPLATE,
                  eos_ids: list[int] | None = None,
-                 logits_processor: Callable[[list[list[Segment]], torch.Tensor], torch.Tensor] | None = None):
+                 logits_processor: Callable[[list[list[Segment]], torch.Tensor], torch.Tensor] | None = None,
+                 cuda_graphs: bool | str = False):
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
         self.max_batch, self.max_code_calls = max_batch, max_code_calls
         self.code_timeout_s, self.max_tool_output_chars = code_timeout_s, max_tool_output_chars
@@ -108,6 +112,12 @@ class RolloutEngine:
             eos_ids = model.config.eos_ids or [t for t in [tokenizer.eos_token_id] if t is not None]
         self.eos_ids = set(eos_ids)
         self.logits_processor = logits_processor
+        if cuda_graphs not in (False, True, "eager"):
+            raise ValueError(f"cuda_graphs must be False, True or 'eager', got {cuda_graphs!r}")
+        if cuda_graphs is True and model.lm_head.weight.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: DecodeGraphs | None = None
         self._piece_cache: dict[int, str] = {}
         self.stats: dict[str, float] = {}
 
@@ -125,6 +135,8 @@ class RolloutEngine:
         n_slots = min(self.max_batch, len(prompts))
         # One spare column past max_total_tokens takes the padding's writes (see _advance).
         cache = KVCache(self.model.config, n_slots, params.max_total_tokens + 1, dtype, device)
+        self._graphs = (DecodeGraphs(self.model, cache, n_slots, capture=self.cuda_graphs is True)
+                        if self.cuda_graphs else None)
         generator = torch.Generator(device=device).manual_seed(params.seed)
         self._trigger_chars = set("`>") | {s[-1] for s in params.stop if s}
         queue = deque(enumerate(prompts))
@@ -181,11 +193,18 @@ class RolloutEngine:
         multi = [s for s in ready if len(s.next_input) > 1]
         if single:
             by_slot = {s.slot: s for s in active}
-            lo, hi = min(s.slot for s in single), max(s.slot for s in single)
+            if self._graphs is not None:  # static shapes: every slot, every step
+                lo, hi = 0, self._graphs.ids.shape[0] - 1
+            else:
+                lo, hi = min(s.slot for s in single), max(s.slot for s in single)
             rows = [by_slot.get(slot) for slot in range(lo, hi + 1)]
             tokens = [[s.next_input[0] if s in single else 0] if s else [0] for s in rows]
             positions = [[s.length] if s else [0] for s in rows]
-            out = self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows), cache, device)
+            if self._graphs is not None:
+                out = self._graphs.run([t[0] for t in tokens], [p[0] for p in positions])
+            else:
+                out = self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows), cache,
+                                         device)
             index = {id(s): j for j, s in enumerate(rows) if s is not None}
             for i, s in enumerate(ready):
                 if len(s.next_input) == 1:
