@@ -141,6 +141,7 @@ struct Child {
   int pidfd = -1;  // readable once the child has exited
   std::string scratch;
   bool session = false;
+  std::string spawn_error;  // why spawn() gave no child (pid -1), for the run's error message
 };
 
 struct ChildSetup {
@@ -275,15 +276,19 @@ class Worker {
   // Forks a spare child. Returns {pid = 0} inside the child, {pid = -1} when the fork failed.
   Child spawn() {
     Child c;
+    // pid stays -1 on failure: the next request reports spawn_error.
+    auto failed = [&c](const char* what) {
+      c.spawn_error = std::string(what) + ": " + strerror(errno);
+      return c;
+    };
     c.scratch = config_.scratch_root + "/w" + std::to_string(index_) + "-" + std::to_string(seq_++);
-    if (mkdir(c.scratch.c_str(), 0700) != 0) {
-      if (errno != EEXIST) return c;  // pid stays -1: requests report the failure
-    }
-    if (config_.run_uid >= 0 && chown(c.scratch.c_str(), config_.run_uid, config_.run_gid) != 0) return c;
+    if (mkdir(c.scratch.c_str(), 0700) != 0 && errno != EEXIST) return failed("mkdir of the run's folder");
+    if (config_.run_uid >= 0 && chown(c.scratch.c_str(), config_.run_uid, config_.run_gid) != 0)
+      return failed("chown of the run's folder to the run uid");
     int control[2], out[2], err[2], report[2];
     if (pipe2(control, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) ||
         pipe2(report, O_CLOEXEC))
-      return c;
+      return failed("pipe2");
     pid_t pid = fork();
     if (pid == 0) {
       spare_child(setup_, c.scratch, control[0], out[1], err[1], report[1]);
@@ -293,8 +298,10 @@ class Worker {
     }
     close(control[0]); close(out[1]); close(err[1]); close(report[1]);
     if (pid < 0) {
+      const int fork_errno = errno;
       close(control[1]); close(out[0]); close(err[0]); close(report[0]);
-      return c;
+      errno = fork_errno;
+      return failed("fork");
     }
     c.pid = pid;
     c.control_w = control[1];
@@ -378,13 +385,13 @@ class Worker {
     const double t0 = now_ms();
     ChildMessage m{kChildMagic, static_cast<uint32_t>(code.size()), session ? CHILD_SESSION : 0u, 0,
                    limits};
-    const char* failed = nullptr;
-    if (c.pid <= 0) failed = "fork failed";
+    std::string failed;
+    if (c.pid <= 0) failed = c.spawn_error.empty() ? "no run process" : c.spawn_error;
     else if (fresh_child && !wait_ready(c)) failed = "the run process died or hung while locking itself down";
     else if (fresh_child && !apply_limits(c.pid, limits)) failed = "setting the run's rlimits failed";
     else if (!write_full(c.control_w, &m, sizeof m) || !write_full(c.control_w, code.data(), code.size()))
       failed = "the pipe to the run process broke (the session ended)";
-    if (failed) {
+    if (!failed.empty()) {
       o.h.status = ST_ERROR;
       o.err = std::string("rci_fast sandbox: could not start a run: ") + failed + "\n";
       if (c.pid > 0) {  // the set-up writes why it gave up to its stderr (die_in_child, a traceback)

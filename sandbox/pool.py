@@ -249,6 +249,7 @@ class Sandbox:
         self._start()
         self._finalizer = weakref.finalize(self, Sandbox._shutdown, self._template, self._control,
                                            list(self._workers), self.scratch_root)
+        self._self_test()
 
     # ---- start and stop --------------------------------------------------------------------
 
@@ -312,6 +313,15 @@ class Sandbox:
         self.isolation["scratch"] = (f"private tmpfs, {self._scratch_mb} MiB, {self._scratch_files} files"
                                      if ready == b"RT" else "folder on disk")
         self._workers = [self._spawn_worker() for _ in range(self.workers)]
+
+    def _self_test(self) -> None:
+        """One trivial run before the sandbox is handed out: a machine whose kernel refuses the
+        lockdown (seccomp, Landlock, uid change) fails here, with the reason, not at every run."""
+        result = self.run("pass", timeout_s=max(self.limits.timeout_s, 10.0))
+        if result.status != "ok":
+            self.close()
+            raise SandboxError(f"the sandbox cannot run code on this machine ({result.status}):\n"
+                               f"{result.stderr.strip()}")
 
     def _spawn_worker(self) -> _Worker:
         with self._control_lock:

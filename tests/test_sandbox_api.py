@@ -1,5 +1,6 @@
 """The sandbox's Python API on real runs: statuses, limits, sessions, concurrency, recovery."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -256,3 +257,17 @@ def test_scratch_lives_on_a_capped_private_tmpfs():
         assert r.status == "error" and "No space left on device" in r.stderr
         assert box.run("print(1)").stdout == "1\n"  # the worker cleaned up and goes on
         assert os.listdir(box.scratch_root) == ["template.log"]  # nothing reached the disk
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_a_machine_that_refuses_the_lockdown_fails_at_start_with_the_reason():
+    """In a user namespace that maps only root, the run uid cannot own the run's folder: the
+    sandbox must refuse to start and say which step failed, not hand out one that errors on
+    every run."""
+    code = ("from rci_fast.sandbox import Sandbox, SandboxError\n"
+            "try:\n    Sandbox(workers=1, run_uid=12345)\n"
+            "except SandboxError as e:\n    print('REFUSED', e)\n")
+    r = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120)
+    assert "REFUSED the sandbox cannot run code on this machine" in r.stdout, r.stdout + r.stderr
+    assert "chown of the run's folder to the run uid: Invalid argument" in r.stdout
