@@ -320,8 +320,13 @@ class Sandbox:
         result = self.run("pass", timeout_s=max(self.limits.timeout_s, 10.0))
         if result.status != "ok":
             self.close()
+            hint = ""
+            if "chown" in result.stderr:
+                hint = ("\n(the runs' folders live under scratch_dir, default the system temp folder; as root "
+                        "they are given to an unprivileged uid: pass a scratch_dir on a file system that "
+                        "allows chown, or run_uid=os.geteuid() to keep root's uid inside the sandbox)")
             raise SandboxError(f"the sandbox cannot run code on this machine ({result.status}):\n"
-                               f"{result.stderr.strip()}")
+                               f"{result.stderr.strip()}{hint}")
 
     def _spawn_worker(self) -> _Worker:
         with self._control_lock:
