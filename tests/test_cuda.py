@@ -51,6 +51,20 @@ def test_logits_dense_and_packed_match_transformers(pair):
             torch.testing.assert_close(packed[cu[i]:cu[i] + len(s)], hf(s[None]).logits[0], atol=1e-4, rtol=0)
 
 
+def test_bf16_packed_attention_matches_one_sequence_at_a_time(pair):
+    """bf16 packed batches take a varlen flash kernel (flash-attn's, else torch's): each sequence's
+    logits as when it runs alone (relative error within bf16's 1e-2)."""
+    _, _, path = pair
+    model = load_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 131, (n,), generator=g).cuda() for n in [5, 19, 1, 11, 64]]
+    cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).cuda()
+    with torch.no_grad():
+        packed = model(torch.cat(seqs).unsqueeze(0), cu_seqlens=cu)[0]
+        for i, s in enumerate(seqs):
+            assert rel_err(packed[cu[i]:cu[i] + len(s)], model(s[None])[0]) < 1e-2
+
+
 def test_bf16_model_error_is_that_of_transformers_bf16(pair):
     hf, _, path = pair
     ids = torch.randint(0, 131, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()

@@ -5,13 +5,15 @@ knows nothing of distributed training, rollouts or tasks: FSDP is applied from o
 
 Three ways to run attention:
   - dense [B, T]: every row is one sequence, causal;
-  - packed [1, N] with `cu_seqlens`: several sequences back to back, no padding; flash-attn's
-    varlen kernel on CUDA when installed, one SDPA call per sequence otherwise;
+  - packed [1, N] with `cu_seqlens`: several sequences back to back, no padding; on CUDA in
+    bf16/fp16 flash-attn's varlen kernel when installed, else torch's (torch.nn.attention.varlen),
+    else one SDPA call per sequence (also on CPU and in fp32);
   - cached [B, T] with a KVCache: the rollout engine's decode and extend steps.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import torch
@@ -26,6 +28,12 @@ try:  # optional, GPU only
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # torch's own flash varlen kernel (CUDA), used when flash-attn is not installed
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+    if not {"window_size", "enable_gqa"} <= set(inspect.signature(torch_varlen_attn).parameters):
+        torch_varlen_attn = None  # an older signature than the one this code is written for
+except ImportError:
+    torch_varlen_attn = None
 
 
 class RMSNorm(nn.Module):
@@ -118,11 +126,15 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
     def _packed(self, q, k, v, cu_seqlens):
-        if flash_attn_varlen_func is not None and q.is_cuda:
+        varlen = flash_attn_varlen_func or torch_varlen_attn
+        if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             cu = cu_seqlens.to(torch.int32)
-            out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1),
-                                         v[0].transpose(0, 1), cu, cu, max_len, max_len, causal=True)
+            q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [N, heads, head_dim]
+            if flash_attn_varlen_func is not None:
+                out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+            else:
+                out = torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=True)
             return out.transpose(0, 1).unsqueeze(0)
         bounds = cu_seqlens.tolist()
         parts = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
