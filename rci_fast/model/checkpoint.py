@@ -19,17 +19,22 @@ INDEX = "model.safetensors.index.json"
 def load_pretrained(path: str, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Transformer:
     """Builds the model from `path/config.json` and loads its safetensors weights."""
-    cfg = read_config(path)
+    cfg = read_config(path)  # first: an unsupported architecture is the clearer error
     state = _read_safetensors(path)
+    model = empty_model(cfg, dtype or next(iter(state.values())).dtype, device)
+    check_tensor_names(path, state, model)
+    model.load_state_dict(state, strict=False)  # only a tied lm_head is absent, checked above
+    return model
+
+
+def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    """The model with uninitialised weights (for a caller that copies weights in next)."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    check_tensor_names(path, state, model)
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=False)  # only a tied lm_head is absent, checked above
+    model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.to(dtype or next(iter(state.values())).dtype)
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # not in checkpoints; stays float32
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # stays float32
     return model.eval()
 
 

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 
 from rci_fast.config import RLConfig
 from rci_fast.kernels import policy_loss
-from rci_fast.model import load_pretrained
+from rci_fast.model.checkpoint import empty_model, read_config
 from rci_fast.rl import Curriculum, CurriculumConfig, group_advantages
 from rci_fast.rl.potential import read_potential
 from rci_fast.rollout import Trajectory
@@ -150,9 +150,11 @@ class GRPOTrainer:
         self.saved_step = -1
         if resume:
             self._resume()
-        # The engine's own plain copy of the policy, refreshed before every rollout phase; the
-        # sandbox starts last, so a failed set-up leaves no worker processes behind.
-        self.rollout_model = load_pretrained(path, dtype=self.compute_dtype, device=device).eval()
+        # The engine's own plain copy of the policy, filled from the shards (no second read of the
+        # checkpoint) and refreshed before every rollout phase; the sandbox starts last, so a
+        # failed set-up leaves no worker processes behind.
+        self.rollout_model = empty_model(read_config(path), self.compute_dtype, device)
+        sync_weights(self.model, self.inner, self.rollout_model)
         self.sandbox = make_sandbox(cfg.rollout)
         self.engine = make_engine(self.rollout_model, self.tokenizer, self.sandbox, cfg.rollout)
 
