@@ -108,7 +108,9 @@ checked = compare(json.loads(sys.argv[1]), info)
 # each rank holds only its rows: the embedding's local shard is 66 or 65 of 131 rows
 from rci_fast.train.parallelize import load_sharded
 w = load_sharded(json.loads(sys.argv[1])[0], info, torch.float32)
-print("RANK", info.rank, len(checked), w.model.model.embed_tokens.weight.to_local().shape[0])
+rows = w.model.model.embed_tokens.weight.to_local().shape[0]
+with open(f"{{sys.argv[2]}}/rank{{info.rank}}.txt", "w") as f:  # a file each: ranks' stdout lines interleave
+    f.write(f"{{info.rank}} {{len(checked)}} {{rows}}")
 info.close()
 """
 
@@ -122,8 +124,23 @@ def test_two_ranks_each_read_their_rows(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), str(script), json.dumps(paths)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=240)
+                        str(port), str(script), json.dumps(paths), str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("RANK"))
+    ranks = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert ranks == [["0", "3", "66"], ["1", "3", "65"]]
+
+
+def test_frozen_shards_in_the_compute_dtype(tmp_path):
+    """master_dtype=bf16 (the frozen reference model): bf16 shards holding the checkpoint's bf16
+    values exactly; the rotary frequencies stay fp32."""
+    path = write_checkpoints(tmp_path)[0]  # stored in bf16
+    info = init_distributed("cpu")
+    try:
+        wrapper = load_sharded(path, info, torch.bfloat16, master_dtype=torch.bfloat16)
+        full = load_pretrained(path)  # the file's dtype: bf16
+        for name, p in wrapper.model.named_parameters():
+            assert p.dtype == torch.bfloat16 and torch.equal(p.full_tensor(), dict(full.named_parameters())[name])
+        assert wrapper.model.inv_freq.dtype == torch.float32
+    finally:
+        info.close()

@@ -134,7 +134,9 @@ class GRPOTrainer:
         self.inner.train()
         self.ref = None
         if cfg.algo.kl_coef > 0:
-            self.ref = load_sharded(path, dist_info, self.compute_dtype).requires_grad_(False).eval()
+            # Frozen: its shards in the compute dtype (what its forward casts them to anyway).
+            self.ref = load_sharded(path, dist_info, self.compute_dtype, master_dtype=self.compute_dtype)
+            self.ref.requires_grad_(False).eval()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in self.model.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},

@@ -41,15 +41,16 @@ def parallelize(wrapper: TokenLogprobs, mesh: DeviceMesh, param_dtype: torch.dty
 
 
 def load_sharded(path: str, dist_info: DistInfo, param_dtype: torch.dtype, activation_checkpointing: bool = False,
-                 weights: bool = True) -> TokenLogprobs:
-    """The HF checkpoint at `path` as a sharded TokenLogprobs with fp32 master weights, without
-    any rank ever holding the whole model: it is built on the meta device and sharded, then each
-    rank reads only its own rows of each tensor from the memory-mapped safetensors files (a 7B
-    model costs each of 8 ranks ~3.8 GB of fp32 shards, not 30 GB). weights=False leaves the
-    parameters uninitialised, for a caller that loads a training checkpoint next."""
+                 weights: bool = True, master_dtype: torch.dtype = torch.float32) -> TokenLogprobs:
+    """The HF checkpoint at `path` as a sharded TokenLogprobs (shards in `master_dtype`: fp32 for
+    a model that trains, the compute dtype for a frozen one), without any rank ever holding the
+    whole model: it is built on the meta device and sharded, then each rank reads only its own
+    rows of each tensor from the memory-mapped safetensors files (a 7B model costs each of 8
+    ranks ~3.8 GB of fp32 shards, not 30 GB). weights=False leaves the parameters uninitialised,
+    for a caller that loads a training checkpoint next."""
     cfg = read_config(path)
     with torch.device("meta"):
-        inner = Transformer(cfg)
+        inner = Transformer(cfg).to(master_dtype)
     if weights:
         files = _tensor_files(path)
         check_tensor_names(path, files, inner)
