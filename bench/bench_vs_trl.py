@@ -161,6 +161,9 @@ def median(xs):
 
 # ---- rci_fast GRPO -------------------------------------------------------------------------
 
+ONE_PASS_LOSS = False  # --one-pass-loss: rci_fast's update with algo.one_pass_loss
+
+
 def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, code=None, workers=2,
                   prompts=None) -> dict:
     from rci_fast.train.grpo import GRPOTrainer
@@ -173,7 +176,8 @@ def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, co
                  "rollout.max_code_calls": 8, "algo.kl_coef": 0, "algo.advantage": "grpo",
                  "algo.aggregation": "token-mean", "train.steps": 10_000, "train.lr": LR,
                  "train.micro_batch_tokens": 16384, "train.schedule": "constant", "train.grad_clip": 1.0,
-                 "train.weight_decay": 0.0, "curriculum.mode": "uniform", "checkpoint.export_at_end": False}
+                 "train.weight_decay": 0.0, "curriculum.mode": "uniform", "checkpoint.export_at_end": False,
+                 "algo.one_pass_loss": ONE_PASS_LOSS}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()], cls=RLConfig)
     from rci_fast.train import grpo as grpo_module
 
@@ -425,7 +429,7 @@ def fmt_split(r):
 
 
 def main() -> int:
-    global DIST
+    global DIST, ONE_PASS_LOSS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps (a sanity run)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -433,7 +437,10 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2, help="code calls per completion in part 3")
     parser.add_argument("--code-sleep-ms", type=int, default=50, help="what each code call sleeps")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: grpo,sft,code")
+    parser.add_argument("--one-pass-loss", action="store_true",
+                        help="rci_fast's update forms the loss gradient in the forward (algo.one_pass_loss)")
     args = parser.parse_args()
+    ONE_PASS_LOSS = args.one_pass_loss
     try:
         import trl
     except ImportError:
