@@ -1,5 +1,10 @@
 """Reasoning-Gym through the registry: each registered dataset's own reference answer scores 1.0,
 a wrong answer scores below 1, generation is seeded and deterministic."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from rci_fast.tasks import list_tasks, load_task
@@ -46,3 +51,26 @@ def test_basic_arithmetic_prompt_states_floor_division():
                   == "( 412 - -864 ) / -( -( 318 - -345 ) + -662 )")  # 1276 / 1325
     assert uneven.data["answer"] == "0" and "//" in uneven.prompt
     assert task.score(uneven, "<<<0>>>") == 1.0
+
+
+DIGEST = """import hashlib, json, sys
+from rci_fast.tasks.rg import ReasoningGymTask, list_rg_tasks
+out = {}
+for name in list_rg_tasks():
+    task = ReasoningGymTask(name, train_size=5, validation_size=5)
+    text = json.dumps([(s.prompt, str(s.data.get("answer"))) for s in task.samples()], default=str)
+    out[name] = hashlib.sha1(text.encode()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_samples_do_not_depend_on_the_string_hash_seed():
+    """Every registered dataset gives the same samples in processes with different PYTHONHASHSEEDs
+    (HASH_DEPENDENT ones through a child with a fixed seed): a demo that resumes in a new process,
+    and every rank of a run, see the same questions."""
+    procs = [subprocess.Popen([sys.executable, "-c", DIGEST], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONHASHSEED=seed)) for seed in ("1", "2")]
+    digests = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    assert len(digests[0]) == len(list_tasks(source="rg")) > 90
+    assert [name for name in digests[0] if digests[0][name] != digests[1][name]] == []

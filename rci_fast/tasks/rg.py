@@ -4,12 +4,20 @@ package's own `score_answer`.
 Every dataset of the installed package is registered except those in LEFT_OUT (each with the
 reason). Samples are generated lazily and deterministically: the 'train' part from seed
 TRAIN_SEED, the 'validation' part from VALIDATION_SEED with any question that also appears in
-'train' removed (small datasets repeat questions).
+'train' removed (small datasets repeat questions). A few generators iterate over sets of strings,
+whose order changes with each process's string-hash seed (PYTHONHASHSEED); those are generated in
+a child process with PYTHONHASHSEED=0, so every process sees the same samples.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tempfile
 
 from rci_fast.tasks.base import Sample, Task
 
@@ -30,6 +38,10 @@ LEFT_OUT = {
     "rush_hour": "no reference answer (answer is None): the scorer cannot be tested against a gold",
 }
 
+# Generators whose samples depend on PYTHONHASHSEED (found by tests/test_tasks_rg.py, which checks
+# every registered dataset under two hash seeds): e.g. ransom_note draws letters from list(a set).
+HASH_DEPENDENT = {"isomorphic_strings", "knight_swap", "polynomial_multiplication", "ransom_note", "word_ladder"}
+
 _FORMAT_SUFFIX = "\n\nGive your final answer inside <<< >>>, e.g. <<<your answer>>>."
 
 # What a question leaves unsaid but its reference answer assumes.
@@ -38,6 +50,46 @@ PROMPT_NOTES = {
     # nested divisions do not always divide evenly: 1276 / 1325 has the reference answer 0
     "basic_arithmetic": "\nTreat every / as integer division rounding down (Python's //).",
 }
+
+
+def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
+    """(the reasoning-gym dataset object, its first `size` entries), in this process."""
+    import numpy as np
+    import reasoning_gym
+
+    # Some generators run sample code that draws from the global random generators (codeio's
+    # numpy programs): seed them for the generation, then give the caller its own state back.
+    saved = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        # Some generators print progress to stdout; keep that out of the caller's output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset = reasoning_gym.create_dataset(dataset_name, seed=seed, size=size, **config)
+            return dataset, [dataset[i] for i in range(size)]
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+
+
+_CHILD = """import pickle, sys
+from rci_fast.tasks.rg import generate_entries
+name, seed, size, config, out = pickle.loads(bytes.fromhex(sys.argv[1]))
+with open(out, "wb") as f:
+    pickle.dump(generate_entries(name, seed, size, config)[1], f)
+"""
+
+
+def _generate_with_fixed_hash_seed(dataset_name: str, seed: int, size: int, config: dict) -> list:
+    with tempfile.TemporaryDirectory(prefix="rci-rg-") as tmp:
+        out = os.path.join(tmp, "entries.pkl")
+        job = pickle.dumps((dataset_name, seed, size, config, out)).hex()
+        r = subprocess.run([sys.executable, "-c", _CHILD, job], env=dict(os.environ, PYTHONHASHSEED="0"),
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"generating rg/{dataset_name} in a child process failed:\n{r.stderr[-2000:]}")
+        with open(out, "rb") as f:
+            return pickle.load(f)
 
 
 def list_rg_tasks() -> list[str]:
@@ -62,13 +114,10 @@ class ReasoningGymTask(Task):
         self._scorer = None
 
     def _generate(self, seed: int, size: int):
-        import reasoning_gym
-
-        # Some generators print progress to stdout; keep that out of the caller's output.
-        with contextlib.redirect_stdout(io.StringIO()):
-            dataset = reasoning_gym.create_dataset(self.dataset, seed=seed, size=size, **self.config)
-            entries = [dataset[i] for i in range(size)]
-        self._scorer = dataset
+        if self.dataset in HASH_DEPENDENT and os.environ.get("PYTHONHASHSEED") != "0":
+            self._scorer = generate_entries(self.dataset, seed, 1, self.config)[0]  # scoring only
+            return _generate_with_fixed_hash_seed(self.dataset, seed, size, self.config)
+        self._scorer, entries = generate_entries(self.dataset, seed, size, self.config)
         return entries
 
     def samples(self, split: str | None = None) -> list[Sample]:
