@@ -132,8 +132,9 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
         f"lr {rl_cfg.train.lr:g}, KL {rl_cfg.algo.kl_coef:g}; curriculum: stages of "
         f"{rl_cfg.curriculum.steps_per_stage} steps from high to low potential; uniform: all samples "
         f"from the start.",
-        f"- Eval: {e.samples_per_task} held-out samples per task (the tasks' validation split), {e.attempts} "
-        f"attempts each at temperature {e.temperature}; held-out families (never trained on): "
+        f"- Eval: {e.samples_per_task} held-out samples per task (the tasks' validation split), "
+        f"{'greedy decoding' if e.temperature == 0 else f'{e.attempts} attempts each at temperature {e.temperature}'}; "
+        f"held-out families (never trained on): "
         f"{', '.join(t.removeprefix('rg/') for t in rl_cfg.tasks.test)}. Text-only mode: the same model with "
         f"the text-only system prompt and no interpreter.", "",
         "## Mean accuracy over tasks", "",
