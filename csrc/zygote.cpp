@@ -72,13 +72,13 @@ bool write_full(int fd, const void* buf, size_t n) {
   return true;
 }
 
-// Appends what a non-blocking `fd` holds now, up to `cap` bytes in all; `open` turns false at EOF.
-void drain_into(int fd, std::string& dst, size_t cap, bool& open) {
+// Appends what a non-blocking `fd` holds now (up to EOF or EAGAIN), up to `cap` bytes in all.
+void drain_into(int fd, std::string& dst, size_t cap) {
   char buf[4096];
   while (dst.size() < cap) {
     ssize_t n = read(fd, buf, std::min(sizeof buf, cap - dst.size()));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) { open = open && n != 0; return; }
+    if (n <= 0) return;
     dst.append(buf, static_cast<size_t>(n));
   }
 }
@@ -396,8 +396,7 @@ class Worker {
       o.err = std::string("rci_fast sandbox: could not start a run: ") + failed + "\n";
       if (c.pid > 0) {  // the set-up writes why it gave up to its stderr (die_in_child, a traceback)
         std::string why;
-        bool open = true;
-        drain_into(c.err_r, why, 4096, open);
+        drain_into(c.err_r, why, 4096);
         if (!why.empty()) o.err += "its stderr:\n" + why;
       }
       o.h.flags |= RF_SESSION_ENDED;

@@ -98,9 +98,13 @@ def merge_block_stats(m, s, a):
     return m_all + log_s, log_s - a_all / s_all
 
 
+def _budget_kind(device):
+    return device.type if device.type in TILE_BYTES else "cpu"
+
+
 def tile_sizes(T, V, device, chunk_size=None, vocab_block=None):
     """(tokens per chunk, vocab columns per block) for the fp32 tile budget of this device."""
-    kind = device.type if device.type in TILE_BYTES else "cpu"
+    kind = _budget_kind(device)
     chunk = int(chunk_size) if chunk_size else min(max(T, 1), MAX_CHUNK_TOKENS[kind])
     if vocab_block:
         return max(1, chunk), max(1, int(vocab_block))
@@ -254,7 +258,7 @@ class _LinearLossOnePass(torch.autograd.Function):
         logp = torch.zeros(T, dtype=torch.float32, device=hidden.device)
         entropy = torch.zeros_like(logp)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty(T, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros(T, hidden.shape[1], dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         dz_low = None
         if _tensor_cores(weight):
@@ -282,7 +286,6 @@ class _LinearLossOnePass(torch.autograd.Function):
             out = None if dz_low is None else dz_low[:t1 - t0]
             dz = rows.grad_block_(tile, local_c, shift, ent, g.contiguous(), g_ent.contiguous(), temp, out=out)
             del tile
-            grad_h[t0:t1] = 0.0
             _add_grad_hidden_(grad_h[t0:t1], dz, weight)
             _grad_weight_block_(grad_w, dz, h, accumulate=True)
             del dz
@@ -312,7 +315,7 @@ def fused_linear_loss(hidden, weight, targets, chunk_loss, temperature=1.0, *, b
     _check_inputs(hidden, weight, targets, temperature, ignore_index)
     rows = _pick_rows(backend, hidden.device)
     V = weight.shape[0]
-    kind = hidden.device.type if hidden.device.type in TILE_BYTES else "cpu"
+    kind = _budget_kind(hidden.device)
     chunk = int(chunk_size) if chunk_size else max(1, min(MAX_CHUNK_TOKENS[kind], TILE_BYTES[kind] // (4 * V)))
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     return _LinearLossOnePass.apply(hidden, weight, targets, 1.0 / float(temperature), int(ignore_index),

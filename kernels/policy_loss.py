@@ -171,7 +171,7 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, t
                                              backend=backend, chunk_size=chunk_size)
         loss, stats = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **loss_kwargs)
     else:
-        clip_high = _validate(targets.float(), old_logp, advantages, mask, clip_low, clip_high, ref_logp, kl_coef,
+        clip_high = _validate(targets, old_logp, advantages, mask, clip_low, clip_high, ref_logp, kl_coef,
                               None, 0.0, aggregation, seq_ids)
         w = token_weights(mask, aggregation, global_tokens, seq_ids, global_seqs, norm)
 

@@ -115,7 +115,6 @@ class ReasoningGymTask(Task):
 
     def _generate(self, seed: int, size: int):
         if self.dataset in HASH_DEPENDENT and os.environ.get("PYTHONHASHSEED") != "0":
-            self._scorer = generate_entries(self.dataset, seed, 1, self.config)[0]  # scoring only
             return _generate_with_fixed_hash_seed(self.dataset, seed, size, self.config)
         self._scorer, entries = generate_entries(self.dataset, seed, size, self.config)
         return entries
@@ -138,8 +137,8 @@ class ReasoningGymTask(Task):
         return list(self._parts[split])
 
     def check(self, sample: Sample, answer: str) -> float:
-        if self._scorer is None:
-            self._generate(TRAIN_SEED, 1)
+        if self._scorer is None:  # in this process: scoring does not depend on the hash seed
+            self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]
         # The package scores with the dataset object; score_answer reads only `entry`.
         score = self._scorer.score_answer(answer, sample.data)
         return min(1.0, max(0.0, float(score or 0.0)))

@@ -77,10 +77,11 @@ def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     if not isinstance(param, DTensor):
         return param, 0
     mesh = param.device_mesh
-    n, world = param.shape[0], mesh.size()
-    start = min(mesh.get_local_rank() * -(-n // world), n)
+    n = param.shape[0]
+    per_rank = -(-n // mesh.size())
+    start = min(mesh.get_local_rank() * per_rank, n)
     local = param.to_local()
-    if local.shape[0] != min(-(-n // world), n - start):
+    if local.shape[0] != min(per_rank, n - start):
         raise RuntimeError(f"unexpected FSDP shard layout: {local.shape[0]} local rows of {n} at row {start}")
     return local, start
 
@@ -100,5 +101,5 @@ def _load_local_rows(inner: Transformer, files: dict[str, str]) -> None:
                                      f"{list(param.shape)}")
                 local, start = _local_rows(param)
                 if local.shape[0]:  # a rank past the last chunk holds no rows
-                    local.copy_(stored[start:start + local.shape[0]])  # reads only these rows; casts to fp32
+                    local.copy_(stored[start:start + local.shape[0]])  # reads only these rows, cast to the shard's dtype
 
