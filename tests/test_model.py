@@ -142,3 +142,30 @@ def test_hidden_states_feed_the_fused_logprob_kernel(pair):
         ref = torch.log_softmax(ours(ids)[0].double(), -1).gather(-1, targets[:, None]).squeeze(-1)
         got = fused_linear_logprob(h, ours.lm_head.weight, targets, backend="torch")
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_lazily_zeroed_cache_ignores_stale_memory(pair):
+    """KVCache(zero_all=False) zeroes positions on first use: memory that held NaN before gives
+    the same cached forward as a zeroed cache (attention reads masked cells too)."""
+    from rci_fast.model import KVCache
+
+    _, ours, _ = pair
+    ids = torch.randint(0, 131, (3, 9), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for zero_all in (True, False):
+        cache = KVCache(ours.config, 3, 200, torch.float32, zero_all=zero_all)
+        if not zero_all:
+            cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))
+        rows = [ours.forward_cached(ids[:, :4], torch.arange(4).expand(3, 4), cache, None)]
+        for t in range(4, 8):  # rows 0 and 1 go ahead, row 2 waits
+            rows.append(ours.forward_cached(ids[:2, t:t + 1], torch.full((2, 1), t), cache, None))
+        # row 2 at position 4 attends (masked) to cells 5..8 of its slot, never written
+        last = torch.tensor([[8], [8], [4]])
+        rows.append(ours.forward_cached(ids.gather(1, last), last, cache, None))
+        outs.append(rows)
+        assert cache.zeroed == (200 if zero_all else 64)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.no_grad():
+        full = ours.hidden_states(ids)
+    torch.testing.assert_close(outs[1][-1][:, 0], full[[0, 1, 2], [8, 8, 4]], atol=1e-5, rtol=0)

@@ -86,14 +86,28 @@ CUDA_DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_AT
 
 
 class KVCache:
-    """Keys and values of `num_slots` sequences, up to `max_len` tokens each, for every layer."""
+    """Keys and values of `num_slots` sequences, up to `max_len` tokens each, for every layer.
+
+    zero_all=False leaves the memory as allocated and zeroes positions on first use instead
+    (zero_upto): a cache sized for 4k tokens whose sequences stop at 160 then costs nothing to
+    set up (on a CPU, zeroing it all took longer than 10 decode steps). Zeroing matters: attention
+    reads the masked cells too, and 0 x NaN from stale memory would poison the output."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", zero_all: bool = True):
         shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        new = torch.zeros if zero_all else torch.empty
+        self.k = new(shape, dtype=dtype, device=device)
+        self.v = new(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.zeroed = max_len if zero_all else 0  # positions below this hold zeros or written values
+
+    def zero_upto(self, length: int) -> None:
+        if length > self.zeroed:
+            end = min(-(-length // 64) * 64, self.max_len)  # 64 positions at a time: fewer, larger fills
+            self.k[..., self.zeroed:end, :].zero_()
+            self.v[..., self.zeroed:end, :].zero_()
+            self.zeroed = end
 
 
 class Attention(nn.Module):
@@ -174,6 +188,7 @@ class CachedStep:
             self._slice = slice(first, first + B) if contiguous else None
         self.rows = slots.unsqueeze(1).expand(B, T)
         self.length = int(positions.max()) + 1 if length is None else length
+        cache.zero_upto(self.length)  # before any layer writes: cells past it were never written
         self._slots = slots
         # Query at position p sees cache positions 0..p of its own slot.
         self.mask = (torch.arange(self.length, device=positions.device)

@@ -134,7 +134,9 @@ class RolloutEngine:
         self.model.fuse_projections()  # from the weights as they are now
         n_slots = min(self.max_batch, len(prompts))
         # One spare column past max_total_tokens takes the padding's writes (see _advance).
-        cache = KVCache(self.model.config, n_slots, params.max_total_tokens + 1, dtype, device)
+        # CUDA graphs hold the cache's addresses and replay no host code: zero it all up front.
+        cache = KVCache(self.model.config, n_slots, params.max_total_tokens + 1, dtype, device,
+                        zero_all=self.cuda_graphs is True)
         self._graphs = (DecodeGraphs(self.model, cache, n_slots, capture=self.cuda_graphs is True)
                         if self.cuda_graphs else None)
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -188,7 +190,7 @@ class RolloutEngine:
         view instead of gathering rows: slots in the range that wait for the interpreter (or are
         free) ride along as dummy rows, writing at their next position (or 0), the same way.
         """
-        logits = [None] * len(ready)
+        outs, row_of = [], {}  # row_of: id(seq) -> its row in torch.cat(outs)
         single = [s for s in ready if len(s.next_input) == 1]
         multi = [s for s in ready if len(s.next_input) > 1]
         if single:
@@ -198,29 +200,29 @@ class RolloutEngine:
             else:
                 lo, hi = min(s.slot for s in single), max(s.slot for s in single)
             rows = [by_slot.get(slot) for slot in range(lo, hi + 1)]
-            tokens = [[s.next_input[0] if s in single else 0] if s else [0] for s in rows]
+            decoding = {id(s) for s in single}
+            tokens = [[s.next_input[0] if id(s) in decoding else 0] if s else [0] for s in rows]
             positions = [[s.length] if s else [0] for s in rows]
             if self._graphs is not None:
-                out = self._graphs.run([t[0] for t in tokens], [p[0] for p in positions])
+                outs.append(self._graphs.run([t[0] for t in tokens], [p[0] for p in positions]))
             else:
-                out = self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows), cache,
-                                         device)
-            index = {id(s): j for j, s in enumerate(rows) if s is not None}
-            for i, s in enumerate(ready):
-                if len(s.next_input) == 1:
-                    logits[i] = out[index[id(s)]]
+                outs.append(self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows),
+                                               cache, device))
+            row_of.update((id(s), j) for j, s in enumerate(rows) if s is not None and id(s) in decoding)
         if multi:
             width = max(len(s.next_input) for s in multi)
             tokens = [s.next_input + [0] * (width - len(s.next_input)) for s in multi]
             positions = [[min(s.length + t, cache.max_len - 1) for t in range(width)] for s in multi]
-            out = self._forward_rows(tokens, positions, [s.slot for s in multi],
-                                     [len(s.next_input) - 1 for s in multi], cache, device)
-            for j, s in enumerate(multi):
-                logits[ready.index(s)] = out[j]
+            offset = len(outs[0]) if outs else 0
+            outs.append(self._forward_rows(tokens, positions, [s.slot for s in multi],
+                                           [len(s.next_input) - 1 for s in multi], cache, device))
+            row_of.update((id(s), offset + j) for j, s in enumerate(multi))
         for s in ready:
             s.length += len(s.next_input)
             s.next_input = []
-        return torch.stack(logits)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        # One gather (a copy: a CUDA graph's output buffer is overwritten by the next replay).
+        return out[torch.tensor([row_of[id(s)] for s in ready], device=out.device)]
 
     def _forward_rows(self, tokens, positions, slots, last, cache, device) -> torch.Tensor:
         """One cached forward over rows built as Python lists (one tensor each: per-row tensor

@@ -33,7 +33,8 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     if params.temperature == 0:
         ids = logits.argmax(-1)
         return ids, torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
-    logits = logits / params.temperature
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -43,10 +44,12 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the first over top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    logp = torch.log_softmax(logits, -1)
     # Inverse-CDF sampling: one uniform number per row. torch.multinomial (and any per-logit
     # noise from a seeded generator) costs ~10 ms for 64 x 8k on CPU, more than the model.
-    cdf = logp.exp().cumsum(-1)
+    # Three passes over the logits (max, exp, cumsum); the log-prob needs only the sampled ones.
+    top = logits.max(-1, keepdim=True).values
+    cdf = (logits - top).exp_().cumsum_(-1)
+    total = cdf[:, -1:]
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device).clamp_(min=1e-12)
-    ids = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+    ids = torch.searchsorted(cdf, u * total).clamp_(max=cdf.shape[-1] - 1)
+    return ids.squeeze(-1), (logits.gather(-1, ids) - top - total.log()).squeeze(-1)
