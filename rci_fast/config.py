@@ -232,6 +232,7 @@ class TasksSection:
     train: list[str] = field(default_factory=list)   # task names; empty: every task of the train split
     test: list[str] = field(default_factory=list)    # for eval; empty: every task of the test split
     samples_per_task: int = 0        # train samples per task (the task's "train" sample split); 0: all
+    skip_per_task: int = 0           # first train samples of each task left out (e.g. the SFT data's questions)
     data_dir: str | None = None      # folder holding bbh/ and symbench/ (default: $RCI_FAST_DATA, ../shared/data)
 
 
@@ -347,7 +348,7 @@ class RLConfig:
                 raise ConfigError(f"{key}: must be >= 1 (got {value})")
         for key, value in {"rollout.max_code_calls": r.max_code_calls, "rollout.sandbox_workers": r.sandbox_workers,
                            "tasks.samples_per_task": self.tasks.samples_per_task,
-                           "eval.samples_per_task": self.eval.samples_per_task, "train.warmup_steps": t.warmup_steps,
+                           "tasks.skip_per_task": self.tasks.skip_per_task, "eval.samples_per_task": self.eval.samples_per_task, "train.warmup_steps": t.warmup_steps,
                            "train.grad_clip": t.grad_clip, "checkpoint.every": self.checkpoint.every,
                            "algo.kl_coef": a.kl_coef, "algo.entropy_coef": a.entropy_coef,
                            "rollout.temperature": r.temperature, "eval.temperature": self.eval.temperature}.items():

@@ -91,6 +91,22 @@ def test_config_errors_name_the_key(tmp_path):
         rl_config(tmp_path, tmp_path, rollout__group=3)
     with pytest.raises(ConfigError, match="model.path: required"):
         load_config(None, [], cls=RLConfig)
+    with pytest.raises(ConfigError, match="tasks.skip_per_task"):
+        rl_config(tmp_path, tmp_path, tasks__skip_per_task=-1)
+
+
+def test_skip_per_task_leaves_the_sft_questions_out():
+    """The demo's SFT data holds the first 200 train samples of each family; RL and potential skip
+    them. A procedural task generates more samples for that, the first ones unchanged."""
+    names = ["rg/gcd", "rg/ransom_note"]  # ransom_note: generated in a child (hash seed)
+    first = load_items(names, "train", "train")
+    later = load_items(names, "train", "train", 5, skip=200)
+    assert len(first) == 400 and [s.id for _, s in later[:5]] == [f"train-{i}" for i in range(200, 205)]
+    assert not {s.prompt for _, s in first} & {s.prompt for _, s in later}
+    assert [s.prompt for _, s in load_items(names, "train", "train", 3, skip=2)] == \
+        [s.prompt for _, s in first[2:5] + first[202:205]]
+    with pytest.raises(ValueError, match="leaves none"):
+        load_items(["rg/gcd"], "train", "train", 0, skip=200)
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

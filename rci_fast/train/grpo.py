@@ -117,7 +117,8 @@ def _max_over_ranks(value: int, device) -> int:
 class GRPOTrainer:
     def __init__(self, cfg: RLConfig, dist_info: DistInfo, resume: bool = False):
         self.cfg, self.dist = cfg, dist_info
-        self.items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir)
+        self.items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir,
+                            cfg.tasks.skip_per_task)
         self.curriculum = Curriculum(self._initial_pass_rates(), CurriculumConfig(
             mode=cfg.curriculum.mode, steps_per_stage=cfg.curriculum.steps_per_stage,
             online_floor=cfg.curriculum.online_floor, prior_trials=cfg.curriculum.prior_trials, seed=cfg.seed))

@@ -66,7 +66,8 @@ def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
 def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     """p of every training sample from potential.k attempts (rollout temperature), written to the
     potential file with Π and the 4 groups. Returns the summary on rank 0."""
-    items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir)
+    items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir,
+                       cfg.tasks.skip_per_task)
     rank, world = dist_info.rank, dist_info.world_size
     model, tokenizer = _load(cfg.model.path, cfg, dist_info)
     params = sampling_params(cfg.rollout, cfg.rollout.temperature, seed=cfg.seed * 1009 + rank)

@@ -19,23 +19,31 @@ from rci_fast.model import Transformer
 from rci_fast.rollout import RolloutEngine, SamplingParams, Trajectory
 from rci_fast.tasks import RewardConfig, compute_reward, list_tasks, load_task
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages, render_chat
+from rci_fast.tasks.rg import DEFAULT_TRAIN_SIZE
 
 
 def load_items(names: list[str], split: str, sample_split: str | None, per_task: int = 0,
-               data_dir: str | None = None) -> list[tuple]:
-    """(task, sample) pairs of the tasks `names` (empty: every task of the task `split`), the
-    first `per_task` samples (0: all) of each task's `sample_split`."""
+               data_dir: str | None = None, skip: int = 0) -> list[tuple]:
+    """(task, sample) pairs of the tasks `names` (empty: every task of the task `split`): of each
+    task's `sample_split`, the first `skip` samples left out, then the next `per_task` (0: all).
+    A procedural (reasoning-gym) task generates as many train samples as that needs."""
     names = list(names) or list_tasks(split=split, data_dir=data_dir)
     if not names:
         raise ValueError(f"no task to run: the task list is empty and the {split} split names none")
     items = []
     for name in names:
+        options = {}
+        if name.startswith("rg/") and sample_split == "train" and skip:
+            options["train_size"] = max(DEFAULT_TRAIN_SIZE, skip + per_task)
         try:
-            task = load_task(name, data_dir=data_dir)
+            task = load_task(name, data_dir=data_dir, **options)
         except KeyError as e:
             raise ValueError(f"tasks: {e.args[0]}") from None
         samples = task.samples(sample_split)
-        items += [(task, s) for s in (samples[:per_task] if per_task else samples)]
+        if skip >= len(samples):
+            raise ValueError(f"task {name}: skipping {skip} samples leaves none of its {len(samples)} "
+                             f"{sample_split} samples")
+        items += [(task, s) for s in samples[skip:skip + per_task if per_task else None]]
     if not items:
         raise ValueError(f"tasks {names} hold no {sample_split} samples")
     return items
