@@ -46,6 +46,7 @@ class DemoPlan:
     out: Path
     seed: int = 0
     per_family: int = 200                 # teacher samples tried per training family
+    direct_share: float = 0.0             # of those, answered without code (teacher.py, "direct")
     warmup_steps: int = 1600              # copying warm-up steps of the base model
     sft_config: str = "configs/demo-sft.yaml"
     rl_config: str = "configs/demo-rl.yaml"
@@ -65,6 +66,7 @@ class DemoPlan:
         return load_config(self.rl_config, [*self.rl_overrides, f"seed={self.seed}", f"out_dir={out_dir}",
                                             f"model.path={self.out / 'sft' / 'hf'}",
                                             f"curriculum.potential_file={self.out / 'potential.jsonl'}",
+                                            f"tasks.skip_per_task={self.per_family}",  # not the SFT questions
                                             *extra], cls=RLConfig)
 
     def model_path(self, name: str) -> Path:
@@ -130,7 +132,8 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
 
         def write_data():
             with Sandbox(workers=rl_base.rollout.sandbox_workers or None) as sandbox:
-                trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed))
+                trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed,
+                                                 direct_share=plan.direct_share))
             write_trajectories(str(data), trajectories)
 
         run_stage(timings, "data", data, write_data)
@@ -174,6 +177,18 @@ def load_results(out: Path) -> dict:
     return results
 
 
+def load_code_calls(out: Path) -> dict:
+    """{model: code calls per episode} on held-out samples in code mode, mean over tasks."""
+    calls = {}
+    for name in MODELS:
+        path = out / "eval" / f"{name}-samples" / "eval.json"
+        if path.exists():
+            reports = json.loads(path.read_text())["modes"].get("code", [])
+            if reports:
+                calls[name] = float(np.mean([r["mean_code_calls"] for r in reports]))
+    return calls
+
+
 def results_table(cell) -> list[str]:
     """The results as Markdown lines: a row per model, a column per (evaluation set, mode);
     cell(model, eval_set, mode) gives the text of one cell."""
@@ -198,6 +213,10 @@ def summarize(outs: list[Path]) -> str:
 
     lines = [f"{len(runs)} runs: {', '.join(str(o) for o in outs)} (mean ± std of the mean accuracy over tasks)",
              "", *results_table(cell)]
+    calls = [load_code_calls(o) for o in outs]
+    lines.append("\nCode calls per episode, held-out samples, code mode: " + "; ".join(
+        f"{MODEL_TITLES[name]} {np.mean([c[name] for c in calls]):.2f} ± {np.std([c[name] for c in calls]):.2f}"
+        for name in MODELS if all(name in c for c in calls)))
     for name in ("grpo-uniform", "grpo-curriculum"):
         gains = [r[name]["samples"]["code"] - r["sft"]["samples"]["code"] for r in runs
                  if "code" in r.get(name, {}).get("samples", {})]
@@ -218,6 +237,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a rerun continues it")
     p.add_argument("--seed", type=int, default=0, help="seed of data styles, init, SFT order, sampling (default 0)")
     p.add_argument("--per-family", type=int, default=200, help="teacher samples per training family (default 200)")
+    p.add_argument("--direct-share", type=float, default=0.0,
+                   help="share of teacher samples answered without code, as a strong model would answer "
+                        "from memory (default 0: every sample is written with code)")
     p.add_argument("--warmup-steps", type=int, default=1600,
                    help="copying warm-up steps of the random base model (default 1600)")
     p.add_argument("--sft-config", default="configs/demo-sft.yaml", help="SFT config (default configs/demo-sft.yaml)")
@@ -249,8 +271,8 @@ def _main(args) -> int:
                   f"--sft-config/--rl-config)", file=sys.stderr)
             return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    plan = DemoPlan(Path(args.out), args.seed, args.per_family, args.warmup_steps, args.sft_config,
-                    args.rl_config, QUICK_SFT if args.quick else [], QUICK_RL if args.quick else [])
+    plan = DemoPlan(Path(args.out), args.seed, args.per_family, args.direct_share, args.warmup_steps,
+                    args.sft_config, args.rl_config, QUICK_SFT if args.quick else [], QUICK_RL if args.quick else [])
     if args.quick:
         plan.per_family, plan.warmup_steps = min(plan.per_family, 8), QUICK_WARMUP_STEPS
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rci_fast.demo import MODEL_TITLES, load_results, results_table
+from rci_fast.demo import MODEL_TITLES, load_code_calls, load_results, results_table
 from rci_fast.model import ModelConfig, Transformer
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS
 from rci_fast.train.checkpoint import atomic_write_text
@@ -108,7 +108,8 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
     with torch.device("meta"):  # shapes only, no memory
         params = sum(p.numel() for p in Transformer(ModelConfig.from_hf(model_cfg)).parameters())
     sft_rows = _read_jsonl(out / "sft" / "metrics.jsonl")
-    trajectories = len(_read_jsonl(out / "sft.jsonl"))
+    sft_data = _read_jsonl(out / "sft.jsonl")
+    trajectories, direct = len(sft_data), sum(t.get("source") == "scripted:direct" for t in sft_data)
     potential = _read_jsonl(out / "potential.jsonl")
     groups = np.bincount([p["group"] for p in potential], minlength=stages)
     r, e = rl_cfg.rollout, rl_cfg.eval
@@ -123,12 +124,15 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
         f"{plan.warmup_steps} steps of copying random tokens (the stand-in for pretraining: "
         f"rci_fast/train/warmup.py).",
         f"- SFT: {trajectories} scripted-teacher trajectories (code written from the question, run in the "
-        f"sandbox, kept when the verifier scores 1.0) over {len(rl_cfg.tasks.train)} reasoning-gym families; "
+        f"sandbox, kept when the verifier scores 1.0) over {len(rl_cfg.tasks.train)} reasoning-gym families, "
+        f"{direct} of them answered directly without code (the teacher's \"direct\" style, "
+        f"rci_fast/tasks/teacher.py); "
         f"{len(sft_rows)} steps, final loss {sft_rows[-1]['loss']:.3f}." if sft_rows else "- SFT: no metrics",
         f"- Improvement potential: p from {rl_cfg.potential.k} attempts per training sample "
         f"({len(potential)} samples, mean p {np.mean([p['p'] for p in potential]):.3f}); samples per "
         f"potential group (Π high to low): {', '.join(map(str, groups))}.",
-        f"- GRPO: {rl_cfg.train.steps} steps of {r.prompts_per_step} prompts x {r.group_size} completions, "
+        f"- GRPO: {rl_cfg.train.steps} steps of {r.prompts_per_step} prompts x {r.group_size} completions "
+        f"on {rl_cfg.tasks.samples_per_task} training samples per family that are not in the SFT data, "
         f"lr {rl_cfg.train.lr:g}, KL {rl_cfg.algo.kl_coef:g}; curriculum: stages of "
         f"{rl_cfg.curriculum.steps_per_stage} steps from high to low potential; uniform: all samples "
         f"from the start.",
@@ -140,6 +144,8 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
         "## Mean accuracy over tasks", "",
         *results_table(lambda name, s, m: f"{results[name][s][m]:.3f}"
                        if m in results.get(name, {}).get(s, {}) else "-"), "",
+        "Code calls per episode on held-out samples, code mode: " + "; ".join(
+            f"{MODEL_TITLES[n]} {c:.2f}" for n, c in load_code_calls(out).items()) + ".", "",
         "## Training", "", "![reward and accuracy per step](training.png)", "",
         "![code calls per episode](code_calls.png)", "",
         "## Accuracy per task (held-out samples, code mode)", "", "![accuracy per task](per_task.png)", "",

@@ -142,6 +142,19 @@ def test_teacher_tool_turns_are_real_interpreter_output(teacher_output, sandbox)
             assert answer in t.messages[3]["content"]
 
 
+def test_direct_share_answers_without_code_and_leaves_the_rest_as_before(sandbox, teacher_output):
+    families = ["gcd", "count_bits", "fraction_simplification"]
+    mixed = list(generate(sandbox, families, per_family=8, seed=0, direct_share=0.5))
+    direct = [t for t in mixed if t.source == "scripted:direct"]
+    assert 4 <= len(direct) <= 20 and all(t.score == 1.0 for t in mixed)
+    for t in direct:  # one assistant turn, no code, the verified answer
+        assert [m["role"] for m in t.messages[2:]] == ["assistant"] and "```" not in t.messages[-1]["content"]
+    assert all(t.source != "scripted:direct" for t in teacher_output)  # off by default
+    assert len(list(generate(sandbox, ["gcd"], per_family=4, direct_share=1.0))) == 4
+    with pytest.raises(ValueError, match="direct_share"):
+        next(generate(sandbox, ["gcd"], per_family=1, direct_share=1.5))
+
+
 def test_teacher_file_round_trip_and_cli(tmp_path, teacher_output):
     from rci_fast.cli import main
 

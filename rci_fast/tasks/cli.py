@@ -45,6 +45,8 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--split", choices=("train", "validation"), default="train",
                      help="per-task sample split the questions come from (default train)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the style choices (default 0)")
+    gen.add_argument("--direct-share", type=float, default=0.0,
+                     help="--teacher scripted: share of samples answered without code (style direct; default 0)")
     gen.add_argument("--workers", type=int, default=2, help="sandbox workers (default 2)")
     gen.add_argument("--timeout", type=float, default=10.0, help="seconds per code run (default 10)")
     gen.add_argument("--list-families", action="store_true", help="print the teacher families and exit")
@@ -99,7 +101,7 @@ def _gen_sft(args) -> int:
 
     with Sandbox(workers=args.workers) as sandbox:
         trajectories = list(generate(sandbox, families, per_family=args.per_family, seed=args.seed,
-                                     split=args.split, timeout_s=args.timeout))
+                                     split=args.split, timeout_s=args.timeout, direct_share=args.direct_share))
     n = write_trajectories(args.out, trajectories)
     styles = collections.Counter(t.source for t in trajectories)
     tried = args.per_family * len(families or FAMILIES)

@@ -8,6 +8,10 @@ output. Three styles teach when code helps:
   check  a code call, then a second one that checks the result (substitute back, re-evaluate,
          verify divisibility ...), then the answer
   text   no code: the teacher reasons in words on small inputs (the host computes the words)
+  direct no code, any input: the teacher states the answer as a strong model answering from memory
+         would (the host runs the code plan unseen to know it); off unless `direct_share` > 0. A
+         small student cannot imitate it, so RL has to learn that code pays: the mix of habits a
+         teacher such as GPT-4o brings into the paper's SFT data.
 Every trajectory is scored with the task's own verifier and kept only when it scores 1.0
 (rejection sampling, as the paper did with GPT-4o's trajectories).
 """
@@ -274,19 +278,32 @@ def run_plan(plan: Plan, sandbox, timeout_s: float = 10.0) -> tuple[list[dict], 
     return messages, outputs
 
 
+def direct_answer(family: Family, meta: dict, sandbox, timeout_s: float) -> list[dict]:
+    """The "direct" style: one assistant turn that states the answer without code."""
+    _, outputs = run_plan(family.plan(meta, "code"), sandbox, timeout_s)  # unseen by the student
+    return [{"role": "assistant", "content": f"I can answer this one directly. <<<{last_line(outputs[0])}>>>"}]
+
+
 def generate(sandbox, families: list[str] | None = None, per_family: int = 20, seed: int = 0,
-             split: str = "train", timeout_s: float = 10.0, keep_wrong: bool = False):
+             split: str = "train", timeout_s: float = 10.0, keep_wrong: bool = False,
+             direct_share: float = 0.0):
     """Yields SFTTrajectory objects, per_family samples of each family (correct ones only unless
     keep_wrong). Samples come from the family's reasoning-gym task, `split` part, generated with
-    the task's fixed seeds; `seed` drives the choice of styles."""
+    the task's fixed seeds; `seed` drives the choice of styles; a `direct_share` of the samples
+    are answered in the "direct" style (no code)."""
+    if not 0.0 <= direct_share <= 1.0:
+        raise ValueError(f"direct_share must be in [0, 1], got {direct_share}")
     for name in families or sorted(FAMILIES):
         family = FAMILIES[name]
         task = load_task(f"rg/{name}", train_size=per_family, validation_size=per_family)
         rng = random.Random(f"{seed}/{name}")
         for sample in task.samples(split)[:per_family]:
-            style = choose_style(family, sample.data["metadata"], rng)
-            plan = family.plan(sample.data["metadata"], style)
-            body, _ = run_plan(plan, sandbox, timeout_s)
+            meta = sample.data["metadata"]
+            if direct_share and rng.random() < direct_share:
+                style, body = "direct", direct_answer(family, meta, sandbox, timeout_s)
+            else:
+                style = choose_style(family, meta, rng)
+                body, _ = run_plan(family.plan(meta, style), sandbox, timeout_s)
             score = task.score(sample, body[-1]["content"])
             if score < 1.0 and not keep_wrong:
                 continue
