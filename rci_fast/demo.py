@@ -239,7 +239,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--per-family", type=int, default=200, help="teacher samples per training family (default 200)")
     p.add_argument("--direct-share", type=float, default=0.0,
                    help="share of teacher samples answered without code, as a strong model would answer "
-                        "from memory (default 0: every sample is written with code)")
+                        "from memory (default 0: none)")
     p.add_argument("--warmup-steps", type=int, default=1600,
                    help="copying warm-up steps of the random base model (default 1600)")
     p.add_argument("--sft-config", default="configs/demo-sft.yaml", help="SFT config (default configs/demo-sft.yaml)")
