@@ -348,7 +348,8 @@ class RLConfig:
                 raise ConfigError(f"{key}: must be >= 1 (got {value})")
         for key, value in {"rollout.max_code_calls": r.max_code_calls, "rollout.sandbox_workers": r.sandbox_workers,
                            "tasks.samples_per_task": self.tasks.samples_per_task,
-                           "tasks.skip_per_task": self.tasks.skip_per_task, "eval.samples_per_task": self.eval.samples_per_task, "train.warmup_steps": t.warmup_steps,
+                           "tasks.skip_per_task": self.tasks.skip_per_task,
+                           "eval.samples_per_task": self.eval.samples_per_task, "train.warmup_steps": t.warmup_steps,
                            "train.grad_clip": t.grad_clip, "checkpoint.every": self.checkpoint.every,
                            "algo.kl_coef": a.kl_coef, "algo.entropy_coef": a.entropy_coef,
                            "rollout.temperature": r.temperature, "eval.temperature": self.eval.temperature}.items():

@@ -166,14 +166,19 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
     return write_report(plan, rl_base, json.loads(timings.read_text()) if timings.exists() else {})
 
 
+def read_eval(out: Path, name: str, eval_set: str) -> dict | None:
+    """eval.json of one model on one evaluation set of a demo folder, None before that stage ran."""
+    path = out / "eval" / f"{name}-{eval_set}" / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def load_results(out: Path) -> dict:
     """{model: {eval_set: {mode: mean accuracy over tasks}}} of a finished demo folder."""
     results: dict = {}
     for name in MODELS:
         for eval_set in EVAL_SETS:
-            path = out / "eval" / f"{name}-{eval_set}" / "eval.json"
-            if path.exists():
-                results.setdefault(name, {})[eval_set] = json.loads(path.read_text())["mean_accuracy"]
+            if (report := read_eval(out, name, eval_set)) is not None:
+                results.setdefault(name, {})[eval_set] = report["mean_accuracy"]
     return results
 
 
@@ -181,11 +186,9 @@ def load_code_calls(out: Path) -> dict:
     """{model: code calls per episode} on held-out samples in code mode, mean over tasks."""
     calls = {}
     for name in MODELS:
-        path = out / "eval" / f"{name}-samples" / "eval.json"
-        if path.exists():
-            reports = json.loads(path.read_text())["modes"].get("code", [])
-            if reports:
-                calls[name] = float(np.mean([r["mean_code_calls"] for r in reports]))
+        reports = (read_eval(out, name, "samples") or {}).get("modes", {}).get("code", [])
+        if reports:
+            calls[name] = float(np.mean([r["mean_code_calls"] for r in reports]))
     return calls
 
 

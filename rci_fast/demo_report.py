@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rci_fast.demo import MODEL_TITLES, load_code_calls, load_results, results_table
+from rci_fast.demo import MODEL_TITLES, load_code_calls, load_results, read_eval, results_table
 from rci_fast.model import ModelConfig, Transformer
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS
 from rci_fast.train.checkpoint import atomic_write_text
@@ -23,10 +23,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _per_task(out: Path, name: str, eval_set: str = "samples", mode: str = "code") -> dict[str, float]:
-    path = out / "eval" / f"{name}-{eval_set}" / "eval.json"
-    if not path.exists():
-        return {}
-    return {r["task"]: r["accuracy"] for r in json.loads(path.read_text())["modes"].get(mode, [])}
+    report = read_eval(out, name, eval_set)
+    return {r["task"]: r["accuracy"] for r in report["modes"].get(mode, [])} if report else {}
 
 
 def _pyplot():

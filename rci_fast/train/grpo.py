@@ -45,8 +45,8 @@ from rci_fast.train.checkpoint import export_hf, save_checkpoint
 from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, split_by_budget
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.parallelize import compute_dtype, load_sharded
-from rci_fast.train.rollouts import (load_items, make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
-                                     sampling_params, sync_weights)
+from rci_fast.train.rollouts import (make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
+                                     sampling_params, sync_weights, train_items)
 from rci_fast.train.sft import (TrainingDiverged, clip_grad_norm, lr_factor, peak_memory_mb, resume_from_latest,
                                 run_steps, start_run)
 
@@ -117,8 +117,7 @@ def _max_over_ranks(value: int, device) -> int:
 class GRPOTrainer:
     def __init__(self, cfg: RLConfig, dist_info: DistInfo, resume: bool = False):
         self.cfg, self.dist = cfg, dist_info
-        self.items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir,
-                            cfg.tasks.skip_per_task)
+        self.items = train_items(cfg)
         self.curriculum = Curriculum(self._initial_pass_rates(), CurriculumConfig(
             mode=cfg.curriculum.mode, steps_per_stage=cfg.curriculum.steps_per_stage,
             online_floor=cfg.curriculum.online_floor, prior_trials=cfg.curriculum.prior_trials, seed=cfg.seed))

@@ -23,7 +23,7 @@ from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
 from rci_fast.train.checkpoint import atomic_write_text
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.parallelize import compute_dtype
-from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params
+from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params, train_items
 
 log = logging.getLogger("rci_fast.measure")
 
@@ -66,8 +66,7 @@ def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
 def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     """p of every training sample from potential.k attempts (rollout temperature), written to the
     potential file with Π and the 4 groups. Returns the summary on rank 0."""
-    items = load_items(cfg.tasks.train, "train", "train", cfg.tasks.samples_per_task, cfg.tasks.data_dir,
-                       cfg.tasks.skip_per_task)
+    items = train_items(cfg)
     rank, world = dist_info.rank, dist_info.world_size
     model, tokenizer = _load(cfg.model.path, cfg, dist_info)
     params = sampling_params(cfg.rollout, cfg.rollout.temperature, seed=cfg.seed * 1009 + rank)

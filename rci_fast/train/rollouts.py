@@ -40,13 +40,19 @@ def load_items(names: list[str], split: str, sample_split: str | None, per_task:
         except KeyError as e:
             raise ValueError(f"tasks: {e.args[0]}") from None
         samples = task.samples(sample_split)
-        if skip >= len(samples):
+        if skip and skip >= len(samples):
             raise ValueError(f"task {name}: skipping {skip} samples leaves none of its {len(samples)} "
                              f"{sample_split} samples")
         items += [(task, s) for s in samples[skip:skip + per_task if per_task else None]]
     if not items:
         raise ValueError(f"tasks {names} hold no {sample_split} samples")
     return items
+
+
+def train_items(cfg) -> list[tuple]:
+    """The training (task, sample) pairs of an RL config: what potential and RL both draw from."""
+    t = cfg.tasks
+    return load_items(t.train, "train", "train", t.samples_per_task, t.data_dir, t.skip_per_task)
 
 
 def prompt_ids(tokenizer, sample, system_prompt: str = SYSTEM_PROMPT) -> list[int]:
