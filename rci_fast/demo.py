@@ -47,7 +47,7 @@ class DemoPlan:
     seed: int = 0
     per_family: int = 200                 # teacher samples tried per training family
     direct_share: float = 0.0             # of those, answered without code (teacher.py, "direct")
-    warmup_steps: int = 1600              # copying warm-up steps of the base model
+    warmup_steps: int = 2400              # copying warm-up steps of the base model
     sft_config: str = "configs/demo-sft.yaml"
     rl_config: str = "configs/demo-rl.yaml"
     sft_overrides: list[str] = field(default_factory=list)
@@ -243,8 +243,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--direct-share", type=float, default=0.0,
                    help="share of teacher samples answered without code, as a strong model would answer "
                         "from memory (default 0: none)")
-    p.add_argument("--warmup-steps", type=int, default=1600,
-                   help="copying warm-up steps of the random base model (default 1600)")
+    p.add_argument("--warmup-steps", type=int, default=2400,
+                   help="copying warm-up steps of the random base model (default 2400)")
     p.add_argument("--sft-config", default="configs/demo-sft.yaml", help="SFT config (default configs/demo-sft.yaml)")
     p.add_argument("--rl-config", default="configs/demo-rl.yaml",
                    help="RL/potential/eval config; tasks.train = training families, tasks.test = held-out "

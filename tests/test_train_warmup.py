@@ -1,4 +1,5 @@
 """The copying warm-up of the demo's base model (rci_fast/train/warmup.py)."""
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -7,16 +8,22 @@ from rci_fast.tokenizer import train_bpe_tokenizer
 from rci_fast.train.warmup import copy_sequence, copy_warmup
 
 
-def test_copy_sequence_repeats_its_span_and_trains_only_the_repeat():
+@pytest.mark.parametrize("max_prefix", [0, 48])
+def test_copy_sequence_repeats_its_span_and_trains_only_the_repeat(max_prefix):
     gen = torch.Generator().manual_seed(0)
     token_ids, digit_ids = torch.arange(10, 500), torch.arange(10, 20)
+    starts = set()
     for _ in range(50):
-        s = copy_sequence(gen, token_ids, digit_ids)
+        s = copy_sequence(gen, token_ids, digit_ids, max_prefix=max_prefix)
         n = int(s.trainable.sum()) + 1  # the repeat's first token is not trained
         span = s.input_ids[-n:]
-        assert torch.equal(s.input_ids[:n], span) and 4 <= n <= 24
-        assert not s.trainable[:-n + 1].any() and s.trainable[-n + 1:].all()
+        assert 4 <= n <= 24 and not s.trainable[:-n + 1].any() and s.trainable[-n + 1:].all()
+        # the span occurs earlier, right at the start when there is no prefix
+        found = [i for i in range(len(s.input_ids) - 2 * n + 1) if torch.equal(s.input_ids[i:i + n], span)]
+        assert found and (max_prefix or found[0] == 0)
+        starts.add(found[0])
         assert ((s.input_ids >= 10) & (s.input_ids < 500)).all()
+    assert (len(starts) > 10) == bool(max_prefix)
 
 
 def test_copy_warmup_lowers_the_copy_loss_and_writes_a_loadable_model(tmp_path):

@@ -4,10 +4,16 @@ The recipe starts from a pretrained LLM, which copies text from its context with
 "induction head"). A random tiny model does not, and multi-turn SFT alone (where copying is a few
 tokens per trajectory: numbers from the question into code, the interpreter's output into the
 answer) does not teach it within a CPU budget. Dense copying of random tokens does, after a
-plateau of a few hundred steps: each sequence is a random span, random tokens, then the span
+plateau of about a thousand steps: each sequence is a random span, random tokens, then the span
 again, and only the repeat is trained. Half the spans are digits only, so the model also learns
 to copy when a token repeats inside the span (it must match more than the previous token). No
 task data is used: the warm-up teaches copying, nothing about the tasks.
+
+In the first half the span opens the sequence, which lets the copying form quickly, but the model
+then finds the span by its position: it copied a 6-10 digit number from the middle of a question
+at 46% of tokens. In the second half random tokens come before the span too, which brings that to
+99% (95% of numbers exact). Random tokens before the span from the start never left the plateau
+in 2,400 steps.
 """
 from __future__ import annotations
 
@@ -24,18 +30,22 @@ from rci_fast.train.sft import lr_factor
 
 
 def copy_sequence(gen: torch.Generator, token_ids: torch.Tensor, digit_ids: torch.Tensor, max_span: int = 24,
-                  max_gap: int = 48) -> TokenizedSequence:
-    """span, gap, span again, drawn from token_ids; the repeat is trained from its second token
-    on (its first one cannot be known)."""
+                  max_gap: int = 48, max_prefix: int = 0) -> TokenizedSequence:
+    """prefix, span, gap, span again, drawn from token_ids; the repeat is trained from its second
+    token on (its first one cannot be known)."""
     span = int(torch.randint(4, max_span + 1, (), generator=gen))
     gap = int(torch.randint(0, max_gap + 1, (), generator=gen))
+    prefix = int(torch.randint(0, max_prefix + 1, (), generator=gen))
     if torch.rand((), generator=gen) < 0.5:
         first = digit_ids[torch.randint(0, len(digit_ids), (span,), generator=gen)]
     else:
         first = token_ids[torch.randint(0, len(token_ids), (span,), generator=gen)]
-    ids = torch.cat([first, token_ids[torch.randint(0, len(token_ids), (gap,), generator=gen)], first])
+    def noise(n):
+        return token_ids[torch.randint(0, len(token_ids), (n,), generator=gen)]
+
+    ids = torch.cat([noise(prefix), first, noise(gap), first])
     trainable = torch.zeros(len(ids), dtype=torch.bool)
-    trainable[span + gap + 1:] = True
+    trainable[prefix + span + gap + 1:] = True
     return TokenizedSequence(ids, trainable)
 
 
@@ -43,7 +53,9 @@ def copy_warmup(model_dir: str, out_dir: str, steps: int, seed: int = 0, batch_s
                 lr: float = 1e-3, warmup_steps: int = 20) -> list[float]:
     """Trains the model of model_dir (HF folder with tokenizer) on copying random tokens and
     writes it to out_dir (atomically). Returns the loss per step. (lr: 3e-3 never left the
-    plateau in 2,500 steps on the demo's model; 1e-3 does after ~600.)"""
+    plateau in 2,500 steps on the demo's model; 1e-3 does after ~1,000. A schedule over 1,600 steps
+    decays the rate while the model leaves the plateau and stops at a copy loss of 0.75; over
+    2,400 the loss reaches 0.1.)"""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -60,7 +72,8 @@ def copy_warmup(model_dir: str, out_dir: str, steps: int, seed: int = 0, batch_s
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup_steps, "cosine", 0.1)
-        batch = pack([copy_sequence(gen, token_ids, digit_ids) for _ in range(batch_size)])
+        max_prefix = 0 if step < steps // 2 else 48  # module doc: position first, then anywhere
+        batch = pack([copy_sequence(gen, token_ids, digit_ids, max_prefix=max_prefix) for _ in range(batch_size)])
         logp = lm(batch.input_ids, batch.targets, batch.cu_seqlens)
         loss = -logp.sum() / batch.num_trained
         optimizer.zero_grad(set_to_none=True)
