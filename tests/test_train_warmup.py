@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from rci_fast.model import load_pretrained
 from rci_fast.tokenizer import train_bpe_tokenizer
-from rci_fast.train.warmup import copy_sequence, copy_warmup
+from rci_fast.train.warmup import copy_sequence, copy_warmup, prefix_phase_starts
 
 
 @pytest.mark.parametrize("max_prefix", [0, 48])
@@ -24,6 +24,14 @@ def test_copy_sequence_repeats_its_span_and_trains_only_the_repeat(max_prefix):
         starts.add(found[0])
         assert ((s.input_ids >= 10) & (s.input_ids < 500)).all()
     assert (len(starts) > 10) == bool(max_prefix)
+
+
+def test_the_prefix_phase_waits_until_the_model_copies():
+    copying, plateau = [4.5] * 50 + [0.6] * 50, [4.5] * 100
+    assert not prefix_phase_starts(99, 240, copying)        # before half the steps
+    assert prefix_phase_starts(120, 240, copying)
+    assert not prefix_phase_starts(120, 240, plateau)       # still on the plateau at half time
+    assert prefix_phase_starts(180, 240, plateau)           # three quarters: regardless
 
 
 def test_copy_warmup_lowers_the_copy_loss_and_writes_a_loadable_model(tmp_path):
