@@ -20,6 +20,7 @@ latest.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from rci_fast.train.data import TokenizedSequence, pack
 from rci_fast.train.model_source import write_model_folder
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.sft import lr_factor
+
+log = logging.getLogger("rci_fast.warmup")
 
 LEFT_PLATEAU_LOSS = 1.5  # nats per copied token; ~4.5 on the plateau, ~0.1 when copying works
 
@@ -86,7 +89,9 @@ def copy_warmup(model_dir: str, out_dir: str, steps: int, seed: int = 0, batch_s
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup_steps, "cosine", 0.1)
-        prefixed = prefixed or prefix_phase_starts(step, steps, losses)
+        if not prefixed and prefix_phase_starts(step, steps, losses):
+            prefixed = True
+            log.info("copy warm-up: random tokens before the span from step %d on", step)
         max_prefix = 48 if prefixed else 0  # module doc: position first, then anywhere
         batch = pack([copy_sequence(gen, token_ids, digit_ids, max_prefix=max_prefix) for _ in range(batch_size)])
         logp = lm(batch.input_ids, batch.targets, batch.cu_seqlens)
