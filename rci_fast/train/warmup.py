@@ -39,19 +39,18 @@ LEFT_PLATEAU_LOSS = 1.5  # nats per copied token; ~4.5 on the plateau, ~0.1 when
 
 def copy_sequence(gen: torch.Generator, token_ids: torch.Tensor, digit_ids: torch.Tensor, max_span: int = 24,
                   max_gap: int = 48, max_prefix: int = 0) -> TokenizedSequence:
-    """prefix, span, gap, span again, drawn from token_ids; the repeat is trained from its second
-    token on (its first one cannot be known)."""
+    """prefix, span, gap, span again: the span drawn from digit_ids or token_ids (half each), the
+    rest from token_ids; the repeat is trained from its second token on (its first one cannot be
+    known)."""
     span = int(torch.randint(4, max_span + 1, (), generator=gen))
     gap = int(torch.randint(0, max_gap + 1, (), generator=gen))
     prefix = int(torch.randint(0, max_prefix + 1, (), generator=gen))
-    if torch.rand((), generator=gen) < 0.5:
-        first = digit_ids[torch.randint(0, len(digit_ids), (span,), generator=gen)]
-    else:
-        first = token_ids[torch.randint(0, len(token_ids), (span,), generator=gen)]
-    def noise(n):
-        return token_ids[torch.randint(0, len(token_ids), (n,), generator=gen)]
 
-    ids = torch.cat([noise(prefix), first, noise(gap), first])
+    def draw(pool, n):
+        return pool[torch.randint(0, len(pool), (n,), generator=gen)]
+
+    first = draw(digit_ids if torch.rand((), generator=gen) < 0.5 else token_ids, span)
+    ids = torch.cat([draw(token_ids, prefix), first, draw(token_ids, gap), first])
     trainable = torch.zeros(len(ids), dtype=torch.bool)
     trainable[prefix + span + gap + 1:] = True
     return TokenizedSequence(ids, trainable)
@@ -60,9 +59,9 @@ def copy_sequence(gen: torch.Generator, token_ids: torch.Tensor, digit_ids: torc
 def prefix_phase_starts(step: int, steps: int, losses: list[float]) -> bool:
     """Whether random tokens go before the span from `step` on (module doc): from half the steps,
     once the last 50 steps' mean loss shows the model copies, and at three quarters regardless."""
-    recent = losses[-50:]
     if step < steps // 2:
         return False
+    recent = losses[-50:]
     return step >= 3 * steps // 4 or sum(recent) / len(recent) < LEFT_PLATEAU_LOSS
 
 
