@@ -87,8 +87,28 @@ def teacher_families(task_names: list[str]) -> list[str]:
     return families
 
 
+# After SFT the stages form two lanes that run side by side on a CPU, one process with one thread
+# each: at these sizes a second thread speeds a decode step up by only 1.24x, so two one-thread
+# processes do about 1.6x the work of one two-thread process. The uniform run does not read the
+# potential file, so it need not wait for it.
+LANES = (("potential", "rl-curriculum", "eval grpo-curriculum samples", "eval grpo-curriculum families",
+          "eval base families"),
+         ("rl-uniform", "eval grpo-uniform samples", "eval grpo-uniform families",
+          "eval sft samples", "eval sft families", "eval base samples"))
+
+
+def elapsed_s(timings: dict, lanes: tuple = ()) -> float:
+    """Wall time of the stages in `timings` (seconds each): lanes ran side by side, so together
+    they took as long as the longest of them."""
+    in_lanes = {name for lane in lanes for name in lane}
+    return (sum(t for name, t in timings.items() if name not in in_lanes)
+            + max((sum(timings.get(name, 0.0) for name in lane) for lane in lanes), default=0.0))
+
+
 def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
     """Runs work() unless the stage's output `done` exists; adds its wall time to timings_file."""
+    import fcntl
+
     from rci_fast.train.checkpoint import atomic_write_text
 
     if done.exists():
@@ -97,9 +117,11 @@ def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
     log.info("demo: %s ...", name)
     start = time.perf_counter()
     work()
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    timings[name] = round(time.perf_counter() - start, 1)
-    atomic_write_text(timings_file, json.dumps(timings, indent=1))
+    with open(timings_file.with_suffix(".lock"), "w") as lock:  # the lanes write it too
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+        timings[name] = round(time.perf_counter() - start, 1)
+        atomic_write_text(timings_file, json.dumps(timings, indent=1))
 
 
 def has_checkpoint(cfg) -> bool:
@@ -109,61 +131,129 @@ def has_checkpoint(cfg) -> bool:
     return latest_checkpoint(Path(cfg.out_dir) / "checkpoints") is not None
 
 
-def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
-    """Runs every stage not yet done; returns the report's path."""
+def demo_stages(plan: DemoPlan, info) -> dict:
+    """Every stage in order: name -> (the output that marks it done, the work that writes it)."""
     from rci_fast.sandbox import Sandbox
     from rci_fast.tasks.teacher import generate
     from rci_fast.tasks.trajectory import load_trajectories, write_trajectories
-    from rci_fast.train import init_distributed, run_sft
+    from rci_fast.train import run_sft
     from rci_fast.train.grpo import run_rl
     from rci_fast.train.measure import run_eval, run_potential
     from rci_fast.train.model_source import build_tiny_model
     from rci_fast.train.warmup import copy_warmup
 
-    plan.out.mkdir(parents=True, exist_ok=True)
     sft_cfg, rl_base = plan.sft_cfg(), plan.rl_cfg(plan.out / "rl")
     families = teacher_families(rl_base.tasks.train)
+    data = plan.out / "sft.jsonl"
+
+    def write_data():
+        with Sandbox(workers=rl_base.rollout.sandbox_workers or None) as sandbox:
+            trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed,
+                                         direct_share=plan.direct_share))
+        write_trajectories(str(data), trajectories)
+
+    def build_base():
+        init = plan.out / "init_model"
+        if not (init / "config.json").exists():
+            build_tiny_model(sft_cfg, load_trajectories(str(data)), init)
+        copy_warmup(str(init), str(plan.model_path("base")), plan.warmup_steps, seed=plan.seed)
+
+    stages = {"data": (data, write_data),
+              "base": (plan.model_path("base") / "config.json", build_base),
+              "sft": (plan.model_path("sft") / "config.json",
+                      lambda: run_sft(sft_cfg, info, resume=has_checkpoint(sft_cfg))),
+              "potential": (plan.out / "potential.jsonl", lambda: run_potential(rl_base, info))}
+    for mode in ("curriculum", "uniform"):
+        cfg = plan.rl_cfg(plan.out / f"rl-{mode}", f"curriculum.mode={'staged' if mode == 'curriculum' else mode}")
+        stages[f"rl-{mode}"] = (plan.model_path(f"grpo-{mode}") / "config.json",
+                                lambda cfg=cfg: run_rl(cfg, info, resume=has_checkpoint(cfg)))
+    for name in MODELS:
+        for eval_set in EVAL_SETS:
+            tasks = rl_base.tasks.train if eval_set == "samples" else rl_base.tasks.test
+            cfg = plan.rl_cfg(plan.out / "eval" / f"{name}-{eval_set}", f"eval.model={plan.model_path(name)}",
+                              f"tasks.test={json.dumps(tasks)}")
+            stages[f"eval {name} {eval_set}"] = (Path(cfg.out_dir) / "eval.json", lambda cfg=cfg: run_eval(cfg, info))
+    return stages
+
+
+def run_lane(plan: DemoPlan, device: str | None, names: tuple[str, ...]) -> None:
+    """One lane, in its own process with one thread. Its log lines go to the terminal as usual,
+    its progress bars are off (run_lanes shows one)."""
+    import torch
+
+    from rci_fast.train import init_distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    info = init_distributed(device)
+    try:
+        stages = demo_stages(plan, info)
+        for name in names:
+            run_stage(plan.out / "timings.json", name, *stages[name])
+    finally:
+        info.close()
+
+
+def run_lanes(plan: DemoPlan, device: str | None, stages: dict) -> None:
+    """Runs the stages of LANES not yet done, the lanes side by side, with one progress bar over
+    their stages."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    todo = [tuple(name for name in lane if not stages[name][0].exists()) for lane in LANES]
+    for name in (name for lane in LANES for name in lane if name not in {n for t in todo for n in t}):
+        run_stage(plan.out / "timings.json", name, *stages[name])  # logs "already done"
+    todo = [lane for lane in todo if lane]
+    if not todo:
+        return
+    log.info("demo: side by side, one process each: %s", " | ".join(" -> ".join(lane) for lane in todo))
+    done = lambda: sum(stages[name][0].exists() for lane in LANES for name in lane)  # noqa: E731
+    # Two bars on one terminal garble each other: the lanes inherit TQDM_DISABLE (tqdm reads it on
+    # import, so this process keeps its bar).
+    before, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"
+    try:
+        pool = ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(run_lane, plan, device, lane) for lane in todo]  # starts the processes
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
+    with pool:
+        with tqdm(total=sum(map(len, LANES)), initial=done(), desc="demo: rl and eval", unit="stage",
+                  dynamic_ncols=True) as bar:
+            while not all(f.done() for f in futures):
+                time.sleep(1.0)
+                bar.update(done() - bar.n)
+        for f in futures:
+            f.result()  # a lane's exception, raised here
+
+
+def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
+    """Runs every stage not yet done; returns the report's path."""
+    from rci_fast.train import init_distributed
+
+    plan.out.mkdir(parents=True, exist_ok=True)
     timings = plan.out / "timings.json"
     info = init_distributed(device)
     if info.world_size != 1:
         raise RuntimeError("rci-fast demo runs as one process (use the sft/rl commands under torchrun)")
     try:
-        data = plan.out / "sft.jsonl"
-
-        def write_data():
-            with Sandbox(workers=rl_base.rollout.sandbox_workers or None) as sandbox:
-                trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed,
-                                                 direct_share=plan.direct_share))
-            write_trajectories(str(data), trajectories)
-
-        run_stage(timings, "data", data, write_data)
-
-        def build_base():
-            init = plan.out / "init_model"
-            if not (init / "config.json").exists():
-                build_tiny_model(sft_cfg, load_trajectories(str(data)), init)
-            copy_warmup(str(init), str(plan.model_path("base")), plan.warmup_steps, seed=plan.seed)
-
-        run_stage(timings, "base", plan.model_path("base") / "config.json", build_base)
-        run_stage(timings, "sft", plan.model_path("sft") / "config.json",
-                  lambda: run_sft(sft_cfg, info, resume=has_checkpoint(sft_cfg)))
-        run_stage(timings, "potential", plan.out / "potential.jsonl", lambda: run_potential(rl_base, info))
-        for mode in ("curriculum", "uniform"):
-            cfg = plan.rl_cfg(plan.out / f"rl-{mode}", f"curriculum.mode={'staged' if mode == 'curriculum' else mode}")
-            run_stage(timings, f"rl-{mode}", plan.model_path(f"grpo-{mode}") / "config.json",
-                      lambda cfg=cfg: run_rl(cfg, info, resume=has_checkpoint(cfg)))
-        for name in MODELS:
-            for eval_set in EVAL_SETS:
-                tasks = rl_base.tasks.train if eval_set == "samples" else rl_base.tasks.test
-                cfg = plan.rl_cfg(plan.out / "eval" / f"{name}-{eval_set}", f"eval.model={plan.model_path(name)}",
-                                  f"tasks.test={json.dumps(tasks)}")
-                run_stage(timings, f"eval {name} {eval_set}", Path(cfg.out_dir) / "eval.json",
-                          lambda cfg=cfg: run_eval(cfg, info))
+        stages = demo_stages(plan, info)
+        side_by_side = info.device.type == "cpu"
+        for name, (done, work) in stages.items():
+            if not (side_by_side and any(name in lane for lane in LANES)):
+                run_stage(timings, name, done, work)
+        if side_by_side:
+            run_lanes(plan, device, stages)
     finally:
         info.close()
     from rci_fast.demo_report import write_report
 
-    return write_report(plan, rl_base, json.loads(timings.read_text()) if timings.exists() else {})
+    return write_report(plan, plan.rl_cfg(plan.out / "rl"), json.loads(timings.read_text()) if timings.exists() else {},
+                        LANES if side_by_side else ())
 
 
 def read_eval(out: Path, name: str, eval_set: str) -> dict | None:
@@ -235,7 +325,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1] + "\nExamples:\n"
         "  rci-fast demo                          # runs/demo/report.md\n"
-        "  rci-fast demo --seed 1 --out runs/demo-seed1\n"
+        "  rci-fast demo --seed 1 --out runs/demo-seed1 --set eval.attempts=4\n"
         "  rci-fast demo --summary runs/demo runs/demo-seed1 runs/demo-seed2")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a rerun continues it")
     p.add_argument("--seed", type=int, default=0, help="seed of data styles, init, SFT order, sampling (default 0)")
@@ -249,6 +339,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rl-config", default="configs/demo-rl.yaml",
                    help="RL/potential/eval config; tasks.train = training families, tasks.test = held-out "
                         "families (default configs/demo-rl.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="rl_set",
+                   help="override a key of the RL config, repeatable: --set eval.attempts=4 evaluates 4 "
+                        "answers per question (the README's table)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the pipeline, ~1 min)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--summary", nargs="+", metavar="DIR",
@@ -275,7 +368,8 @@ def _main(args) -> int:
             return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = DemoPlan(Path(args.out), args.seed, args.per_family, args.direct_share, args.warmup_steps,
-                    args.sft_config, args.rl_config, QUICK_SFT if args.quick else [], QUICK_RL if args.quick else [])
+                    args.sft_config, args.rl_config, QUICK_SFT if args.quick else [],
+                    [*(QUICK_RL if args.quick else []), *args.rl_set])
     if args.quick:
         plan.per_family, plan.warmup_steps = min(plan.per_family, 8), QUICK_WARMUP_STEPS
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rci_fast.demo import MODEL_TITLES, load_code_calls, load_results, read_eval, results_table
+from rci_fast.demo import MODEL_TITLES, elapsed_s, load_code_calls, load_results, read_eval, results_table
 from rci_fast.model import ModelConfig, Transformer
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS
 from rci_fast.train.checkpoint import atomic_write_text
@@ -91,7 +91,8 @@ def plot_per_task(per_model: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(plan, rl_cfg, timings: dict) -> Path:
+def write_report(plan, rl_cfg, timings: dict, lanes: tuple = ()) -> Path:
+    """lanes: the groups of stages that ran side by side (their wall time is the longest's)."""
     out = plan.out
     runs = {mode: _read_jsonl(out / f"rl-{mode}" / "metrics.jsonl") for mode in RL_RUNS
             if (out / f"rl-{mode}" / "metrics.jsonl").exists()}
@@ -114,7 +115,8 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
     lines = [
         "# rci_fast demo report", "",
         f"Seed {plan.seed}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
-        f"stages took {sum(timings.values()) / 60:.1f} min in all (table at the end).", "",
+        f"the stages took {elapsed_s(timings, lanes) / 60:.1f} min"
+        f"{', the two lanes after SFT side by side' if lanes else ''} (table at the end).", "",
         "## Setup",
         f"- Model: Qwen2 architecture, {params / 1e6:.2f}M parameters (hidden {model_cfg['hidden_size']}, "
         f"{model_cfg['num_hidden_layers']} layers, {model_cfg['num_attention_heads']} heads), byte-level BPE "
@@ -135,7 +137,7 @@ def write_report(plan, rl_cfg, timings: dict) -> Path:
         f"{rl_cfg.curriculum.steps_per_stage} steps from high to low potential; uniform: all samples "
         f"from the start.",
         f"- Eval: {e.samples_per_task} held-out samples per task (the tasks' validation split), "
-        f"{'greedy decoding' if e.temperature == 0 else f'{e.attempts} attempts each at temperature {e.temperature}'}; "
+        f"{'greedy decoding' if e.temperature == 0 else f'{e.attempts} sampled answer(s) per question at temperature {e.temperature}'}; "
         f"held-out families (never trained on): "
         f"{', '.join(t.removeprefix('rg/') for t in rl_cfg.tasks.test)}. Text-only mode: the same model with "
         f"the text-only system prompt and no interpreter.", "",

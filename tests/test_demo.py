@@ -20,7 +20,7 @@ def demo(*args, timeout=300):
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    r = demo("--quick", "--out", out)
+    r = demo("--quick", "--out", out, "--set", "eval.attempts=2")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -39,6 +39,7 @@ def test_quick_demo_writes_report_table_and_plots(quick_demo):
     timings = json.loads((out / "timings.json").read_text())
     assert {"data", "base", "sft", "potential", "rl-curriculum", "rl-uniform"} <= set(timings)
     assert sum(k.startswith("eval ") for k in timings) == 8  # 4 models x 2 evaluation sets
+    assert json.loads((out / "eval" / "sft-samples" / "eval.json").read_text())["attempts"] == 2  # --set
     for name in ("base", "sft/hf", "rl-uniform/hf", "rl-curriculum/hf"):
         assert (out / name / "config.json").is_file()
     # the curriculum run really was staged, the uniform one was not
@@ -47,13 +48,16 @@ def test_quick_demo_writes_report_table_and_plots(quick_demo):
     assert all(json.loads(line)["stage"] is None
                for line in (out / "rl-uniform" / "metrics.jsonl").read_text().splitlines())
     assert "| SFT |" in r.stdout  # the table is printed at the end
+    # after SFT two lanes ran side by side: one bar over their stages, none of their own
+    assert "demo: rl and eval" in r.stderr and "rl:   0%" not in r.stderr and "eval (code):" not in r.stderr
+    assert "the two lanes after SFT side by side" in report
 
 
 @pytest.mark.slow
 def test_demo_rerun_skips_done_stages_resumes_training_and_summary_aggregates(quick_demo):
     out, _ = quick_demo
     before = (out / "timings.json").read_text()
-    r = demo("--quick", "--out", out, timeout=120)
+    r = demo("--quick", "--out", out, "--set", "eval.attempts=2", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("already done") == 6 + 8  # every stage skipped
     assert (out / "timings.json").read_text() == before
@@ -61,7 +65,7 @@ def test_demo_rerun_skips_done_stages_resumes_training_and_summary_aggregates(qu
     shutil.rmtree(out / "rl-uniform" / "hf")
     for folder in (out / "eval").glob("grpo-uniform-*"):
         shutil.rmtree(folder)
-    r = demo("--quick", "--out", out, timeout=120)
+    r = demo("--quick", "--out", out, "--set", "eval.attempts=2", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and (out / "rl-uniform" / "hf" / "config.json").is_file()
     assert r.stderr.count("already done") == 6 + 8 - 3
@@ -80,3 +84,13 @@ def test_demo_errors_are_clear(tmp_path):
     bad.write_text((ROOT / "configs" / "demo-rl.yaml").read_text().replace("rg/gcd,", "rg/no_such_family,"))
     r = demo("--out", tmp_path / "y", "--rl-config", bad)
     assert r.returncode == 1 and "no_such_family" in r.stderr
+    r = demo("--out", tmp_path / "z", "--set", "eval.no_such_key=1")
+    assert r.returncode == 1 and "no_such_key" in r.stderr
+
+
+def test_elapsed_time_counts_lanes_side_by_side():
+    from rci_fast.demo import elapsed_s
+
+    timings = {"data": 1.0, "sft": 2.0, "rl-a": 30.0, "eval-a": 5.0, "rl-b": 20.0}
+    assert elapsed_s(timings) == 58.0
+    assert elapsed_s(timings, (("rl-a", "eval-a"), ("rl-b", "eval-b"))) == 3.0 + 35.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import time
@@ -104,8 +105,9 @@ def run_steps(trainer, total_steps: int, desc: str, postfix) -> list[dict]:
     from tqdm import tqdm
 
     rows, every = [], trainer.cfg.checkpoint.every
+    # An explicit disable= overrides tqdm's own TQDM_DISABLE: honour it (the demo's lanes set it).
     bar = tqdm(total=total_steps, initial=trainer.step, desc=desc, dynamic_ncols=True,
-               disable=not trainer.dist.is_main)
+               disable=not trainer.dist.is_main or bool(os.environ.get("TQDM_DISABLE")))
     metrics = MetricsLog(trainer.out_dir) if trainer.dist.is_main else None
     try:
         while trainer.step < total_steps:
