@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("rci_fast.demo")
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 MODELS = ("base", "sft", "grpo-uniform", "grpo-curriculum")
 MODEL_TITLES = {"base": "base (copying warm-up only)", "sft": "SFT", "grpo-uniform": "SFT + GRPO (uniform)",
@@ -37,6 +38,9 @@ EVAL_SETS = {"samples": "held-out samples", "families": "held-out families"}
 # Small enough for a test to run every stage in about a minute.
 QUICK_SFT = ["train.epochs=1", "train.max_steps=6"]
 QUICK_WARMUP_STEPS = 4
+# RL-config keys the demo fills in itself (DemoPlan.rl_cfg): --set cannot change them.
+DEMO_SETS = ("seed", "out_dir", "model.path", "curriculum.mode", "curriculum.potential_file",
+             "tasks.skip_per_task", "eval.model")
 QUICK_RL = ["train.steps=4", "curriculum.steps_per_stage=1", "tasks.samples_per_task=4", "potential.k=2",
             "eval.samples_per_task=2", "eval.attempts=1", "rollout.max_new_tokens=48"]
 
@@ -176,15 +180,21 @@ def demo_stages(plan: DemoPlan, info) -> dict:
     return stages
 
 
-def run_lane(plan: DemoPlan, device: str | None, names: tuple[str, ...]) -> None:
-    """One lane, in its own process with one thread. Its log lines go to the terminal as usual,
-    its progress bars are off (run_lanes shows one)."""
+def lane_threads(lanes: int) -> int:
+    """Threads per lane: this machine's cores shared out (one each on 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // lanes)
+
+
+def run_lane(plan: DemoPlan, device: str | None, names: tuple[str, ...], threads: int) -> None:
+    """One lane, in its own process. Its log lines go to the terminal as usual, its progress bars
+    are off (run_lanes shows one)."""
     import torch
 
     from rci_fast.train import init_distributed
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    torch.set_num_threads(threads)
     info = init_distributed(device)
     try:
         stages = demo_stages(plan, info)
@@ -195,40 +205,55 @@ def run_lane(plan: DemoPlan, device: str | None, names: tuple[str, ...]) -> None
 
 
 def run_lanes(plan: DemoPlan, device: str | None, stages: dict) -> None:
-    """Runs the stages of LANES not yet done, the lanes side by side, with one progress bar over
-    their stages."""
+    """Runs the stages of LANES not yet done, the lanes side by side (a process each), with one
+    progress bar over their stages. A failing lane is reported at once; the other one finishes
+    its stage list (its work is kept), then the error is raised."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
-    todo = [tuple(name for name in lane if not stages[name][0].exists()) for lane in LANES]
-    for name in (name for lane in LANES for name in lane if name not in {n for t in todo for n in t}):
+    pending = [tuple(name for name in lane if not stages[name][0].exists()) for lane in LANES]
+    for name in (name for lane in LANES for name in lane if stages[name][0].exists()):
         run_stage(plan.out / "timings.json", name, *stages[name])  # logs "already done"
-    todo = [lane for lane in todo if lane]
-    if not todo:
+    lanes = [lane for lane in pending if lane]
+    if not lanes:
         return
-    log.info("demo: side by side, one process each: %s", " | ".join(" -> ".join(lane) for lane in todo))
-    done = lambda: sum(stages[name][0].exists() for lane in LANES for name in lane)  # noqa: E731
-    # Two bars on one terminal garble each other: the lanes inherit TQDM_DISABLE (tqdm reads it on
-    # import, so this process keeps its bar).
+    threads = lane_threads(len(lanes))
+    log.info("demo: side by side, a process with %d thread(s) each: %s", threads,
+             " | ".join(" -> ".join(lane) for lane in lanes))
+    # One pool per lane: a lane that dies (killed, out of memory) does not take the other with it.
+    context = multiprocessing.get_context("spawn")
+    pools = [ProcessPoolExecutor(1, mp_context=context) for _ in lanes]
+    # Two bars on one terminal garble each other: the lanes inherit TQDM_DISABLE, which tqdm reads
+    # on import (this process has imported it already and keeps its bar). CPython's pool starts a
+    # spawn-context worker inside submit(), so the variable need only be set around it.
     before, os.environ["TQDM_DISABLE"] = os.environ.get("TQDM_DISABLE"), "1"
     try:
-        pool = ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn"))
-        futures = [pool.submit(run_lane, plan, device, lane) for lane in todo]  # starts the processes
+        futures = [pool.submit(run_lane, plan, device, lane, threads) for pool, lane in zip(pools, lanes)]
     finally:
         if before is None:
             del os.environ["TQDM_DISABLE"]
         else:
             os.environ["TQDM_DISABLE"] = before
-    with pool:
-        with tqdm(total=sum(map(len, LANES)), initial=done(), desc="demo: rl and eval", unit="stage",
+    stages_done = lambda: sum(stages[name][0].exists() for lane in LANES for name in lane)  # noqa: E731
+    try:
+        with tqdm(total=sum(map(len, LANES)), initial=stages_done(), desc="demo: rl and eval", unit="stage",
                   dynamic_ncols=True) as bar:
-            while not all(f.done() for f in futures):
+            running = dict(zip(futures, lanes))
+            while running:
                 time.sleep(1.0)
-                bar.update(done() - bar.n)
-        for f in futures:
-            f.result()  # a lane's exception, raised here
+                bar.update(stages_done() - bar.n)
+                for future in [f for f in running if f.done()]:
+                    if future.exception() is not None:
+                        log.error("demo: lane %s failed: %r; the other lane goes on, then the demo stops",
+                                  " -> ".join(running[future]), future.exception())
+                    del running[future]
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        future.result()  # the first failed lane's exception, raised here
 
 
 def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
@@ -242,7 +267,8 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
         raise RuntimeError("rci-fast demo runs as one process (use the sft/rl commands under torchrun)")
     try:
         stages = demo_stages(plan, info)
-        side_by_side = info.device.type == "cpu"
+        assert {name for lane in LANES for name in lane} <= set(stages) - {"data", "base", "sft"}
+        side_by_side = info.device.type == "cpu" and lane_threads(1) >= 2  # a core per lane at least
         for name, (done, work) in stages.items():
             if not (side_by_side and any(name in lane for lane in LANES)):
                 run_stage(timings, name, done, work)
@@ -366,7 +392,12 @@ def _main(args) -> int:
             print(f"rci-fast demo: config not found: {path} (run from the repository root or pass "
                   f"--sft-config/--rl-config)", file=sys.stderr)
             return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    taken = [kv for kv in args.rl_set if kv.split("=", 1)[0].strip() in DEMO_SETS]
+    if taken:
+        print(f"rci-fast demo: --set {taken[0]}: the demo sets this key itself (see --seed, --out)",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     plan = DemoPlan(Path(args.out), args.seed, args.per_family, args.direct_share, args.warmup_steps,
                     args.sft_config, args.rl_config, QUICK_SFT if args.quick else [],
                     [*(QUICK_RL if args.quick else []), *args.rl_set])
@@ -377,6 +408,9 @@ def _main(args) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"rci-fast demo: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("rci-fast demo: interrupted; the same command continues where it stopped", file=sys.stderr)
+        return 130
     print(f"demo: report in {report}\n")
     table = [line for line in report.read_text().splitlines() if line.startswith("|")][:6]
     print("\n".join(table))

@@ -94,3 +94,20 @@ def test_elapsed_time_counts_lanes_side_by_side():
     timings = {"data": 1.0, "sft": 2.0, "rl-a": 30.0, "eval-a": 5.0, "rl-b": 20.0}
     assert elapsed_s(timings) == 58.0
     assert elapsed_s(timings, (("rl-a", "eval-a"), ("rl-b", "eval-b"))) == 3.0 + 35.0
+
+
+@pytest.mark.slow
+def test_a_failing_lane_is_reported_and_the_demo_exits_cleanly(quick_demo, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(quick_demo[0], out)
+    for stage in ("rl-uniform", "rl-curriculum", "eval"):
+        shutil.rmtree(out / stage)
+    r = demo("--quick", "--out", out, "--set", "rollout.temperature=0", timeout=120)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "failed" in r.stderr and "rollout.temperature: RL samples" in r.stderr
+    assert "Traceback" not in r.stderr.split("failed")[-1]  # the parent ends with a message
+
+
+def test_demo_set_refuses_keys_the_demo_sets(tmp_path):
+    r = demo("--out", tmp_path / "x", "--set", "seed=3")
+    assert r.returncode == 2 and "sets this key itself" in r.stderr
