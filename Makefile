@@ -23,7 +23,7 @@ test: setup
 test-fast: setup
 	$(VPY) -m pytest -q -m "not slow" tests
 
-# The whole recipe on a tiny model (about 15 minutes on 2 CPU cores): runs/demo/report.md
+# The whole recipe on a tiny model (15-20 minutes on 2 CPU cores): runs/demo/report.md
 demo: setup
 	$(VPY) -m rci_fast demo --out runs/demo
 
