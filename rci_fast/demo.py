@@ -73,6 +73,10 @@ class DemoPlan:
                                             f"tasks.skip_per_task={self.per_family}",  # not the SFT questions
                                             *extra], cls=RLConfig)
 
+    @property
+    def timings_file(self) -> Path:  # seconds per stage, written by run_stage
+        return self.out / "timings.json"
+
     def model_path(self, name: str) -> Path:
         return {"base": self.out / "base", "sft": self.out / "sft" / "hf",
                 "grpo-uniform": self.out / "rl-uniform" / "hf",
@@ -199,7 +203,7 @@ def run_lane(plan: DemoPlan, device: str | None, names: tuple[str, ...], threads
     try:
         stages = demo_stages(plan, info)
         for name in names:
-            run_stage(plan.out / "timings.json", name, *stages[name])
+            run_stage(plan.timings_file, name, *stages[name])
     finally:
         info.close()
 
@@ -215,7 +219,7 @@ def run_lanes(plan: DemoPlan, device: str | None, stages: dict) -> None:
 
     pending = [tuple(name for name in lane if not stages[name][0].exists()) for lane in LANES]
     for name in (name for lane in LANES for name in lane if stages[name][0].exists()):
-        run_stage(plan.out / "timings.json", name, *stages[name])  # logs "already done"
+        run_stage(plan.timings_file, name, *stages[name])  # logs "already done"
     lanes = [lane for lane in pending if lane]
     if not lanes:
         return
@@ -261,25 +265,25 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
     from rci_fast.train import init_distributed
 
     plan.out.mkdir(parents=True, exist_ok=True)
-    timings = plan.out / "timings.json"
     info = init_distributed(device)
     if info.world_size != 1:
         raise RuntimeError("rci-fast demo runs as one process (use the sft/rl commands under torchrun)")
     try:
         stages = demo_stages(plan, info)
-        assert {name for lane in LANES for name in lane} <= set(stages) - {"data", "base", "sft"}
+        lane_stages = {name for lane in LANES for name in lane}
+        assert lane_stages <= set(stages) - {"data", "base", "sft"}
         side_by_side = info.device.type == "cpu" and lane_threads(1) >= 2  # a core per lane at least
         for name, (done, work) in stages.items():
-            if not (side_by_side and any(name in lane for lane in LANES)):
-                run_stage(timings, name, done, work)
+            if not (side_by_side and name in lane_stages):
+                run_stage(plan.timings_file, name, done, work)
         if side_by_side:
             run_lanes(plan, device, stages)
     finally:
         info.close()
     from rci_fast.demo_report import write_report
 
-    return write_report(plan, plan.rl_cfg(plan.out / "rl"), json.loads(timings.read_text()) if timings.exists() else {},
-                        LANES if side_by_side else ())
+    timings = json.loads(plan.timings_file.read_text()) if plan.timings_file.exists() else {}
+    return write_report(plan, plan.rl_cfg(plan.out / "rl"), timings, LANES if side_by_side else ())
 
 
 def read_eval(out: Path, name: str, eval_set: str) -> dict | None:
