@@ -221,8 +221,11 @@ class RolloutEngine:
             s.length += len(s.next_input)
             s.next_input = []
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        order = [row_of[id(s)] for s in ready]
+        if self._graphs is None and order == list(range(len(out))):
+            return out  # plain decoding of slots in order: the rows are already the ready ones
         # One gather (a copy: a CUDA graph's output buffer is overwritten by the next replay).
-        return out[torch.tensor([row_of[id(s)] for s in ready], device=out.device)]
+        return out[torch.tensor(order, device=out.device)]
 
     def _forward_rows(self, tokens, positions, slots, last, cache, device) -> torch.Tensor:
         """One cached forward over rows built as Python lists (one tensor each: per-row tensor
@@ -230,6 +233,8 @@ class RolloutEngine:
         h = self.model.forward_cached(torch.tensor(tokens, device=device),
                                       torch.tensor(positions, device=device), cache,
                                       torch.tensor(slots, device=device))
+        if h.shape[1] == 1:  # one token per row: no gather
+            return self.model.lm_head(h[:, 0])
         rows = torch.arange(len(tokens), device=device)
         return self.model.lm_head(h[rows, torch.tensor(last, device=device)])
 
