@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rci_fast.model import load_pretrained
+from rci_fast.model import load_pretrained, transformer
+from rci_fast.model.transformer import length_groups
 
 SMALL = dict(vocab_size=131, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
              num_attention_heads=6, num_key_value_heads=2)
@@ -62,6 +63,43 @@ def test_packed_sequences_match_padded_batch(pair):
         packed = ours(torch.cat(seqs).unsqueeze(0), cu_seqlens=cu)[0]
     for i, n in enumerate(lengths):
         torch.testing.assert_close(packed[cu[i]:cu[i] + n], ref[i, :n], atol=1e-4, rtol=0)
+
+
+def test_length_groups():
+    lengths = [5, 190, 180, 7, 100, 6, 190]
+    every = length_groups(lengths, 1e12)
+    assert every == [list(range(len(lengths)))]                    # no limit: one padded call
+    alone = length_groups(lengths, 0)
+    assert sorted(map(tuple, alone)) == [(0,), (1, 6), (2,), (3,), (4,), (5,)]  # equal lengths share
+    some = length_groups(lengths, 190 ** 2 - 180 ** 2)
+    assert sorted(i for g in some for i in g) == list(range(len(lengths)))
+    for group in some:
+        assert group == sorted(group)
+        longest = max(lengths[i] for i in group)
+        waste = sum(longest ** 2 - lengths[i] ** 2 for i in group)
+        assert waste <= (190 ** 2 - 180 ** 2) * (len(group) - 1)
+
+
+@pytest.mark.parametrize("area_per_call", [0, 1 << 14, 1 << 40])  # singles, two groups, one
+def test_packed_attention_matches_per_sequence_with_gradients(monkeypatch, area_per_call):
+    """Whatever the grouping, the padded-groups attention gives each sequence's own causal
+    attention, forward and backward (GQA: 6 query heads on 2 key/value heads)."""
+    monkeypatch.setattr(transformer, "PADDED_AREA_PER_CALL", area_per_call)
+    g = torch.Generator().manual_seed(4)
+    lengths = [3, 17, 1, 9, 16, 40]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    n = sum(lengths)
+    q, k, v = (torch.randn(1, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2))
+    grad_out = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64)
+    out = transformer.padded_groups_attention(q, k, v, cu)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
