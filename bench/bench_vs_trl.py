@@ -48,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
 import collections
+import contextlib
 import copy
 import dataclasses
 import json
@@ -428,6 +429,20 @@ def fmt_split(r):
     return f"{r['step_time_s']:7.3f} {r['rollout_s']:7.3f} {r['update_s']:7.3f} {r['other_s']:7.3f}"
 
 
+@contextlib.contextmanager
+def items_in_order(order: list[int]):
+    """rci_fast's GRPOTrainer loads its items itself (rollouts.train_items, as imported by
+    train/grpo.py); inside this block it gets them in `order`, TRL's dataset order."""
+    from rci_fast.train import grpo as grpo_module
+
+    real = grpo_module.train_items
+    grpo_module.train_items = lambda cfg: [real(cfg)[i] for i in order]
+    try:
+        yield
+    finally:
+        grpo_module.train_items = real
+
+
 def main() -> int:
     global DIST, ONE_PASS_LOSS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -492,7 +507,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)  # as both trainers load it
     DIST = init_distributed("cpu")
 
-    # GRPOTrainer loads the items itself (load_items, patched to the interleaved order below):
+    # GRPOTrainer loads the items itself (train_items, patched to the interleaved order below):
     # the same list, in the same order, as TRL's unshuffled dataset.
     prompt_texts = [render_chat(build_messages(s.prompt), tok, add_generation_prompt=True) for _, s in items]
     ids = [prompt_ids(tok, s) for _, s in items]
@@ -504,14 +519,8 @@ def main() -> int:
 
     try:
         if "grpo" not in skip:
-            from rci_fast.train import grpo as grpo_module
-
-            real_load = grpo_module.load_items
-            grpo_module.load_items = lambda *a, **k: [real_load(*a, **k)[i] for i in order]
-            try:
+            with items_in_order(order):
                 ours = rci_fast_grpo(str(model_dir), str(work / "rl"), per_task, steps, warmup, new_tokens=NEW_TOKENS)
-            finally:
-                grpo_module.load_items = real_load
             theirs = trl_grpo(str(model_dir), str(work / "trl"), items, prompt_texts, steps, warmup,
                               new_tokens=NEW_TOKENS, tokenizer=tok)
             lens = [len(ids[(s * PROMPTS + j) % len(ids)]) for s in range(warmup, warmup + steps)
@@ -543,16 +552,10 @@ def main() -> int:
             tool_ids = [tool_tok.apply_chat_template(build_messages(s.prompt), tools=[make_python_tool(None)],
                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
                         for _, s in items]
-            from rci_fast.train import grpo as grpo_module
-
-            real_load = grpo_module.load_items
-            grpo_module.load_items = lambda *a, **k: [real_load(*a, **k)[i] for i in order]
-            try:
+            with items_in_order(order):
                 ours_code = rci_fast_grpo(str(model_dir), str(work / "rl-code"), per_task, code_steps, 1,
                                           new_tokens=budget, workers=8, prompts=tool_ids,
                                           code=rci_fast_scripted(script, {tuple(p): i for i, p in enumerate(tool_ids)}))
-            finally:
-                grpo_module.load_items = real_load
             with Sandbox(workers=2) as sb:
                 theirs_code = trl_grpo(
                     str(model_dir), str(work / "trl-code"), items, [build_messages(s.prompt) for _, s in items],
