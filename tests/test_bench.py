@@ -1,0 +1,63 @@
+"""The benchmarks in bench/ run end to end (--quick) and print their final JSON line: a benchmark
+that nobody runs breaks silently when the code it drives changes (bench_vs_trl did)."""
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_quick(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last.removeprefix("JSON "))
+
+
+@pytest.mark.slow
+def test_bench_sandbox():
+    result = run_quick("bench_sandbox.py")
+    assert result["machine"] and result["isolation"]["seccomp_filter_instructions"] > 0
+
+
+@pytest.mark.slow
+def test_bench_logprob():
+    result = run_quick("bench_logprob.py")
+    assert result["bench"] == "logprob" and result["cpu"]["shape"]["T"] == 256
+
+
+@pytest.mark.slow
+def test_bench_rollout():
+    result = run_quick("bench_rollout.py")
+    assert result["plain"]["rci_fast_tok_s"] > 0 and result["plain"]["floor_tok_s"] > 0
+    code = result["with_code"]
+    assert code["lockstep_tok_s"] > 0 and code["lockstep_parallel_tools_tok_s"] > 0
+    assert 0 <= code["code_time_hidden_fraction"] <= 1
+
+
+def test_bench_vs_trl_patches_what_the_trainer_calls():
+    """bench_vs_trl reorders the items rci_fast's GRPOTrainer loads by replacing the loader it
+    calls; without trl installed (CI) this checks at least that the loader is still there."""
+    from rci_fast.train import grpo
+
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", BENCH / "bench_vs_trl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert "train_items(" in inspect.getsource(grpo.GRPOTrainer.__init__)
+    real = grpo.train_items
+    with bench.items_in_order([1, 0]):
+        assert grpo.train_items is not real
+    assert grpo.train_items is real
+
+
+@pytest.mark.slow
+def test_bench_vs_trl():
+    pytest.importorskip("trl", reason="bench_vs_trl needs `pip install -e .[bench]`")
+    result = run_quick("bench_vs_trl.py", "--threads", "2")
+    assert result["grpo"]["speedup_vs_trl"] > 0
