@@ -66,13 +66,13 @@ def test_packed_sequences_match_padded_batch(pair):
 
 
 def test_length_groups():
-    lengths = [5, 190, 180, 7, 100, 6, 190]
+    lengths = [5, 190, 180, 7, 100, 6, 190, 0]
     every = length_groups(lengths, 1e12)
-    assert every == [list(range(len(lengths)))]                    # no limit: one padded call
+    assert every == [list(range(len(lengths) - 1))]                # no limit: one call; no empty sequence
     alone = length_groups(lengths, 0)
     assert sorted(map(tuple, alone)) == [(0,), (1, 6), (2,), (3,), (4,), (5,)]  # equal lengths share
     some = length_groups(lengths, 190 ** 2 - 180 ** 2)
-    assert sorted(i for g in some for i in g) == list(range(len(lengths)))
+    assert sorted(i for g in some for i in g) == list(range(len(lengths) - 1))
     for group in some:
         assert group == sorted(group)
         longest = max(lengths[i] for i in group)
@@ -86,7 +86,7 @@ def test_packed_attention_matches_per_sequence_with_gradients(monkeypatch, area_
     attention, forward and backward (GQA: 6 query heads on 2 key/value heads)."""
     monkeypatch.setattr(transformer, "PADDED_AREA_PER_CALL", area_per_call)
     g = torch.Generator().manual_seed(4)
-    lengths = [3, 17, 1, 9, 16, 40]
+    lengths = [3, 17, 1, 0, 9, 16, 40]  # an empty sequence too
     cu = torch.tensor([0] + lengths).cumsum(0)
     n = sum(lengths)
     q, k, v = (torch.randn(1, h, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2))
@@ -95,7 +95,7 @@ def test_packed_attention_matches_per_sequence_with_gradients(monkeypatch, area_
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a], dim=2)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     for got, want in zip(grads, ref_grads):

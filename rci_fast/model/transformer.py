@@ -175,10 +175,11 @@ PADDED_AREA_PER_CALL = 1 << 20
 def length_groups(lengths: list[int], max_waste_per_merge: float) -> list[list[int]]:
     """Sequence indices grouped for padded attention calls: longest first, a sequence joins the
     current group while the group's padded area (count x longest^2 - sum of length^2) stays within
-    max_waste_per_merge per sequence merged. Each group lists its indices in increasing order."""
+    max_waste_per_merge per sequence merged. Each group lists its indices in increasing order;
+    empty sequences are left out (they hold no token)."""
     groups: list[list[int]] = []
     waste = 0.0
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for i in sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i]):
         if groups:
             longest = lengths[groups[-1][0]]
             added = longest ** 2 - lengths[i] ** 2
