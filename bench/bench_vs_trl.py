@@ -436,7 +436,12 @@ def items_in_order(order: list[int]):
     from rci_fast.train import grpo as grpo_module
 
     real = grpo_module.train_items
-    grpo_module.train_items = lambda cfg: [real(cfg)[i] for i in order]
+
+    def reordered(cfg):
+        items = real(cfg)
+        return [items[i] for i in order]
+
+    grpo_module.train_items = reordered
     try:
         yield
     finally:
