@@ -100,6 +100,8 @@ def test_packed_attention_matches_per_sequence_with_gradients(monkeypatch, area_
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    empty = transformer.padded_groups_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], torch.tensor([0, 0, 0]))
+    assert empty.shape == (1, 6, 0, 8)
 
 
 def test_our_checkpoint_loads_in_transformers(pair, tmp_path):

@@ -7,8 +7,8 @@ Three ways to run attention:
   - dense [B, T]: every row is one sequence, causal;
   - packed [1, N] with `cu_seqlens`: several sequences back to back, no padding; on CUDA in
     bf16/fp16 flash-attn's varlen kernel when installed, else torch's (torch.nn.attention.varlen),
-    else (CPU, fp32) sequences of similar length padded into one SDPA call each
-    (padded_groups_attention);
+    otherwise (CPU, fp32, or no varlen kernel) sequences of similar length padded into one SDPA
+    call each (padded_groups_attention);
   - cached [B, T] with a KVCache: the rollout engine's decode and extend steps.
 """
 from __future__ import annotations
@@ -165,10 +165,13 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
 
 
-# A CPU SDPA call (forward + backward) costs ~120 us however short its sequence, and one unit of
-# attention area (query x key positions) ~0.11 ns per head and head dim (2 threads; fwd+bwd at
-# 4 heads of 32: 130 us at 16 tokens, 8.8 ms at 1024). Padding sequences into one call pays off
-# while the padded area it adds, times heads x head_dim, stays under this per call saved.
+# Measured on 2 CPU threads, causal SDPA forward + backward at 4 heads of 32: a call costs ~120 us
+# however short its sequence (130 us at 16 tokens), and each unit of area (query x key
+# positions, counted as the full square) 0.065-0.11 ns per head and head dim (8.4-14.8 ns at
+# 4 x 32, less at 1024 tokens than at 128). Padding sequences into one call pays off while the
+# area it adds, times heads x head_dim, stays under 120 us / 0.11 ns ~ 2^20 per call saved: the
+# cautious end (on a GPU, calls and area are both cheaper; this path runs there only in fp32 or
+# without a varlen kernel).
 PADDED_AREA_PER_CALL = 1 << 20
 
 
@@ -198,13 +201,15 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [1, kv_heads, N, D] -> [1, heads, N, D]. Sequences of similar length are gathered into a
     right-padded batch and run as one SDPA call (length_groups): one call per sequence costs more
     than the attention itself at short lengths. Padded keys come after every real one, so the
-    causal mask alone keeps them unseen; padded queries are dropped. One gather in and one out
-    for all groups, split and concatenated between: slicing each group out of the stream would
-    make the backward fill a full-size gradient per group."""
+    causal mask alone keeps them unseen; padded queries are dropped. One gather per tensor in and
+    one out for all groups, split and concatenated between: slicing each group out of the stream
+    would make the backward fill a full-size gradient per group."""
     device = q.device
     lengths, starts = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), cu_seqlens[:-1].tolist()
     heads, d = q.shape[1], q.shape[-1]
     groups = length_groups(lengths, PADDED_AREA_PER_CALL / (heads * d))
+    if not groups:  # no tokens at all
+        return torch.zeros_like(q)
     gather, base, shapes, offset = [], [0] * len(lengths), [], 0
     for group in groups:
         longest = max(lengths[i] for i in group)
@@ -217,15 +222,15 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         shapes.append((len(group), longest))
         offset += len(group) * longest
     gather = torch.cat(gather)
-    sizes = [g * longest for g, longest in shapes]
+    sizes = [count * width for count, width in shapes]
     # index_select, not t[idx]: its backward (index_add_) is ~5x faster on CPU than indexing's.
     parts = [t[0].transpose(0, 1).index_select(0, gather).split(sizes) for t in (q, k, v)]  # [P, heads, D]
-    outs = [F.scaled_dot_product_attention(*(p.view(g, longest, -1, d).transpose(1, 2) for p in group_parts),
+    outs = [F.scaled_dot_product_attention(*(p.view(count, width, -1, d).transpose(1, 2) for p in group_parts),
                                            is_causal=True, enable_gqa=True).transpose(1, 2).reshape(-1, heads, d)
-            for (g, longest), group_parts in zip(shapes, zip(*parts))]
+            for (count, width), group_parts in zip(shapes, zip(*parts))]
     padded_out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    back = torch.arange(len(q[0, 0]), device=device) + torch.repeat_interleave(
-        torch.tensor(base, device=device), cu_seqlens[1:] - cu_seqlens[:-1])
+    back = torch.arange(q.shape[2], device=device) + torch.repeat_interleave(
+        torch.tensor(base, device=device), torch.tensor(lengths, device=device))
     return padded_out.index_select(0, back).transpose(0, 1).unsqueeze(0)
 
 
