@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import re
 import string
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen
 
 from rci_fast.model import load_pretrained
 from rci_fast.rollout import RolloutEngine, SamplingParams
+from rci_fast.rollout.engine import CODE_BLOCK
 from rci_fast.sandbox import Sandbox
 from rci_fast.tokenizer import train_bpe_tokenizer
 
@@ -196,7 +196,6 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", see
     code, answer = tok.encode(CODE), tok.encode("<<<42>>>")
     scripts = [[think[:rng.randint(4, max_think)] + code for _ in range(calls)] + [answer]
                for _ in range(batch)]
-    code_re = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
     base = tok.encode("Let me compute")
     prompts = [[5 + row] + base for row in range(batch)]  # the first token tells the row
 
@@ -244,7 +243,7 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", see
             new = [o[max_len:max_len + len(s)] for o, s in zip(out.tolist(), round_scripts)]
             if round_ == calls:
                 break
-            results = run_tools([code_re.search(tok.decode(n)).group(1) for n in new])
+            results = run_tools([CODE_BLOCK.search(tok.decode(n)).group(1) for n in new])
             assert all(r.status == "ok" for r in results), [r for r in results if r.status != "ok"][:1]
             for r, n, res in zip(rows, new, results):
                 r += n + tok.encode(engine.format_tool_output(res), add_special_tokens=False)
