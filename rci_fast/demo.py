@@ -103,6 +103,7 @@ LANES = (("potential", "rl-curriculum", "eval grpo-curriculum samples", "eval gr
           "eval base families"),
          ("rl-uniform", "eval grpo-uniform samples", "eval grpo-uniform families",
           "eval sft samples", "eval sft families", "eval base samples"))
+LANE_STAGES = tuple(name for lane in LANES for name in lane)
 
 
 def elapsed_s(timings: dict, lanes: tuple = ()) -> float:
@@ -218,7 +219,7 @@ def run_lanes(plan: DemoPlan, device: str | None, stages: dict) -> None:
     from tqdm import tqdm
 
     pending = [tuple(name for name in lane if not stages[name][0].exists()) for lane in LANES]
-    for name in (name for lane in LANES for name in lane if stages[name][0].exists()):
+    for name in [name for name in LANE_STAGES if stages[name][0].exists()]:
         run_stage(plan.timings_file, name, *stages[name])  # logs "already done"
     lanes = [lane for lane in pending if lane]
     if not lanes:
@@ -240,9 +241,9 @@ def run_lanes(plan: DemoPlan, device: str | None, stages: dict) -> None:
             del os.environ["TQDM_DISABLE"]
         else:
             os.environ["TQDM_DISABLE"] = before
-    stages_done = lambda: sum(stages[name][0].exists() for lane in LANES for name in lane)  # noqa: E731
+    stages_done = lambda: sum(stages[name][0].exists() for name in LANE_STAGES)  # noqa: E731
     try:
-        with tqdm(total=sum(map(len, LANES)), initial=stages_done(), desc="demo: rl and eval", unit="stage",
+        with tqdm(total=len(LANE_STAGES), initial=stages_done(), desc="demo: rl and eval", unit="stage",
                   dynamic_ncols=True) as bar:
             running = dict(zip(futures, lanes))
             while running:
@@ -270,11 +271,10 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
         raise RuntimeError("rci-fast demo runs as one process (use the sft/rl commands under torchrun)")
     try:
         stages = demo_stages(plan, info)
-        lane_stages = {name for lane in LANES for name in lane}
-        assert lane_stages <= set(stages) - {"data", "base", "sft"}
+        assert set(LANE_STAGES) <= set(stages) - {"data", "base", "sft"}
         side_by_side = info.device.type == "cpu" and lane_threads(1) >= 2  # a core per lane at least
         for name, (done, work) in stages.items():
-            if not (side_by_side and name in lane_stages):
+            if not (side_by_side and name in LANE_STAGES):
                 run_stage(plan.timings_file, name, done, work)
         if side_by_side:
             run_lanes(plan, device, stages)
