@@ -22,6 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=["rci_fast", "rci_fast.kernels", "rci_fast.sandbox"],
     package_dir={"rci_fast": "rci_fast", "rci_fast.kernels": "kernels", "rci_fast.sandbox": "sandbox"},
+    package_data={"rci_fast.model": ["cpu_decode.cpp"]},  # built on first use (model/cpu_decode.py)
     ext_modules=[sandbox_core],
     cmdclass={"build_ext": build_ext},
     # The sandbox alone needs only these (it never imports torch); training needs [train].

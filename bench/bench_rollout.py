@@ -3,7 +3,9 @@
 1. Plain decoding: 64 prompts of 32 tokens, 128 new tokens, sampling, EOS suppressed, on a tiny
    random Qwen2 (about 4.2M parameters). Tokens/s of rci_fast's engine and of
    `transformers.generate`, and the compute floor: the decode FLOPs at the matmul throughput this
-   machine reaches on the same GEMM shapes, measured in the same run.
+   machine reaches on the same GEMM shapes, measured in the same run. On a CPU the engine's
+   float32 decode steps run in C++ (model/cpu_decode.py); the same run with its Python step is
+   timed too, to show what the C++ step brings.
 2. Multi-turn with code: every sequence makes 3 code calls that sleep ~50 ms in the sandbox
    (the policy is scripted through a logits processor, identically on both sides). rci_fast's
    engine (code runs while others decode) vs a lockstep loop written the way TRL's tool loop
@@ -152,7 +154,13 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) 
     trajs = engine.generate(prompts.tolist(), params)
     ours_s = time.perf_counter() - t0
     assert all(len(t.token_ids) == prompt_len + new for t in trajs)
-    graphs_s = None
+    python_step_s = graphs_s = None
+    if engine._cpu_step is not None:  # the same run with the Python decode step it replaced
+        python_step = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cpu_decode=False)
+        python_step.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
+        t0 = time.perf_counter()
+        python_step.generate(prompts.tolist(), params)
+        python_step_s = time.perf_counter() - t0
     if device == "cuda":  # the same run with decode steps replayed as CUDA graphs
         graphs = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cuda_graphs=True)
         graphs.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
@@ -180,6 +188,8 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) 
     result = {"tokens": tokens, "rci_fast_tok_s": tokens / ours_s, "transformers_tok_s": tokens / hf_s,
               "floor_tok_s": tokens / floor["floor_s"], "speedup_vs_transformers": hf_s / ours_s,
               "rci_fast_vs_floor": ours_s / floor["floor_s"], "floor": floor}
+    if python_step_s is not None:
+        result.update(python_step_tok_s=tokens / python_step_s, cpp_step_speedup=python_step_s / ours_s)
     if graphs_s is not None:
         result.update(graphs_tok_s=tokens / graphs_s, graphs_speedup_vs_transformers=hf_s / graphs_s,
                       graphs_vs_floor=graphs_s / floor["floor_s"])
@@ -289,6 +299,9 @@ def main() -> int:
     print(f"  rci_fast {plain['rci_fast_tok_s']:8.0f} tok/s   transformers {plain['transformers_tok_s']:8.0f} tok/s"
           f"   floor {plain['floor_tok_s']:8.0f} tok/s")
     print(f"  {plain['speedup_vs_transformers']:.2f}x transformers; {plain['rci_fast_vs_floor']:.2f}x the floor's time")
+    if "python_step_tok_s" in plain:
+        print(f"  rci_fast with the Python decode step instead of the C++ one {plain['python_step_tok_s']:8.0f} tok/s "
+              f"(the C++ step: {plain['cpp_step_speedup']:.2f}x)")
     if "graphs_tok_s" in plain:
         print(f"  with CUDA graphs: {plain['graphs_tok_s']:8.0f} tok/s, {plain['graphs_speedup_vs_transformers']:.2f}x "
               f"transformers, {plain['graphs_vs_floor']:.1f}x the floor's time")

@@ -49,9 +49,10 @@ def prompts(tok):
     return [tok.encode(t) for t in ["Compute 6 * 7", "The answer", "```python\nprint(", "C"]]
 
 
-def test_greedy_matches_transformers_token_for_token(tok, models):
+@pytest.mark.parametrize("cpu_decode", [False, True], ids=["python-step", "cpp-step"])
+def test_greedy_matches_transformers_token_for_token(tok, models, cpu_decode):
     hf, ours = models
-    engine = RolloutEngine(ours, tok, eos_ids=[])  # no early stop: compare full lengths
+    engine = RolloutEngine(ours, tok, eos_ids=[], cpu_decode=cpu_decode)  # no EOS: compare full lengths
     params = SamplingParams(temperature=0, max_new_tokens=24, stop_at_answer=False)
     for traj, p in zip(engine.generate(prompts(tok), params), prompts(tok)):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,

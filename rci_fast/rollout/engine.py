@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from rci_fast.model import KVCache, Transformer
+from rci_fast.model.cpu_decode import CpuDecodeStep
 from rci_fast.rollout.decode_graphs import DecodeGraphs
 from rci_fast.rollout.sampling import SamplingParams, sample
 from rci_fast.tasks.prompt import DEFAULT_MAX_RESULT_CHARS, format_result
@@ -95,7 +96,9 @@ class RolloutEngine:
     logits_processor(segments_per_row, logits [B, V]) -> logits: a hook that can steer sampling
     (tests use it to script a policy);
     cuda_graphs: run decode steps as CUDA graphs (rollout/decode_graphs.py; "eager" runs the same
-    static all-slot step without graphs, on any device)."""
+    static all-slot step without graphs, on any device);
+    cpu_decode: run one-token-per-row steps of a float32 model on a CPU in C++
+    (model/cpu_decode.py): None uses it where it applies and builds, True insists, False never."""
 
     def __init__(self, model: Transformer, tokenizer, sandbox=None, *, max_batch: int = 64,
                  max_code_calls: int = 8, code_timeout_s: float = 10.0,
@@ -103,7 +106,7 @@ class RolloutEngine:
                  tool_template: str = DEFAULT_TOOL_TEMPLATE,
                  eos_ids: list[int] | None = None,
                  logits_processor: Callable[[list[list[Segment]], torch.Tensor], torch.Tensor] | None = None,
-                 cuda_graphs: bool | str = False):
+                 cuda_graphs: bool | str = False, cpu_decode: bool | None = None):
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
         self.max_batch, self.max_code_calls = max_batch, max_code_calls
         self.code_timeout_s, self.max_tool_output_chars = code_timeout_s, max_tool_output_chars
@@ -117,6 +120,9 @@ class RolloutEngine:
         if cuda_graphs is True and model.lm_head.weight.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
+        if cpu_decode and not CpuDecodeStep.supports(model):
+            raise ValueError("cpu_decode=True needs a float32 model on a CPU")
+        self.cpu_decode = cpu_decode
         self._graphs: DecodeGraphs | None = None
         self._piece_cache: dict[int, str] = {}
         self.stats: dict[str, float] = {}
@@ -131,7 +137,12 @@ class RolloutEngine:
                              f"max_total_tokens={params.max_total_tokens}")
         device = self.model.lm_head.weight.device
         dtype = self.model.lm_head.weight.dtype
-        self.model.fuse_projections()  # from the weights as they are now
+        # Both from the weights as they are now.
+        self.model.fuse_projections()
+        self._cpu_step = None
+        if self.cpu_decode is not False and not self.cuda_graphs and CpuDecodeStep.supports(self.model):
+            if self.cpu_decode or CpuDecodeStep.available():  # True: a failed build raises here
+                self._cpu_step = CpuDecodeStep(self.model)
         n_slots = min(self.max_batch, len(prompts))
         # One spare column past max_total_tokens takes the padding's writes (see _advance).
         # CUDA graphs hold the cache's addresses and replay no host code: zero it all up front.
@@ -205,6 +216,9 @@ class RolloutEngine:
             positions = [[s.length] if s else [0] for s in rows]
             if self._graphs is not None:
                 outs.append(self._graphs.run([t[0] for t in tokens], [p[0] for p in positions]))
+            elif self._cpu_step is not None:
+                outs.append(self._cpu_step(torch.tensor([t[0] for t in tokens]),
+                                           torch.tensor([p[0] for p in positions]), lo, cache))
             else:
                 outs.append(self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows),
                                                cache, device))

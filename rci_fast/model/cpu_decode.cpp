@@ -1,0 +1,252 @@
+// One decode step of a Qwen2/Llama decoder on a CPU, in float32: every row holds one new token.
+//
+// The Python model spends most of a small decode step between operators (~30 torch calls per
+// layer at ~10 us each, plus a boolean mask, an index_put for the cache write and a flash kernel
+// built for blocks of queries). Here a layer is four GEMMs and four elementwise ATen calls around
+// three loops: RMSNorm, RoPE + cache write, and attention that reads each key/value row once for
+// all the query heads that share it (grouped-query attention), only up to the row's own position.
+// The reference is Transformer.forward_cached (transformer.py); tests/test_cpu_decode.py holds
+// the two to each other. Built on first use by rci_fast/model/cpu_decode.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Hot loops get an AVX2 clone, chosen at load time where the CPU has it: the build itself
+// stays portable (no -march=native in a cache that other machines may share).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+// Eight partial sums: without -ffast-math the compiler may not reorder a float sum, so a plain
+// loop runs as one serial chain of adds; eight independent ones become one vector register.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) lanes[k] += a[i + k] * b[i + k];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int k = 0; k < 8; ++k) sum += lanes[k];
+  return sum;
+}
+
+VECTOR_CLONES
+void rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    const float scale = 1.f / std::sqrt(dot(xr, xr, dim) / dim + eps);
+    for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = weight[i] * (xr[i] * scale);
+  }
+}
+
+// Rotates the first half of each head against the second (the "rotate_half" convention of
+// Qwen2/Llama), in place.
+void rope(float* head, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = head[i], b = head[i + half];
+    head[i] = a * cos[i] - b * sin[i];
+    head[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+// Eight floats as one value: GCC/Clang lower arithmetic on it to one AVX2 instruction (two SSE
+// ones in the default clone). aligned(4): loads from any float address.
+typedef float float8 __attribute__((vector_size(32), aligned(4)));
+
+inline float8 load8(const float* p) { return *reinterpret_cast<const float8*>(p); }
+inline float sum8(float8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// Scores of one query head against `n` key rows (`dim` floats apart), times `scale`. Four keys
+// at a time: four independent chains of multiply-adds (one chain per dot would wait on itself).
+VECTOR_CLONES
+void key_scores(const float* q, const float* keys, float* scores, int64_t n, int64_t dim, float scale) {
+  const int64_t vec = dim - dim % 8;  // the rest, if any, one float at a time
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k = keys + j * dim;
+    float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t i = 0; i < vec; i += 8) {
+      const float8 qi = load8(q + i);
+      a0 += qi * load8(k + i);
+      a1 += qi * load8(k + dim + i);
+      a2 += qi * load8(k + 2 * dim + i);
+      a3 += qi * load8(k + 3 * dim + i);
+    }
+    float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
+    for (int64_t i = vec; i < dim; ++i) {
+      s0 += q[i] * k[i];
+      s1 += q[i] * k[dim + i];
+      s2 += q[i] * k[2 * dim + i];
+      s3 += q[i] * k[3 * dim + i];
+    }
+    scores[j] = s0 * scale;
+    scores[j + 1] = s1 * scale;
+    scores[j + 2] = s2 * scale;
+    scores[j + 3] = s3 * scale;
+  }
+  for (; j < n; ++j) {
+    const float* k = keys + j * dim;
+    float8 a = {};
+    for (int64_t i = 0; i < vec; i += 8) a += load8(q + i) * load8(k + i);
+    float sum = sum8(a);
+    for (int64_t i = vec; i < dim; ++i) sum += q[i] * k[i];
+    scores[j] = sum * scale;
+  }
+}
+
+// out = sum_j weights[j] * values[j] over `n` rows (`dim` floats apart): 32 output floats at a
+// time in four registers, all rows streamed through them.
+VECTOR_CLONES
+void weighted_values(const float* weights, const float* values, float* out, int64_t n, int64_t dim) {
+  int64_t i = 0;
+  for (; i + 32 <= dim; i += 32) {
+    float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* v = values + j * dim + i;
+      const float w = weights[j];
+      a0 += w * load8(v);
+      a1 += w * load8(v + 8);
+      a2 += w * load8(v + 16);
+      a3 += w * load8(v + 24);
+    }
+    std::memcpy(out + i, &a0, 32);
+    std::memcpy(out + i + 8, &a1, 32);
+    std::memcpy(out + i + 16, &a2, 32);
+    std::memcpy(out + i + 24, &a3, 32);
+  }
+  for (; i + 8 <= dim; i += 8) {
+    float8 a = {};
+    for (int64_t j = 0; j < n; ++j) a += weights[j] * load8(values + j * dim + i);
+    std::memcpy(out + i, &a, 32);
+  }
+  for (; i < dim; ++i) {
+    float a = 0.f;
+    for (int64_t j = 0; j < n; ++j) a += weights[j] * values[j * dim + i];
+    out[i] = a;
+  }
+}
+
+// out[h] = softmax(q[h] . K[0..n) * scale) V for the `group` query heads that share one key/value
+// head (rows `dim` floats apart); scores is scratch of n floats.
+void gqa_attention(const float* q, const float* keys, const float* values, float* out, float* scores,
+                   int64_t group, int64_t n, int64_t dim, float scale) {
+  for (int64_t h = 0; h < group; ++h) {
+    key_scores(q + h * dim, keys, scores, n, dim, scale);
+    const float top = *std::max_element(scores, scores + n);
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - top));
+    const float inv = 1.f / total;
+    for (int64_t j = 0; j < n; ++j) scores[j] *= inv;
+    weighted_values(scores, values, out + h * dim, n, dim);
+  }
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step: ", what); }
+
+// x W + b, with W stored transposed ([in, out], contiguous): at a few rows MKL multiplies that
+// layout up to 1.5x faster than the [out, in] one (it repacks a transposed operand every call).
+at::Tensor project(const at::Tensor& x, const at::Tensor& w_t, const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, x, w_t) : at::mm(x, w_t);
+}
+
+}  // namespace
+
+// ids, positions: [B] int64. Row b is cache slot first_slot + b, its token at positions[b].
+// k_cache, v_cache: [layers, slots, kv_heads, max_len, head_dim] float32, contiguous.
+// inv_freq: [head_dim / 2] RoPE frequencies. weights: embedding [vocab, hidden], final norm,
+// lm_head, then per layer input norm, qkv, qkv bias?, o, o bias?, post-attention norm, gate_up,
+// gate_up bias?, down, down bias?; every projection transposed to [in, out], q/k/v and gate/up
+// concatenated as Transformer.fuse_projections does.
+// Returns the next-token logits [B, vocab].
+at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64_t first_slot,
+                       const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& inv_freq,
+                       const c10::List<std::optional<at::Tensor>>& weights, int64_t num_heads,
+                       int64_t num_kv_heads, double eps) {
+  const int64_t B = ids.size(0), layers = k_cache.size(0), slots = k_cache.size(1);
+  const int64_t max_len = k_cache.size(3), D = k_cache.size(4), half = D / 2;
+  const int64_t group = num_heads / num_kv_heads, q_width = num_heads * D, kv_width = num_kv_heads * D;
+  check(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
+        "the caches must be contiguous and of one shape");
+  check(k_cache.scalar_type() == at::kFloat && k_cache.device().is_cpu(), "float32 CPU tensors only");
+  check(k_cache.size(2) == num_kv_heads && num_heads % num_kv_heads == 0, "head counts do not match the cache");
+  check(first_slot >= 0 && first_slot + B <= slots, "rows beyond the cache's slots");
+  check(static_cast<int64_t>(weights.size()) == 3 + 10 * layers, "expected 3 + 10 weights per layer");
+  check(ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong, "ids and positions must be int64");
+  auto weight = [&](int64_t i) -> at::Tensor { return weights.get(i).value(); };
+  auto optional = [&](int64_t i) -> std::optional<at::Tensor> { return weights.get(i); };
+
+  const auto pos = positions.contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) check(p[b] >= 0 && p[b] < max_len, "a position is outside the cache");
+
+  // cos/sin of each row's position, as rope_cos_sin computes them: float(position) * inv_freq.
+  const auto freq = inv_freq.contiguous();
+  std::vector<float> cos(B * half), sin(B * half);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(p[b]) * freq.data_ptr<float>()[i];
+      cos[b * half + i] = std::cos(angle);
+      sin[b * half + i] = std::sin(angle);
+    }
+
+  at::Tensor x = at::embedding(weight(0), ids).contiguous();  // [B, hidden]; the residual stream
+  const int64_t hidden = x.size(1);
+  at::Tensor normed = at::empty_like(x), attn = at::empty({B, q_width}, x.options());
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t w = 3 + 10 * l;
+    rms_norm(x.data_ptr<float>(), weight(w).data_ptr<float>(), normed.data_ptr<float>(), B, hidden, eps);
+    at::Tensor qkv = project(normed, weight(w + 1), optional(w + 2)).contiguous();  // [B, q | k | v]
+    float* qkv_p = qkv.data_ptr<float>();
+    const int64_t row_width = q_width + 2 * kv_width;
+    const int64_t layer_base = l * slots * num_kv_heads * max_len * D;
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qkv_p + b * row_width;
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h)  // q heads, then k heads
+        rope(row + h * D, &cos[b * half], &sin[b * half], half);
+      for (int64_t g = 0; g < num_kv_heads; ++g) {
+        const int64_t cell = layer_base + (((first_slot + b) * num_kv_heads + g) * max_len + p[b]) * D;
+        std::copy_n(row + q_width + g * D, D, kc + cell);
+        std::copy_n(row + q_width + kv_width + g * D, D, vc + cell);
+      }
+    }
+    float* attn_p = attn.data_ptr<float>();
+    at::parallel_for(0, B * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / num_kv_heads, g = item % num_kv_heads, n = p[b] + 1;
+        scores.resize(n);
+        const int64_t base = layer_base + ((first_slot + b) * num_kv_heads + g) * max_len * D;
+        const int64_t head = b * q_width + g * group * D;
+        gqa_attention(qkv_p + b * row_width + g * group * D, kc + base, vc + base, attn_p + head,
+                      scores.data(), group, n, D, scale);
+      }
+    });
+    x.add_(project(attn, weight(w + 3), optional(w + 4)));
+    rms_norm(x.data_ptr<float>(), weight(w + 5).data_ptr<float>(), normed.data_ptr<float>(), B, hidden, eps);
+    at::Tensor gate_up = project(normed, weight(w + 6), optional(w + 7));
+    const int64_t inter = gate_up.size(1) / 2;
+    at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
+    x.add_(project(act, weight(w + 8), optional(w + 9)));
+  }
+  rms_norm(x.data_ptr<float>(), weight(1).data_ptr<float>(), normed.data_ptr<float>(), B, hidden, eps);
+  return at::mm(normed, weight(2));
+}
+
+TORCH_LIBRARY(rci_fast_cpu_decode, m) {
+  m.def("decode_step(Tensor ids, Tensor positions, int first_slot, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor inv_freq, Tensor?[] weights, int num_heads, int num_kv_heads, float eps) -> Tensor");
+  m.impl("decode_step", c10::DispatchKey::CPU, &decode_step);
+}
