@@ -29,7 +29,8 @@ setup(
     install_requires=["numpy>=1.24", "sympy>=1.12"],
     extras_require={
         "train": ["torch>=2.6", "triton>=3.2", "transformers>=4.45", "safetensors>=0.4",
-                  "tokenizers>=0.20", "pyyaml>=6", "tqdm>=4.66", "reasoning-gym>=0.1.25"],
+                  "tokenizers>=0.20", "pyyaml>=6", "tqdm>=4.66", "reasoning-gym>=0.1.25",
+                  "ninja>=1.11"],  # ninja: builds model/cpu_decode.cpp on first use
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pyflakes>=3", "tensorboard>=2.14"],
         "demo": ["matplotlib>=3.7"],  # the plots of `rci-fast demo`'s report
         "bench": ["trl==1.16.0"],  # bench/bench_vs_trl.py (pulls accelerate, datasets; keeps torch)
