@@ -69,6 +69,31 @@ def test_slot_refill_gives_the_same_results(tok, models):
     assert [t.token_ids for t in wide] == [t.token_ids for t in narrow]
 
 
+@pytest.mark.parametrize("cpu_decode", [False, True], ids=["python-step", "cpp-step"])
+def test_repeated_prompts_are_prefilled_once_with_the_same_results(tok, models, cpu_decode):
+    """A GRPO group repeats its prompt: the engine prefills it once and copies the cache. Greedy
+    completions equal those of each prompt run alone, whether the twin is prefilled in the same
+    step (the copy waits one step), is decoding, or has finished and handed the prompt on."""
+    _, ours = models
+    ps = prompts(tok)
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop_at_answer=False)
+
+    def run(batch, max_batch):
+        engine = RolloutEngine(ours, tok, eos_ids=[], max_batch=max_batch, cpu_decode=cpu_decode)
+        return [t.token_ids for t in engine.generate(batch, params)], engine.stats["shared_prompt_tokens"]
+
+    alone = [run([p], 1)[0][0] for p in ps[:3]]
+    batch = [0, 1, 0, 0, 2, 1, 0]
+    got, shared = run([ps[i] for i in batch], 8)
+    assert got == [alone[i] for i in batch]
+    assert shared == 3 * (len(ps[0]) - 1) + (len(ps[1]) - 1)
+    # Two slots: the first copy starts a step after its holder, so the holder finishes first and
+    # hands the prompt to it; the third copy takes the cache from the second.
+    got, shared = run([ps[0]] * 3, 2)
+    assert got == [alone[0]] * 3
+    assert shared == 2 * (len(ps[0]) - 1)
+
+
 def static_step_runs(tok, model, cuda_graphs, sandbox=None):
     """Greedy, sampled (with slot refill) and code-calling runs of an engine with the given
     cuda_graphs setting: what the static all-slot decode step must reproduce."""

@@ -5,7 +5,8 @@ the interpreter. When a sequence closes a ```python block, its code goes to the 
 (non-blocking) and the sequence leaves the decode batch; when the result arrives, the interpreter's
 output is tokenized once and pushed through the cache as forced, not-trainable tokens (no
 re-prefill of the history) and the sequence rejoins the batch. Finished sequences free their slot
-for the next prompt.
+for the next prompt. A prompt repeated in the batch (a GRPO group) is prefilled once: its twins
+copy its keys and values. On a CPU, float32 decode steps run in C++ (model/cpu_decode.py).
 
 Token in, token out: the ids that were sampled are the ids returned, with a mask per the token
 contract (DESIGN.md): prompt and interpreter output are not trainable, model text is.
@@ -65,6 +66,7 @@ class Trajectory:
 class _Seq:
     def __init__(self, index: int, prompt: list[int], slot: int):
         self.index, self.slot = index, slot
+        self.prompt = tuple(prompt)
         self.segments = [Segment("prompt", list(prompt), False)]
         self.logprobs = [0.0] * len(prompt)
         self.length = 0            # tokens whose keys/values are in the cache
@@ -157,8 +159,10 @@ class RolloutEngine:
         active: list[_Seq] = []
         done: dict[int, Trajectory] = {}
         t_start = time.perf_counter()
-        stats = {"forward_s": 0.0, "tool_wait_s": 0.0, "decode_steps": 0, "sampled_tokens": 0}
+        stats = {"forward_s": 0.0, "tool_wait_s": 0.0, "decode_steps": 0, "sampled_tokens": 0,
+                 "shared_prompt_tokens": 0}
 
+        holders: dict[tuple[int, ...], _Seq] = {}  # a prompt -> a live sequence whose cache holds it
         while queue or active:
             while free and queue:  # refill free slots; the prompt itself is pushed at the next step
                 index, prompt = queue.popleft()
@@ -167,7 +171,8 @@ class RolloutEngine:
                 active.append(seq)
             self._collect_tool_results(active, params, wait=not any(s.future is None for s in active),
                                        stats=stats)
-            ready = [s for s in active if s.future is None and s.next_input]
+            ready = self._share_prompts([s for s in active if s.future is None and s.next_input],
+                                        holders, cache, stats)
             if ready:
                 t0 = time.perf_counter()
                 logits = self._advance(ready, active, cache, device)
@@ -182,6 +187,13 @@ class RolloutEngine:
                     self._after_token(seq, tok, params)
             for seq in [s for s in active if s.finish_reason]:
                 active.remove(seq)
+                if holders.get(seq.prompt) is seq:  # hand the prompt to a live twin, if any
+                    twin = next((s for s in active if s.prompt == seq.prompt and not s.finish_reason
+                                 and s.length >= len(s.prompt)), None)
+                    if twin is None:
+                        del holders[seq.prompt]
+                    else:
+                        holders[seq.prompt] = twin
                 free.append(seq.slot)
                 done[seq.index] = self._trajectory(seq)
         stats["total_s"] = time.perf_counter() - t_start
@@ -189,6 +201,33 @@ class RolloutEngine:
         return [done[i] for i in range(len(prompts))]
 
     # ---- steps ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _share_prompts(ready: list[_Seq], holders: dict, cache: KVCache, stats: dict) -> list[_Seq]:
+        """Prefills each distinct prompt once (GRPO samples a group of completions per prompt).
+
+        A new sequence whose prompt a live sequence already holds in its cache copies those keys
+        and values but the last token's, and pushes that one token as a decode row (its logits are
+        needed); one whose twin is being prefilled in this very step waits one step for it.
+        Returns the sequences that run in this step."""
+        running, starting = [], set()
+        for seq in ready:
+            if seq.length > 0:  # not a fresh prompt
+                running.append(seq)
+                continue
+            holder = holders.get(seq.prompt)
+            if holder is not None and holder.length >= len(seq.prompt):
+                n = len(seq.prompt) - 1
+                cache.k[:, seq.slot, :, :n] = cache.k[:, holder.slot, :, :n]
+                cache.v[:, seq.slot, :, :n] = cache.v[:, holder.slot, :, :n]
+                seq.length, seq.next_input = n, seq.next_input[n:]
+                stats["shared_prompt_tokens"] += n
+                running.append(seq)
+            elif seq.prompt not in starting:  # the first of its prompt: prefilled now, then shared
+                starting.add(seq.prompt)
+                holders[seq.prompt] = seq
+                running.append(seq)
+        return running
 
     def _advance(self, ready: list[_Seq], active: list[_Seq], cache: KVCache, device) -> torch.Tensor:
         """Pushes each ready sequence's pending tokens through the cache; returns next-token logits.
