@@ -1,4 +1,4 @@
-"""The C++ decode step (rci_fast/model/cpu_decode.cpp) against the Python cached forward it
+"""The C++ decode step (rci_fast/model/cpu_kernels.cpp) against the Python cached forward it
 replaces: the same logits and cache contents to float32 rounding, on odd shapes."""
 import pytest
 import torch

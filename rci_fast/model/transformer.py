@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from rci_fast.model.config import ModelConfig
+from rci_fast.model.cpu_ops import rms_norm, silu_mul
 
 try:  # optional, GPU only
     from flash_attn import flash_attn_varlen_func
@@ -44,9 +45,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # fused in C++ for float32 on a CPU
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -276,8 +275,8 @@ class MLP(nn.Module):
     def forward(self, x, fused_gate_up: tuple | None = None):
         if fused_gate_up is not None:  # inference: one GEMM for gate and up
             gate, up = F.linear(x, *fused_gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,7 @@
-// One decode step of a Qwen2/Llama decoder on a CPU, in float32: every row holds one new token.
+// rci_fast's C++ CPU kernels, float32: the rollout engine's decode step, and fused RMSNorm and
+// SwiGLU (forward and backward) for training. Built on first use by rci_fast/model/native.py.
+//
+// == Decode step: one step of a Qwen2/Llama decoder, every row holding one new token ==
 //
 // The Python model spends most of a small decode step between operators (~30 torch calls per
 // layer at ~10 us each, plus a boolean mask, an index_put for the cache write and a flash kernel
@@ -6,7 +9,14 @@
 // three loops: RMSNorm, RoPE + cache write, and attention that reads each key/value row once for
 // all the query heads that share it (grouped-query attention), only up to the row's own position.
 // The reference is Transformer.forward_cached (transformer.py); tests/test_cpu_decode.py holds
-// the two to each other. Built on first use by rci_fast/model/cpu_decode.py.
+// the two to each other.
+//
+// == Fused RMSNorm and SwiGLU ==
+//
+// In a training step on a CPU each eager elementwise op is a pass over memory: RMSNorm's forward
+// and backward are ~13 of them, SwiGLU's ~7 (bench/RESULTS.md). Here each is one pass forward
+// and one backward (SwiGLU's sigmoid is ATen's vectorized one, kept for the backward).
+// References: RMSNorm.forward and MLP.forward in transformer.py; tests/test_cpu_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -39,12 +49,38 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// y = w * x / sqrt(mean(x^2) + eps) for rows [r0, r1) of x; rstd (if not null) keeps each row's
+// 1 / sqrt(mean(x^2) + eps) for the backward.
 VECTOR_CLONES
-void rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t dim, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
+void rms_norm(const float* x, const float* weight, float* out, float* rstd, int64_t r0, int64_t r1, int64_t dim,
+              float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * dim;
     const float scale = 1.f / std::sqrt(dot(xr, xr, dim) / dim + eps);
+    if (rstd != nullptr) rstd[r] = scale;
     for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = weight[i] * (xr[i] * scale);
+  }
+}
+
+// The backward of rms_norm for rows [r0, r1): dx = rstd * (w*dy - x * rstd^2 * mean(w*dy*x));
+// dw_part += dy * x * rstd (the caller sums the parts of its threads).
+VECTOR_CLONES
+void rms_norm_backward_rows(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
+                            float* dw_part, int64_t r0, int64_t r1, int64_t dim) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *g = dy + r * dim, *xr = x + r * dim;
+    const float scale = rstd[r];
+    float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, sum = 0.f;
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8)
+      for (int k = 0; k < 8; ++k) lanes[k] += weight[i + k] * g[i + k] * xr[i + k];
+    for (; i < dim; ++i) sum += weight[i] * g[i] * xr[i];
+    for (int k = 0; k < 8; ++k) sum += lanes[k];
+    const float c = sum * scale * scale / dim;
+    for (i = 0; i < dim; ++i) {
+      dx[r * dim + i] = scale * (weight[i] * g[i] - xr[i] * c);
+      dw_part[i] += g[i] * xr[i] * scale;
+    }
   }
 }
 
@@ -150,6 +186,23 @@ void gqa_attention(const float* q, const float* keys, const float* values, float
   }
 }
 
+// SwiGLU on [a, b): h = silu(g) * u with sig = sigmoid(g) given.
+VECTOR_CLONES
+void swiglu_range(const float* g, const float* u, const float* sig, float* h, int64_t a, int64_t b) {
+  for (int64_t i = a; i < b; ++i) h[i] = g[i] * sig[i] * u[i];
+}
+
+// Its backward: du = dh * silu(g); dg = dh * u * silu'(g), silu'(g) = sig + silu(g) * (1 - sig).
+VECTOR_CLONES
+void swiglu_backward_range(const float* dh, const float* g, const float* u, const float* sig, float* dg, float* du,
+                           int64_t a, int64_t b) {
+  for (int64_t i = a; i < b; ++i) {
+    const float s = sig[i], silu = g[i] * s;
+    du[i] = dh[i] * silu;
+    dg[i] = dh[i] * u[i] * (s + silu * (1.f - s));
+  }
+}
+
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step: ", what); }
 
 // x W + b, with W stored transposed ([in, out], contiguous): at a few rows MKL multiplies that
@@ -207,7 +260,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
 
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = 3 + 10 * l;
-    rms_norm(x.data_ptr<float>(), weight(w).data_ptr<float>(), normed.data_ptr<float>(), B, hidden, eps);
+    rms_norm(x.data_ptr<float>(), weight(w).data_ptr<float>(), normed.data_ptr<float>(), nullptr, 0, B, hidden, eps);
     at::Tensor qkv = project(normed, weight(w + 1), optional(w + 2)).contiguous();  // [B, q | k | v]
     float* qkv_p = qkv.data_ptr<float>();
     const int64_t row_width = q_width + 2 * kv_width;
@@ -235,18 +288,92 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
       }
     });
     x.add_(project(attn, weight(w + 3), optional(w + 4)));
-    rms_norm(x.data_ptr<float>(), weight(w + 5).data_ptr<float>(), normed.data_ptr<float>(), B, hidden, eps);
+    rms_norm(x.data_ptr<float>(), weight(w + 5).data_ptr<float>(), normed.data_ptr<float>(), nullptr, 0, B, hidden, eps);
     at::Tensor gate_up = project(normed, weight(w + 6), optional(w + 7));
     const int64_t inter = gate_up.size(1) / 2;
     at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
     x.add_(project(act, weight(w + 8), optional(w + 9)));
   }
-  rms_norm(x.data_ptr<float>(), weight(1).data_ptr<float>(), normed.data_ptr<float>(), B, hidden, eps);
+  rms_norm(x.data_ptr<float>(), weight(1).data_ptr<float>(), normed.data_ptr<float>(), nullptr, 0, B, hidden, eps);
   return at::mm(normed, weight(2));
 }
 
-TORCH_LIBRARY(rci_fast_cpu_decode, m) {
+// == Fused RMSNorm and SwiGLU for training (autograd lives in cpu_ops.py) ==
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "cpu_ops: ", name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+// x [rows, dim], weight [dim] -> (y [rows, dim], rstd [rows]).
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(weight, "weight");
+  const int64_t dim = x.size(-1), rows = x.numel() / std::max<int64_t>(dim, 1);
+  TORCH_CHECK(weight.numel() == dim, "cpu_ops: weight has ", weight.numel(), " elements for rows of ", dim);
+  at::Tensor y = at::empty_like(x), rstd = at::empty({rows}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { rms_norm(xp, wp, yp, rp, r0, r1, dim, eps); });
+  return {y, rstd};
+}
+
+// -> (dx [rows, dim], dweight [dim]).
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& rstd) {
+  check_rows(dy, "dy");
+  check_rows(x, "x");
+  check_rows(weight, "weight");
+  check_rows(rstd, "rstd");
+  const int64_t dim = x.size(-1), rows = x.numel() / std::max<int64_t>(dim, 1);
+  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.numel() == rows, "cpu_ops: rms_norm_backward shapes disagree");
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw_parts = at::zeros({at::get_num_threads(), dim}, x.options());  // one row per thread
+  const float *g = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float* rp = rstd.data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *parts = dw_parts.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    rms_norm_backward_rows(g, xp, wp, rp, dxp, parts + at::get_thread_num() * dim, r0, r1, dim);
+  });
+  return {dx, dw_parts.sum(0)};
+}
+
+// gate, up [..] -> (silu(gate) * up, sigmoid(gate)): the sigmoid is kept for the backward.
+std::vector<at::Tensor> swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
+  check_rows(gate, "gate");
+  check_rows(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "cpu_ops: gate and up differ in shape");
+  at::Tensor sig = at::sigmoid(gate), h = at::empty_like(gate);
+  const float *g = gate.data_ptr<float>(), *u = up.data_ptr<float>(), *sp = sig.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 1 << 14, [&](int64_t a, int64_t b) { swiglu_range(g, u, sp, hp, a, b); });
+  return {h, sig};
+}
+
+// -> (dgate, dup).
+std::vector<at::Tensor> swiglu_backward(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+                                        const at::Tensor& sig) {
+  check_rows(dh, "dh");
+  check_rows(gate, "gate");
+  check_rows(up, "up");
+  check_rows(sig, "sig");
+  TORCH_CHECK(dh.sizes() == gate.sizes() && up.sizes() == gate.sizes() && sig.sizes() == gate.sizes(),
+              "cpu_ops: swiglu_backward shapes disagree");
+  at::Tensor dgate = at::empty_like(gate), dup = at::empty_like(up);
+  const float *d = dh.data_ptr<float>(), *g = gate.data_ptr<float>(), *u = up.data_ptr<float>();
+  const float* sp = sig.data_ptr<float>();
+  float *dg = dgate.data_ptr<float>(), *du = dup.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 1 << 14,
+                   [&](int64_t a, int64_t b) { swiglu_backward_range(d, g, u, sp, dg, du, a, b); });
+  return {dgate, dup};
+}
+
+TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor positions, int first_slot, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, Tensor?[] weights, int num_heads, int num_kv_heads, float eps) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, &decode_step);
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> Tensor[]", &rms_norm_forward);
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> Tensor[]", &rms_norm_backward);
+  m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor[]", &swiglu_forward);
+  m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up, Tensor sig) -> Tensor[]", &swiglu_backward);
 }

@@ -1,0 +1,54 @@
+"""rci_fast's C++ CPU kernels for the model, built on first use.
+
+cpu_kernels.cpp holds the rollout engine's decode step for float32 models (cpu_decode.py) and
+fused RMSNorm and SwiGLU, forward and backward, for training (cpu_ops.py).
+
+torch.utils.cpp_extension compiles them once (~30 s with 2 cores) into ~/.cache/torch_extensions
+(TORCH_EXTENSIONS_DIR to move it); later processes load the cached build. It needs a C++ compiler
+and ninja (pip installs ninja with rci_fast's [train] extra). Where the build fails, `available()`
+is False, a warning says why, and the model and engine keep to their Python paths.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+
+SOURCES = [os.path.join(os.path.dirname(__file__), "cpu_kernels.cpp")]
+log = logging.getLogger("rci_fast.native")
+_lock = threading.Lock()
+_state: dict[str, str | bool] = {}  # "loaded": True, or "error": why the build failed
+
+
+def available() -> bool:
+    """Builds (first time on this machine) and loads the extension, once per process."""
+    with _lock:
+        if not _state:
+            try:
+                _load()
+                _state["loaded"] = True
+            except Exception as e:  # no compiler, no ninja, a failed build: the Python paths still work
+                _state["error"] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"rci_fast's C++ CPU kernels could not be built; the model and the rollout "
+                              f"engine use their slower Python paths on a CPU ({_state['error'][:500]})")
+    return bool(_state.get("loaded"))
+
+
+def error() -> str | None:
+    """Why the build failed (None if it did not, or was not tried)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _load() -> None:
+    from torch.utils.cpp_extension import load
+    # torch looks for ninja on PATH; pip puts it beside this interpreter, which may not be on PATH.
+    here, path = os.path.dirname(sys.executable), os.environ.get("PATH", "")
+    if here not in path.split(os.pathsep):
+        os.environ["PATH"] = here + os.pathsep + path
+    log.info("loading rci_fast's C++ CPU kernels (built once per machine, ~30 s the first time)")
+    # -fopenmp: at::parallel_for is inline code with an OpenMP pragma (torch's own libgomp serves
+    # it at run time: same soname, already loaded).
+    load("rci_fast_cpu", SOURCES, extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"],
+         is_python_module=False)

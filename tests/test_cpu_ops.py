@@ -1,0 +1,65 @@
+"""Fused CPU RMSNorm and SwiGLU (rci_fast/model/cpu_kernels.cpp) against their eager torch
+references, values and gradients, on odd shapes and strided inputs. Tolerances: float32
+rounding of sums over at most a few hundred terms of size ~1."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rci_fast.model import cpu_ops, native
+
+ATOL = 1e-5
+
+
+def _grads(fn, *inputs, seed=0):
+    """fn's output and the gradients of a random projection of it w.r.t. every input."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out * probe).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (37, 12), (2, 5, 48), (3, 7), (4, 1, 256)])
+def test_rms_norm_matches_eager(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    got, got_grads = _grads(lambda a, b: cpu_ops.rms_norm(a, b, 1e-6), x, w)
+    want, want_grads = _grads(lambda a, b: cpu_ops.rms_norm_eager(a.double(), b.double(), 1e-6).float(), x, w)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=ATOL * 10, rtol=1e-5)  # dw sums over every row
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (37, 80), (1, 3, 13), (16385,)])
+def test_silu_mul_matches_eager(shape):
+    g = torch.Generator().manual_seed(2)
+    gate, up = torch.randn(shape, generator=g) * 4, torch.randn(shape, generator=g)
+    got, got_grads = _grads(cpu_ops.silu_mul, gate, up)
+    want, want_grads = _grads(lambda a, b: (F.silu(a.double()) * b.double()).float(), gate, up)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_strided_inputs_and_the_eager_switch():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 10, generator=g).t()  # not contiguous
+    w = torch.randn(12, generator=g)
+    gate, up = torch.randn(6, 40, generator=g).chunk(2, dim=-1)  # views with a row stride
+    assert cpu_ops._fused(x, w)
+    with cpu_ops.eager():
+        assert not cpu_ops._fused(x, w)
+        eager_norm, eager_act = cpu_ops.rms_norm(x, w, 1e-6), cpu_ops.silu_mul(gate, up)
+    assert cpu_ops._fused(x, w)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-6), eager_norm, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cpu_ops.silu_mul(gate, up), eager_act, atol=ATOL, rtol=0)
+    assert not cpu_ops._fused(x.double(), w.double())  # float32 only
+
+
+def test_bad_inputs_raise_clear_errors():
+    assert native.available()  # registers the ops
+    with pytest.raises(RuntimeError, match="weight has 5 elements for rows of 4"):
+        torch.ops.rci_fast_cpu.rms_norm_forward(torch.zeros(3, 4), torch.ones(5), 1e-6)
+    with pytest.raises(RuntimeError, match="must be a contiguous float32 CPU tensor"):
+        torch.ops.rci_fast_cpu.swiglu_forward(torch.zeros(3, 4).t(), torch.zeros(4, 3))
