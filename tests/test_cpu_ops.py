@@ -63,3 +63,25 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.rci_fast_cpu.rms_norm_forward(torch.zeros(3, 4), torch.ones(5), 1e-6)
     with pytest.raises(RuntimeError, match="must be a contiguous float32 CPU tensor"):
         torch.ops.rci_fast_cpu.swiglu_forward(torch.zeros(3, 4).t(), torch.zeros(4, 3))
+
+
+def test_a_failed_build_falls_back_to_eager_with_a_warning(monkeypatch):
+    """No compiler (or ninja): a warning says why, the model computes eagerly, the C++ decode
+    step refuses with the reason."""
+    from rci_fast.model import ModelConfig, Transformer
+    from rci_fast.model.cpu_decode import CpuDecodeStep
+
+    def no_compiler():
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setattr(native, "_state", {})  # as in a fresh process
+    monkeypatch.setattr(native, "_load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built.*c[+][+]: command not found"):
+        assert not native.available()
+    assert native.error() == "RuntimeError: c++: command not found"
+    x, w = torch.randn(3, 8), torch.randn(8)
+    assert not cpu_ops._fused(x, w)
+    assert torch.equal(cpu_ops.rms_norm(x, w, 1e-6), cpu_ops.rms_norm_eager(x, w, 1e-6))
+    model = Transformer(ModelConfig("qwen2", 64, 16, 32, 1, 2, 1, 8))
+    with pytest.raises(RuntimeError, match="could not be built: RuntimeError: c[+][+]: command not found"):
+        CpuDecodeStep(model)

@@ -94,6 +94,17 @@ def test_repeated_prompts_are_prefilled_once_with_the_same_results(tok, models, 
     assert shared == 2 * (len(ps[0]) - 1)
 
 
+def test_engine_falls_back_to_the_python_step_without_the_cpp_build(tok, models, monkeypatch):
+    from rci_fast.model import native
+    monkeypatch.setattr(native, "_state", {"error": "RuntimeError: no compiler"})  # a failed build
+    _, ours = models
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    engine = RolloutEngine(ours, tok)
+    assert len(engine.generate(prompts(tok), params)) == 4 and engine._cpu_step is None
+    with pytest.raises(RuntimeError, match="could not be built: RuntimeError: no compiler"):
+        RolloutEngine(ours, tok, cpu_decode=True).generate(prompts(tok), params)
+
+
 def static_step_runs(tok, model, cuda_graphs, sandbox=None):
     """Greedy, sampled (with slot refill) and code-calling runs of an engine with the given
     cuda_graphs setting: what the static all-slot decode step must reproduce."""
