@@ -6,7 +6,7 @@ The top-level folders kernels/ and sandbox/ install as rci_fast.kernels and rci_
 import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 sandbox_core = Pybind11Extension(
     "rci_fast.sandbox._core",
@@ -20,7 +20,7 @@ setup(
     version="0.1.0",
     description="Fast multi-turn SFT + GRPO trainer for code-interpreter reasoning (R1-Code-Interpreter recipe)",
     python_requires=">=3.10",
-    packages=["rci_fast", "rci_fast.kernels", "rci_fast.sandbox"],
+    packages=find_packages(include=["rci_fast", "rci_fast.*"]) + ["rci_fast.kernels", "rci_fast.sandbox"],
     package_dir={"rci_fast": "rci_fast", "rci_fast.kernels": "kernels", "rci_fast.sandbox": "sandbox"},
     package_data={"rci_fast.model": ["cpu_kernels.cpp"]},  # built on first use (model/native.py)
     ext_modules=[sandbox_core],
