@@ -155,7 +155,7 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) 
     ours_s = time.perf_counter() - t0
     assert all(len(t.token_ids) == prompt_len + new for t in trajs)
     python_step_s = graphs_s = None
-    if engine._cpu_step is not None:  # the same run with the Python decode step it replaced
+    if engine.stats["cpu_decode"]:  # the same run with the Python decode step it replaced
         python_step = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cpu_decode=False)
         python_step.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
         t0 = time.perf_counter()

@@ -69,6 +69,8 @@ def test_decode_step_rejects_what_it_cannot_run():
         step(torch.tensor([1, 2]), torch.tensor([0, 8]), 0, cache)
     with pytest.raises(RuntimeError, match="rows beyond the cache's slots"):
         step(torch.tensor([1, 2]), torch.tensor([0, 1]), 1, cache)
+    with pytest.raises(RuntimeError, match="ids and positions must be"):
+        step(torch.tensor([1, 2]), torch.tensor([0, 1, 2]), 0, cache)
 
 
 def test_engine_rejects_cpu_decode_for_a_bf16_model():
@@ -76,3 +78,8 @@ def test_engine_rejects_cpu_decode_for_a_bf16_model():
     model = random_model(CONFIGS["qwen2-group3"]).to(torch.bfloat16)
     with pytest.raises(ValueError, match="cpu_decode=True needs a float32 model on a CPU"):
         RolloutEngine(model, tokenizer=None, eos_ids=[], cpu_decode=True)
+    from rci_fast.rollout import SamplingParams
+    engine = RolloutEngine(random_model(CONFIGS["qwen2-group3"]), tokenizer=None, eos_ids=[],
+                           cpu_decode=True, cuda_graphs="eager")
+    with pytest.raises(ValueError, match="no cuda_graphs"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))

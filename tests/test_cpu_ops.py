@@ -19,7 +19,7 @@ def _grads(fn, *inputs, seed=0):
     return out.detach(), [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("shape", [(1, 8), (37, 12), (2, 5, 48), (3, 7), (4, 1, 256)])
+@pytest.mark.parametrize("shape", [(1, 8), (37, 12), (2, 5, 48), (3, 7), (4, 1, 256), (1000, 24)])
 def test_rms_norm_matches_eager(shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g) * 3
@@ -40,6 +40,20 @@ def test_silu_mul_matches_eager(shape):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_rms_norm_weight_gradient_does_not_depend_on_the_thread_count():
+    """dweight sums per-block partials in a fixed order: bitwise the same on 1 or 2 threads."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(1000, 40, generator=g), torch.randn(40, generator=g)
+    threads, grads = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(_grads(lambda a, b: cpu_ops.rms_norm(a, b, 1e-6), x, w)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_strided_inputs_and_the_eager_switch():

@@ -54,7 +54,9 @@ def test_greedy_matches_transformers_token_for_token(tok, models, cpu_decode):
     hf, ours = models
     engine = RolloutEngine(ours, tok, eos_ids=[], cpu_decode=cpu_decode)  # no EOS: compare full lengths
     params = SamplingParams(temperature=0, max_new_tokens=24, stop_at_answer=False)
-    for traj, p in zip(engine.generate(prompts(tok), params), prompts(tok)):
+    trajs = engine.generate(prompts(tok), params)
+    assert engine.stats["cpu_decode"] == cpu_decode
+    for traj, p in zip(trajs, prompts(tok)):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0].tolist()
         assert traj.token_ids == ref
@@ -100,7 +102,7 @@ def test_engine_falls_back_to_the_python_step_without_the_cpp_build(tok, models,
     _, ours = models
     params = SamplingParams(temperature=0, max_new_tokens=8)
     engine = RolloutEngine(ours, tok)
-    assert len(engine.generate(prompts(tok), params)) == 4 and engine._cpu_step is None
+    assert len(engine.generate(prompts(tok), params)) == 4 and not engine.stats["cpu_decode"]
     with pytest.raises(RuntimeError, match="could not be built: RuntimeError: no compiler"):
         RolloutEngine(ours, tok, cpu_decode=True).generate(prompts(tok), params)
 
@@ -203,6 +205,20 @@ def test_multiple_calls_errors_and_call_limit(tok, models, sandbox):
     assert traj.code_statuses == ["error", "ok"]  # the third block is past max_code_calls
     assert "ZeroDivisionError" in tok.decode(traj.segments[2].ids)
     assert [s.kind for s in traj.segments] == ["prompt", "model", "tool", "model", "tool", "model"]
+
+
+def test_output_that_does_not_fit_ends_the_episode_at_max_total(tok, models, sandbox):
+    """The interpreter's output is cut at max_total_tokens and the episode ends there: no model
+    token is sampled after it."""
+    _, ours = models
+    turns = ["```python\nprint('x' * 300)\n```", "<<<42>>>"]
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, turns))
+    prompt = tok.encode("Compute")
+    limit = len(prompt) + len(tok.encode(turns[0])) + 10
+    [traj] = engine.generate([prompt], SamplingParams(max_new_tokens=200, max_total_tokens=limit))
+    assert traj.finish_reason == "max_total"
+    assert [s.kind for s in traj.segments] == ["prompt", "model", "tool"]
+    assert len(traj.token_ids) == len(traj.logprobs) == limit
 
 
 def test_other_sequences_decode_while_code_runs(tok, models, sandbox):

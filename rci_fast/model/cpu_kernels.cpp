@@ -234,6 +234,14 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
   check(first_slot >= 0 && first_slot + B <= slots, "rows beyond the cache's slots");
   check(static_cast<int64_t>(weights.size()) == 3 + 10 * layers, "expected 3 + 10 weights per layer");
   check(ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong, "ids and positions must be int64");
+  check(ids.dim() == 1 && positions.dim() == 1 && positions.size(0) == B, "ids and positions must be [B] each");
+  check(inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == half && D % 2 == 0,
+        "inv_freq must hold head_dim / 2 float32 frequencies");
+  for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
+    const auto& t = weights.get(i);
+    check(!t.has_value() || (t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous()),
+          "every weight must be a contiguous float32 CPU tensor");
+  }
   auto weight = [&](int64_t i) -> at::Tensor { return weights.get(i).value(); };
   auto optional = [&](int64_t i) -> std::optional<at::Tensor> { return weights.get(i); };
 
@@ -264,6 +272,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     at::Tensor qkv = project(normed, weight(w + 1), optional(w + 2)).contiguous();  // [B, q | k | v]
     float* qkv_p = qkv.data_ptr<float>();
     const int64_t row_width = q_width + 2 * kv_width;
+    check(qkv.size(1) == row_width, "the qkv projection's width does not match the head counts");
     const int64_t layer_base = l * slots * num_kv_heads * max_len * D;
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkv_p + b * row_width;
@@ -327,13 +336,18 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor
   check_rows(rstd, "rstd");
   const int64_t dim = x.size(-1), rows = x.numel() / std::max<int64_t>(dim, 1);
   TORCH_CHECK(dy.sizes() == x.sizes() && rstd.numel() == rows, "cpu_ops: rms_norm_backward shapes disagree");
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw_parts = at::zeros({at::get_num_threads(), dim}, x.options());  // one row per thread
+  // dweight: one partial sum per block of 64 rows, added up in a fixed order afterwards. Indexed
+  // by block, not by thread: the sum is then the same for any thread count, and no thread number
+  // (which a second OpenMP runtime could hand out past get_num_threads) indexes memory.
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  at::Tensor dx = at::empty_like(x), dw_parts = at::zeros({std::max<int64_t>(blocks, 1), dim}, x.options());
   const float *g = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   const float* rp = rstd.data_ptr<float>();
   float *dxp = dx.data_ptr<float>(), *parts = dw_parts.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    rms_norm_backward_rows(g, xp, wp, rp, dxp, parts + at::get_thread_num() * dim, r0, r1, dim);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      rms_norm_backward_rows(g, xp, wp, rp, dxp, parts + b * dim, b * kBlock, std::min(rows, (b + 1) * kBlock), dim);
   });
   return {dx, dw_parts.sum(0)};
 }

@@ -139,12 +139,21 @@ class RolloutEngine:
                              f"max_total_tokens={params.max_total_tokens}")
         device = self.model.lm_head.weight.device
         dtype = self.model.lm_head.weight.dtype
-        # Both from the weights as they are now.
-        self.model.fuse_projections()
         self._cpu_step = None
-        if self.cpu_decode is not False and not self.cuda_graphs and CpuDecodeStep.supports(self.model):
-            if self.cpu_decode or CpuDecodeStep.available():  # True: a failed build raises here
-                self._cpu_step = CpuDecodeStep(self.model)
+        cpu_step_fits = not self.cuda_graphs and CpuDecodeStep.supports(self.model)
+        if self.cpu_decode and not cpu_step_fits:
+            raise ValueError("cpu_decode=True needs a float32 model on a CPU and no cuda_graphs")
+        if self.cpu_decode is not False and cpu_step_fits and (self.cpu_decode or CpuDecodeStep.available()):
+            self._cpu_step = CpuDecodeStep(self.model)  # True: a failed build raises here
+        else:
+            self.model.fuse_projections()  # from the weights as they are now (CpuDecodeStep does it too)
+        try:
+            return self._generate(prompts, params, device, dtype)
+        finally:
+            self._cpu_step = None  # its transposed weight copies are stale after the next update
+
+    def _generate(self, prompts, params, device, dtype) -> list[Trajectory]:
+        """generate's loop: slots refilled from the queue, tool results collected, one step."""
         n_slots = min(self.max_batch, len(prompts))
         # One spare column past max_total_tokens takes the padding's writes (see _advance).
         # CUDA graphs hold the cache's addresses and replay no host code: zero it all up front.
@@ -160,7 +169,7 @@ class RolloutEngine:
         done: dict[int, Trajectory] = {}
         t_start = time.perf_counter()
         stats = {"forward_s": 0.0, "tool_wait_s": 0.0, "decode_steps": 0, "sampled_tokens": 0,
-                 "shared_prompt_tokens": 0}
+                 "shared_prompt_tokens": 0, "cpu_decode": self._cpu_step is not None}
 
         holders: dict[tuple[int, ...], _Seq] = {}  # a prompt -> a live sequence whose cache holds it
         while queue or active:
@@ -171,7 +180,8 @@ class RolloutEngine:
                 active.append(seq)
             self._collect_tool_results(active, params, wait=not any(s.future is None for s in active),
                                        stats=stats)
-            ready = self._share_prompts([s for s in active if s.future is None and s.next_input],
+            ready = self._share_prompts([s for s in active if s.future is None and s.next_input
+                                         and not s.finish_reason],
                                         holders, cache, stats)
             if ready:
                 t0 = time.perf_counter()
