@@ -22,7 +22,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rci_fast", "rci_fast.*"]) + ["rci_fast.kernels", "rci_fast.sandbox"],
     package_dir={"rci_fast": "rci_fast", "rci_fast.kernels": "kernels", "rci_fast.sandbox": "sandbox"},
-    package_data={"rci_fast.model": ["cpu_kernels.cpp"]},  # built on first use (model/native.py)
+    # cpu_kernels.cpp is built on first use (model/native.py); split.json is the tasks' train/test split.
+    package_data={"rci_fast.model": ["cpu_kernels.cpp"], "rci_fast.tasks": ["split.json"]},
     ext_modules=[sandbox_core],
     cmdclass={"build_ext": build_ext},
     # The sandbox alone needs only these (it never imports torch); training needs [train].
