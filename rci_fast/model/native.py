@@ -24,6 +24,8 @@ _state: dict[str, str | bool] = {}  # "loaded": True, or "error": why the build 
 
 def available() -> bool:
     """Builds (first time on this machine) and loads the extension, once per process."""
+    if _state:  # settled: the model asks this at every RMSNorm and SwiGLU, no lock needed then
+        return bool(_state.get("loaded"))
     with _lock:
         if not _state:
             try:
