@@ -7,7 +7,9 @@ and entropy. The backward recomputes each tile, turns it in place into d loss / 
 applies the two remaining matmuls: dH accumulates over vocab blocks and dW over token chunks, both
 in fp32. Tiling the vocab (not only the tokens) keeps every matmul's inner size large and writes
 each block of dW once per token chunk instead of re-reading all of dW per chunk.
-FLOPs: 2TVH forward + 6TVH backward = the 8*T*H*V the benchmark counts against.
+FLOPs: 2TVH forward + 6TVH backward = the 8*T*H*V the benchmark counts against. Where all the
+logits are one small tile (KEEP_TILE_BYTES: a CPU, a small vocabulary) the forward keeps it and
+the backward skips the recomputation (6*T*H*V in all).
 """
 import os
 
@@ -21,6 +23,10 @@ from . import logprob_rows_torch
 # tensor-core roofline.
 TILE_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
 MAX_CHUNK_TOKENS = {"cpu": 4096, "cuda": 16384}
+# When all the logits are one tile no larger than this, the forward keeps it for the backward
+# instead of recomputing it: one matmul of the four saved (on a CPU ~1/4 of the head's time; a
+# GPU recomputes cheaply and has better uses for the memory).
+KEEP_TILE_BYTES = {"cpu": 128 << 20, "cuda": 0}
 
 
 def _triton_rows():
@@ -122,6 +128,9 @@ class _LinearLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, inv_temp, ignore_index, chunk, block, rows):
         T, V = hidden.shape[0], weight.shape[0]
         vocab_spans = _spans(V, block)
+        keep = (T <= chunk and V <= block and 4 * T * V <= KEEP_TILE_BYTES[_budget_kind(hidden.device)]
+                and any(ctx.needs_input_grad[:2]))
+        ctx.kept_tile = None
         ignored = targets == ignore_index
         local = targets.masked_fill(ignored, -1)       # -1: the target is in no block
         logp = torch.empty(T, dtype=torch.float32, device=hidden.device)
@@ -131,8 +140,10 @@ class _LinearLogprob(torch.autograd.Function):
             stats = torch.empty(4, len(vocab_spans), t1 - t0, dtype=torch.float32, device=hidden.device)
             for b, (v0, v1) in enumerate(vocab_spans):
                 tile = _logits_tile(hidden[t0:t1], weight[v0:v1])
-                m, s, a, zt = rows.block_stats(tile, local_c - v0 * (local_c >= 0), inv_temp)
+                m, s, a, zt = rows.block_stats(tile, local_c - v0 * (local_c >= 0), inv_temp, keep_logits=keep)
                 stats[0, b], stats[1, b], stats[2, b], stats[3, b] = m, s, a, zt
+                if keep:
+                    ctx.kept_tile = tile  # not save_for_backward: the backward consumes it in place
                 del tile
             lse[t0:t1], entropy[t0:t1] = merge_block_stats(stats[0], stats[1], stats[2])
             logp[t0:t1] = stats[3].sum(0) - lse[t0:t1]  # z_target is non-zero in one block only
@@ -168,7 +179,9 @@ class _LinearLogprob(torch.autograd.Function):
             h, local_c = hidden[t0:t1], local[t0:t1]
             acc_h = torch.zeros(t1 - t0, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
             for v0, v1 in _spans(V, ctx.block):
-                tile = _logits_tile(h, weight[v0:v1])
+                tile, ctx.kept_tile = ctx.kept_tile, None  # a second backward recomputes it
+                if tile is None:
+                    tile = _logits_tile(h, weight[v0:v1])
                 out = None if dz_low is None else dz_low[:t1 - t0, :v1 - v0]
                 dz = ctx.rows.grad_block_(tile, local_c - v0 * (local_c >= 0), lse[t0:t1], entropy[t0:t1],
                                           g[t0:t1], None if g_ent is None else g_ent[t0:t1], ctx.inv_temp,

@@ -13,14 +13,18 @@ grad_block_ needs the merged lse and entropy:
 import torch
 
 
-def block_stats(logits, local_targets, inv_temp):
+def block_stats(logits, local_targets, inv_temp, keep_logits=False):
     """(m, s, a, z_target) for fp32 logits [C, Vb], each [C] fp32; z_target is 0 where the target is
-    not in this tile. Overwrites `logits`."""
-    z = logits.mul_(inv_temp) if inv_temp != 1.0 else logits
+    not in this tile. Overwrites `logits` unless keep_logits (then z - m goes to a new buffer: the
+    same values, the same number of passes as a copy would add)."""
+    if inv_temp != 1.0:
+        z = logits * inv_temp if keep_logits else logits.mul_(inv_temp)
+    else:
+        z = logits
     here = (local_targets >= 0) & (local_targets < z.shape[1])
     z_target = z.gather(1, local_targets.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1) * here
     m = z.amax(dim=1)
-    centred = z.sub_(m[:, None])                      # in place: z - m
+    centred = z - m[:, None] if z is logits and keep_logits else z.sub_(m[:, None])  # z - m
     e = centred.exp()                                 # the one extra [C, Vb] buffer
     s = e.sum(1)
     a = e.mul_(centred).sum(1)                        # in place; torch's cascade sum keeps fp32 accurate

@@ -75,8 +75,8 @@ def _block_v(Vb, block_v):
     return block_v or min(MAX_BLOCK_V, triton.next_power_of_2(Vb))
 
 
-def block_stats(logits, local_targets, inv_temp, block_v=None):
-    """Same contract as logprob_rows_torch.block_stats (logits is read, not modified)."""
+def block_stats(logits, local_targets, inv_temp, keep_logits=True, block_v=None):
+    """Same contract as logprob_rows_torch.block_stats (logits is read, never modified)."""
     C, Vb = logits.shape
     m, s, a, z_target = (torch.empty(C, dtype=torch.float32, device=logits.device) for _ in range(4))
     if C:

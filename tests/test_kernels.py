@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rci_fast.kernels import fused_linear_logprob
-from rci_fast.kernels import logprob_rows_torch
+from rci_fast.kernels import linear_logprob, logprob_rows_torch
 from rci_fast.kernels.linear_logprob import merge_block_stats
 
 BACKENDS = ["torch", "triton"]
@@ -245,6 +245,35 @@ def test_never_saves_full_logits_for_backward():
     assert saved and max(saved) <= V * H < T * V
     (logp + entropy).sum().backward()
     assert h.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kept_tile_gives_the_recomputed_results(monkeypatch, temperature):
+    """All logits in one small tile on a CPU: the forward keeps it and the backward skips the
+    recomputation. Same values to the bit as recomputing, a second backward (retain_graph)
+    recomputes, and a budget below T x V keeps nothing."""
+    hidden, weight, targets, gen = make_inputs(37, 40, 1237, seed=5)
+    g_logp, g_ent = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+
+    def forward_backward(twice=False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logp, entropy = fused_linear_logprob(h, w, targets, temperature, return_entropy=True, backend="torch")
+        loss = (g_logp * logp + g_ent * entropy).sum()
+        loss.backward(retain_graph=twice)
+        first = (logp.detach(), entropy.detach(), h.grad.clone(), w.grad.clone())
+        if twice:
+            h.grad = w.grad = None
+            loss.backward()
+            assert torch.equal(h.grad, first[2]) and torch.equal(w.grad, first[3])
+        return first, max(saved)
+
+    kept, _ = forward_backward(twice=True)
+    monkeypatch.setitem(linear_logprob.KEEP_TILE_BYTES, "cpu", 4 * 37 * 1237 - 1)
+    recomputed, largest_saved = forward_backward()
+    assert largest_saved <= 1237 * 40  # nothing of T x V size when over the budget
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
 
 
 def test_zero_tokens():

@@ -1,5 +1,5 @@
-// rci_fast's C++ CPU kernels, float32: the rollout engine's decode step, and fused RMSNorm and
-// SwiGLU (forward and backward) for training. Built on first use by rci_fast/model/native.py.
+// rci_fast's C++ CPU kernels, float32: the rollout engine's decode step, and fused RMSNorm,
+// SwiGLU and RoPE (forward and backward) for training. Built on first use by rci_fast/model/native.py.
 //
 // == Decode step: one step of a Qwen2/Llama decoder, every row holding one new token ==
 //
@@ -11,12 +11,12 @@
 // The reference is Transformer.forward_cached (transformer.py); tests/test_cpu_decode.py holds
 // the two to each other.
 //
-// == Fused RMSNorm and SwiGLU ==
+// == Fused RMSNorm, SwiGLU and RoPE ==
 //
 // In a training step on a CPU each eager elementwise op is a pass over memory: RMSNorm's forward
-// and backward are ~13 of them, SwiGLU's ~7 (bench/RESULTS.md). Here each is one pass forward
-// and one backward (SwiGLU's sigmoid is ATen's vectorized one, kept for the backward).
-// References: RMSNorm.forward and MLP.forward in transformer.py; tests/test_cpu_ops.py.
+// and backward are ~13 of them, SwiGLU's ~7, RoPE's ~5 forward and ~8 backward (bench/RESULTS.md).
+// Here each is one pass forward and one backward (SwiGLU's sigmoid is ATen's vectorized one, kept
+// for the backward). References: the eager functions in cpu_ops.py; tests/test_cpu_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -203,6 +203,20 @@ void swiglu_backward_range(const float* dh, const float* g, const float* u, cons
   }
 }
 
+// RoPE of `n` rows of one head (`x_stride` / `out_stride` floats apart) at one position: the
+// eager apply_rope's arithmetic, product by product (out1 = x1 c - x2 s, out2 = x2 c + x1 s), so
+// the values are the same to the bit where the compiler contracts nothing (x86: no FMA in either
+// clone). sign -1 rotates back: the backward (sin's two halves are equal).
+VECTOR_CLONES
+void rope_rows(const float* x, float* out, const float* cos, const float* sin, int64_t half, float sign) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    const float s1 = sign * sin[i], s2 = sign * sin[i + half];
+    out[i] = a * cos[i] - b * s1;
+    out[i + half] = b * cos[i + half] + a * s2;
+  }
+}
+
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step: ", what); }
 
 // x W + b, with W stored transposed ([in, out], contiguous): at a few rows MKL multiplies that
@@ -307,7 +321,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
   return at::mm(normed, weight(2));
 }
 
-// == Fused RMSNorm and SwiGLU for training (autograd lives in cpu_ops.py) ==
+// == Fused RMSNorm, SwiGLU and RoPE for training (autograd lives in cpu_ops.py) ==
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "cpu_ops: ", name,
@@ -382,6 +396,33 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dh, const at::Tensor& 
   return {dgate, dup};
 }
 
+// x [B, heads, T, D] (any strides, the last dim contiguous), cos/sin [B, T, D] (any strides, the
+// last dim contiguous; stride 0 broadcasts) -> x rotated (inverse: rotated back), laid out as x.
+at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && cos.device().is_cpu() && sin.device().is_cpu(),
+              "cpu_ops: rope needs float32 CPU tensors");
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 3 && sin.sizes() == cos.sizes() && sin.strides() == cos.strides(),
+              "cpu_ops: rope wants x [B, heads, T, D] and cos, sin [B, T, D] of one layout");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.size(0) == B && cos.size(1) == T && cos.size(2) == D && D % 2 == 0,
+              "cpu_ops: rope shapes disagree: x ", x.sizes(), ", cos ", cos.sizes());
+  TORCH_CHECK(x.stride(3) == 1 && cos.stride(2) == 1, "cpu_ops: rope needs the head dim contiguous");
+  at::Tensor out = at::empty_like(x);  // x's layout (a transposed view stays one)
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sign = inverse ? -1.f : 1.f;
+  at::parallel_for(0, B * H * T, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * T), h = r / T % H, t = r % T;
+      const int64_t c = b * cos.stride(0) + t * cos.stride(1);
+      rope_rows(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2),
+                op + b * out.stride(0) + h * out.stride(1) + t * out.stride(2), cp + c, sp + c, D / 2, sign);
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor positions, int first_slot, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, Tensor?[] weights, int num_heads, int num_kv_heads, float eps) -> Tensor");
@@ -390,4 +431,5 @@ TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> Tensor[]", &rms_norm_backward);
   m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor[]", &swiglu_forward);
   m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up, Tensor sig) -> Tensor[]", &swiglu_backward);
+  m.def("rope_forward(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", &rope_forward);
 }

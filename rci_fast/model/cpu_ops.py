@@ -1,9 +1,10 @@
-"""Fused RMSNorm and SwiGLU for float32 tensors on a CPU (C++ in cpu_kernels.cpp, autograd here).
+"""Fused RMSNorm, SwiGLU and RoPE for float32 tensors on a CPU (C++ in cpu_kernels.cpp, autograd
+here).
 
-The model calls `rms_norm` and `silu_mul`; they take the fused path where it applies (CPU,
+The model calls `rms_norm`, `silu_mul` and `rope`; they take the fused path where it applies (CPU,
 float32, the extension built) and the eager one otherwise (GPU, bf16, no compiler). Same values
-and gradients as the eager path to float32 rounding (tests/test_cpu_ops.py). `eager()` turns the
-fused path off, for comparisons.
+and gradients as the eager path to float32 rounding (tests/test_cpu_ops.py; RoPE's are the same
+to the bit on x86). `eager()` turns the fused path off, for comparisons.
 """
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_eager(x, weight, eps)
 
 
+def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B, T, D]. Rotates each head's first half against its second
+    (Qwen2/Llama's rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if (_fused(x, cos, sin) and x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+            and cos.shape[0] in (1, x.shape[0]) and not (cos.requires_grad or sin.requires_grad)):
+        shape = (x.shape[0], *cos.shape[1:])  # a batch of one broadcasts (stride 0)
+        return _Rope.apply(x, cos.expand(shape), sin.expand(shape))
+    return rope_eager(x, cos, sin)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: the SwiGLU MLP's activation."""
     if _fused(gate, up):
@@ -81,3 +98,17 @@ class _SiluMul(torch.autograd.Function):
         gate, up, sig = ctx.saved_tensors
         dgate, dup = torch.ops.rci_fast_cpu.swiglu_backward(dh.contiguous(), gate, up, sig)
         return dgate, dup
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.rci_fast_cpu.rope_forward(x.detach(), cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors  # the rotation is orthogonal: its backward rotates back
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        return torch.ops.rci_fast_cpu.rope_forward(dy, cos, sin, True), None, None

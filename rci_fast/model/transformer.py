@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from rci_fast.model.config import ModelConfig
-from rci_fast.model.cpu_ops import rms_norm, silu_mul
+from rci_fast.model.cpu_ops import rms_norm, rope, silu_mul
 
 try:  # optional, GPU only
     from flash_attn import flash_attn_varlen_func
@@ -75,13 +75,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, D]; cos/sin: [B, T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
 CUDA_DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
@@ -130,7 +123,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.d).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.d).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # fused in C++ for float32 on a CPU
         if step is not None:
             out = self._cached(q, k, v, step)
         elif cu_seqlens is not None:
