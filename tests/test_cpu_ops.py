@@ -2,7 +2,12 @@
 references, values and gradients, on odd shapes and strided inputs. Tolerances: float32
 rounding of sums over at most a few hundred terms of size ~1; RoPE, which adds two products, is
 the same to the bit on x86 (no FMA in either build)."""
+import fcntl
+import os
 import platform
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -126,3 +131,35 @@ def test_a_failed_build_falls_back_to_eager_with_a_warning(monkeypatch):
     model = Transformer(ModelConfig("qwen2", 64, 16, 32, 1, 2, 1, 8))
     with pytest.raises(RuntimeError, match="could not be built: RuntimeError: c[+][+]: command not found"):
         CpuDecodeStep(model)
+
+
+@pytest.mark.slow
+def test_build_waits_for_a_live_builder_and_clears_a_dead_ones_lock(tmp_path):
+    """A real build in a fresh extensions folder. While another process holds the build lock, a
+    new one waits; torch's lock file left by a build killed midway (which torch alone would wait
+    on forever) is removed once the build lock is free, and the build goes through."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            "from rci_fast.model import native\n"
+            "print(native.build_directory()); sys.exit(0 if native.available() else 1)")
+    folder = subprocess.run([sys.executable, "-c", "from rci_fast.model import native; print(native.build_directory())"],
+                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert folder.startswith(str(tmp_path))
+    os.makedirs(folder)
+    open(os.path.join(folder, "lock"), "w").close()  # what an interrupted build leaves
+    with open(folder + ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live builder
+        child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        lines = []  # read until the child says it waits (an EOF first means it did not)
+        while not lines or "waiting for another process" not in lines[-1]:
+            lines.append(child.stderr.readline())
+            assert lines[-1], "".join(lines)
+        time.sleep(1)
+        assert child.poll() is None  # still waiting for the live builder
+        fcntl.flock(held, fcntl.LOCK_UN)
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == 0, err[-2000:]
+    assert "left by a build that was interrupted" in err
+    assert not os.path.exists(os.path.join(folder, "lock"))
+    assert any(name.endswith(".so") for name in os.listdir(folder))

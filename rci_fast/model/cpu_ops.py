@@ -20,7 +20,7 @@ _enabled = True
 
 @contextlib.contextmanager
 def eager():
-    """Within this block the model computes RMSNorm and SwiGLU with eager torch ops."""
+    """Within this block the model computes RMSNorm, SwiGLU and RoPE with eager torch ops."""
     global _enabled
     before, _enabled = _enabled, False
     try:

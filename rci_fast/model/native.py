@@ -1,15 +1,22 @@
 """rci_fast's C++ CPU kernels for the model, built on first use.
 
 cpu_kernels.cpp holds the rollout engine's decode step for float32 models (cpu_decode.py) and
-fused RMSNorm and SwiGLU, forward and backward, for training (cpu_ops.py).
+fused RMSNorm, SwiGLU and RoPE, forward and backward, for training (cpu_ops.py).
 
-torch.utils.cpp_extension compiles them once (~30 s with 2 cores) into ~/.cache/torch_extensions
-(TORCH_EXTENSIONS_DIR to move it); later processes load the cached build. It needs a C++ compiler
-and ninja (pip installs ninja with rci_fast's [train] extra). Where the build fails, `available()`
-is False, a warning says why, and the model and engine keep to their Python paths.
+torch.utils.cpp_extension compiles them once (~30 s with 2 cores) into a folder per Python and
+torch version under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR to move it); later processes
+load the cached build. It needs a C++ compiler and ninja (pip installs ninja with rci_fast's
+[train] extra). Where the build fails, `available()` is False, a warning says why, and the model
+and engine keep to their Python paths.
+
+Builds are serialized by an advisory lock (flock) beside the build folder, which the kernel
+releases when its holder dies. torch's own lock is a plain file that a build killed midway leaves
+behind (the next process would wait on it forever); whoever holds the flock knows no one else is
+building, so it removes such a leftover.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sys
@@ -43,14 +50,35 @@ def error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
+def build_directory() -> str:
+    """Where the extension is built and cached: one folder per Python and torch version."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch reads it
+    return os.path.join(root, f"rci_fast_cpu_{tag}")
+
+
 def _load() -> None:
     from torch.utils.cpp_extension import load
     # torch looks for ninja on PATH; pip puts it beside this interpreter, which may not be on PATH.
     here, path = os.path.dirname(sys.executable), os.environ.get("PATH", "")
     if here not in path.split(os.pathsep):
         os.environ["PATH"] = here + os.pathsep + path
-    log.info("loading rci_fast's C++ CPU kernels (built once per machine, ~30 s the first time)")
-    # -fopenmp: at::parallel_for is inline code with an OpenMP pragma (torch's own libgomp serves
-    # it at run time: same soname, already loaded).
-    load("rci_fast_cpu", SOURCES, extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"],
-         is_python_module=False)
+    folder = build_directory()
+    os.makedirs(folder, exist_ok=True)
+    with open(folder + ".lock", "w") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that builds rci_fast's C++ CPU kernels in %s", folder)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        stale = os.path.join(folder, "lock")  # torch's FileBaton; nobody else builds now
+        if os.path.exists(stale):
+            log.warning("removing %s, left by a build that was interrupted", stale)
+            os.remove(stale)
+        log.info("loading rci_fast's C++ CPU kernels (built once per machine, ~30 s the first time)")
+        # -fopenmp: at::parallel_for is inline code with an OpenMP pragma (torch's own libgomp
+        # serves it at run time: same soname, already loaded).
+        load("rci_fast_cpu", SOURCES, extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"],
+             build_directory=folder, is_python_module=False)
