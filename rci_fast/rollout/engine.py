@@ -79,7 +79,7 @@ class _Seq:
 
     @property
     def total(self) -> int:
-        return sum(len(s.ids) for s in self.segments)
+        return len(self.logprobs)  # one per token of every segment
 
     def add_model_token(self, token: int, logprob: float) -> None:
         if self.segments[-1].kind != "model":

@@ -47,7 +47,7 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     # Inverse-CDF sampling: one uniform number per row. torch.multinomial (and any per-logit
     # noise from a seeded generator) costs ~10 ms for 64 x 8k on CPU, more than the model.
     # Three passes over the logits (max, exp, cumsum); the log-prob needs only the sampled ones.
-    top = logits.max(-1, keepdim=True).values
+    top = logits.amax(-1, keepdim=True)  # not max(): that also finds the indices, 4x the time
     cdf = (logits - top).exp_().cumsum_(-1)
     total = cdf[:, -1:]
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device).clamp_(min=1e-12)
