@@ -12,10 +12,12 @@ either side), no activation checkpointing, temperature 1, top-p 1.
    (generation), update (forward, backward, optimizer) and the rest (rewards, packing, weight
    sync, bookkeeping), and tokens/s. TRL's split comes from timing its own `_generate` and
    `_generate_and_score_completions` methods inside its steps (TRL's profiling only reports to
-   experiment trackers). The compute floor of the step: the generation FLOPs (prefill + decode,
-   attention included) and the policy forward + backward (6 x matmul parameters x tokens +
-   attention) at the fp32 matmul throughput this machine reaches on the step's own GEMM shapes,
-   measured in the same run (decode GEMMs at M = 16 rows, update GEMMs at M = all tokens).
+   experiment trackers). Each side runs twice (ours, TRL, TRL, ours: a drift of the machine's
+   speed during the run slows both alike); the medians pool both runs. The compute floor of the
+   step: the generation FLOPs (prefill + decode, attention included) and the policy forward +
+   backward (6 x matmul parameters x tokens + attention) at the fp32 matmul throughput this
+   machine reaches on the step's own GEMM shapes, measured in the same run (decode GEMMs at
+   M = 16 rows, update GEMMs at M = all tokens).
 2. SFT: tokens/s of rci_fast's SFTTrainer step vs a plain transformers loop
    (`AutoModelForCausalLM(input_ids, position_ids, attention_mask, labels)` + fused AdamW + grad
    clip) on the same packed micro-batches (sequences back to back, position ids restart per
@@ -204,16 +206,16 @@ def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, co
     finally:
         grpo_module.sampling_params = real_params
         trainer.close()
-    out = {"step_time_s": median([r["step_time_s"] for r in rows]), "rollout_s": median([r["rollout_s"] for r in rows]),
-           "update_s": median([r["logprob_s"] + r["update_s"] for r in rows]),
-           "other_s": median([r["step_time_s"] - r["rollout_s"] - r["logprob_s"] - r["update_s"] for r in rows]),
-           "sync_s": median([r["sync_s"] for r in rows])}
+    parts = {"step": [r["step_time_s"] for r in rows], "rollout": [r["rollout_s"] for r in rows],
+             "update": [r["logprob_s"] + r["update_s"] for r in rows],
+             "other": [r["step_time_s"] - r["rollout_s"] - r["logprob_s"] - r["update_s"] for r in rows]}
+    out = split_medians(parts)
+    out["sync_s"] = median([r["sync_s"] for r in rows])
     out["generated_tokens_per_step"] = median([r["sampled_tokens"] for r in rows])
     out["generated_min"] = min(r["sampled_tokens"] for r in rows)
     out["tokens_per_step"] = median([r["tokens"] for r in rows])
     out["code_calls_mean"] = float(np.mean([r["code_calls_mean"] for r in rows]))
     out["finish_reasons"] = dict(sum((collections.Counter(r["finish_reasons"]) for r in rows), collections.Counter()))
-    out["step_times"] = [r["step_time_s"] for r in rows]
     return out
 
 
@@ -270,13 +272,25 @@ def trl_grpo(model_dir, out_dir, items, prompts, steps, warmup, *, new_tokens, t
     gen = timings["_generate"][warmup:]
     score = timings["_generate_and_score_completions"][warmup:]
     assert len(step) == len(gen) == len(score) == steps, (len(step), len(gen), len(score))
-    update = [s - g for s, g in zip(step, score)]
-    out = {"step_time_s": median(step), "rollout_s": median(gen), "update_s": median(update),
-           "other_s": median([c - g for c, g in zip(score, gen)])}  # rewards, padding, advantages
+    parts = {"step": step, "rollout": gen, "update": [s - g for s, g in zip(step, score)],
+             "other": [c - g for c, g in zip(score, gen)]}  # other: rewards, padding, advantages
+    out = split_medians(parts)
     out["generated_tokens_per_step"] = median(generated[warmup:])
     out["generated_min"] = min(generated[warmup:])
-    out["step_times"] = step
     return out
+
+
+def split_medians(parts: dict) -> dict:
+    """The medians of a run's per-step times, and the times themselves (to pool runs)."""
+    return {"step_time_s": median(parts["step"]), "rollout_s": median(parts["rollout"]),
+            "update_s": median(parts["update"]), "other_s": median(parts["other"]), "parts": parts,
+            "step_times": parts["step"]}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Several runs of one side as one: medians over all their timed steps."""
+    parts = {k: [x for r in runs for x in r["parts"][k]] for k in runs[0]["parts"]}
+    return {**runs[0], **split_medians(parts), "runs": len(runs)}
 
 
 # ---- with code: a scripted policy on both sides ------------------------------------------------
@@ -456,6 +470,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed GRPO steps (default 8, quick 2)")
     parser.add_argument("--calls", type=int, default=2, help="code calls per completion in part 3")
     parser.add_argument("--code-sleep-ms", type=int, default=50, help="what each code call sleeps")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="GRPO runs per side, alternating (default 2, quick 1): pooled medians")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: grpo,sft,code")
     parser.add_argument("--one-pass-loss", action="store_true",
                         help="rci_fast's update forms the loss gradient in the forward (algo.one_pass_loss)")
@@ -480,6 +496,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     steps = args.steps or (2 if args.quick else 8)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     warmup = 1 if args.quick else 2
     code_steps = 2 if args.quick else 4
     sft_steps = 2 if args.quick else 6
@@ -524,10 +541,19 @@ def main() -> int:
 
     try:
         if "grpo" not in skip:
-            with items_in_order(order):
-                ours = rci_fast_grpo(str(model_dir), str(work / "rl"), per_task, steps, warmup, new_tokens=NEW_TOKENS)
-            theirs = trl_grpo(str(model_dir), str(work / "trl"), items, prompt_texts, steps, warmup,
-                              new_tokens=NEW_TOKENS, tokenizer=tok)
+            # Rounds in the order ours, TRL, TRL, ours, ...: a machine whose speed drifts during the
+            # run (this VM's does, by up to ~25%) then slows both sides alike.
+            runs: dict[str, list[dict]] = {"rci_fast": [], "trl": []}
+            for rnd in range(args.rounds):
+                for side in ("rci_fast", "trl") if rnd % 2 == 0 else ("trl", "rci_fast"):
+                    if side == "rci_fast":
+                        with items_in_order(order):
+                            runs[side].append(rci_fast_grpo(str(model_dir), str(work / f"rl{rnd}"), per_task, steps,
+                                                            warmup, new_tokens=NEW_TOKENS))
+                    else:
+                        runs[side].append(trl_grpo(str(model_dir), str(work / f"trl{rnd}"), items, prompt_texts,
+                                                   steps, warmup, new_tokens=NEW_TOKENS, tokenizer=tok))
+            ours, theirs = pooled(runs["rci_fast"]), pooled(runs["trl"])
             lens = [len(ids[(s * PROMPTS + j) % len(ids)]) for s in range(warmup, warmup + steps)
                     for j in range(PROMPTS) for _ in range(GROUP)]
             per_step = [lens[k:k + PROMPTS * GROUP] for k in range(0, len(lens), PROMPTS * GROUP)]
@@ -537,7 +563,9 @@ def main() -> int:
                 r["completion_tok_s"] = r["generated_tokens_per_step"] / r["step_time_s"]
                 r["of_floor"] = r["step_time_s"] / floor["floor_s"]
             result["grpo"] = {"rci_fast": ours, "trl": theirs, "floor": floor,
-                              "speedup_vs_trl": theirs["step_time_s"] / ours["step_time_s"]}
+                              "speedup_vs_trl": theirs["step_time_s"] / ours["step_time_s"],
+                              "speedup_per_round": [t["step_time_s"] / o["step_time_s"]
+                                                    for o, t in zip(runs["rci_fast"], runs["trl"])]}
 
         if "sft" not in skip:
             batch = 8 if args.quick else 16
@@ -615,6 +643,9 @@ def report(result: dict, args) -> None:
               f"GFLOP/s (decode GEMMs, M=16) / {f['gemm_gflops_update']:.0f} GFLOP/s (update GEMMs))")
         print(f"rci_fast is {g['speedup_vs_trl']:.2f}x faster per step than TRL; "
               f"{g['rci_fast']['of_floor']:.2f}x the floor (TRL {g['trl']['of_floor']:.2f}x)")
+        if len(g["speedup_per_round"]) > 1:
+            print(f"(pooled over {len(g['speedup_per_round'])} rounds, run ours, TRL, TRL, ours, ...; per round: "
+                  + ", ".join(f"{x:.2f}x" for x in g["speedup_per_round"]) + ")")
     if "sft" in result:
         s = result["sft"]
         print(f"\nSFT, {s['batch_size']} packed trajectories per step (~{s['rci_fast']['tokens_per_step']:.0f} tokens):")
