@@ -35,6 +35,8 @@ bench: setup
 	$(VPY) bench/bench_sandbox.py
 	$(VPY) bench/bench_logprob.py
 	$(VPY) bench/bench_rollout.py
+	if $(VPY) -c "import trl" 2>/dev/null; then $(VPY) bench/bench_vs_trl.py; \
+	else echo "bench_vs_trl.py skipped: it needs trl (pip install -e .[bench])"; fi
 
 clean:
 	rm -rf build *.egg-info $(VENV) sandbox/*.so

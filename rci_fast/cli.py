@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_parser(sub)
     rl_cli.add_parser(sub)
     demo.add_parser(sub)
+    parser.commands = sub.choices  # main() reports a stray argument with the command's own usage
     return parser
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

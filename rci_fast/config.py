@@ -10,6 +10,7 @@ value read as YAML (`train.epochs=2`, `model.path=null`, `train.betas=[0.9,0.95]
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -149,10 +150,15 @@ def _coerce(value, hint, key: str):
         (item,) = typing.get_args(hint)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float:
+        number = None
         if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -182,13 +188,22 @@ def _build(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error's reason in one line (its str() spans lines and names "<unicode string>")."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(error).splitlines()[0]
+
+
 def apply_override(tree: dict, assignment: str) -> None:
     """`a.b.c=value` sets tree['a']['b']['c'] (the value read as YAML)."""
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {assignment!r}: expected dotted.key=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: {raw!r} is not a valid YAML value ({yaml_problem(e)})") from None
     node = tree
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -210,7 +225,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=SFTConfi
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({yaml_problem(e)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
     for assignment in overrides:

@@ -407,11 +407,16 @@ def _main(args) -> int:
                     [*(QUICK_RL if args.quick else []), *args.rl_set])
     if args.quick:
         plan.per_family, plan.warmup_steps = min(plan.per_family, 8), QUICK_WARMUP_STEPS
+    try:  # both configs with every override, checked before any work starts
+        plan.sft_cfg(), plan.rl_cfg(plan.out / "rl")
+    except ConfigError as e:
+        print(f"rci-fast demo: {e}", file=sys.stderr)
+        return 2
     try:
         report = run_demo(plan, args.device)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"rci-fast demo: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         print("rci-fast demo: interrupted; the same command continues where it stopped", file=sys.stderr)
         return 130

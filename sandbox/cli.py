@@ -1,9 +1,24 @@
 """`rci-fast sandbox ...`: run a file in the sandbox, benchmark it, or show what it does."""
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
+
+
+def _positive(kind):
+    """An argparse type: a number of `kind` above 0 (a usage error otherwise, not a traceback)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_parser(subparsers) -> None:
@@ -16,8 +31,8 @@ def add_parser(subparsers) -> None:
                                      "stderr and exits with its exit code (125 when the sandbox "
                                      "ended it: timeout, memory, output or a violation).")
     run.add_argument("file", help="Python source file, or - to read it from stdin")
-    run.add_argument("--timeout", type=float, default=10.0, help="wall-clock limit in seconds (default 10)")
-    run.add_argument("--memory-mb", type=int, default=1024, help="memory limit in MiB (default 1024)")
+    run.add_argument("--timeout", type=_positive(float), default=10.0, help="wall-clock limit in seconds (default 10)")
+    run.add_argument("--memory-mb", type=_positive(int), default=1024, help="memory limit in MiB (default 1024)")
     run.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     run.set_defaults(func=_run)
 
@@ -25,11 +40,14 @@ def add_parser(subparsers) -> None:
                            description="Times print(1) and a numpy+sympy snippet: p50/p99 latency, "
                                        "runs/s with 1 and 2 clients, idle memory per worker. For "
                                        "the comparison with subprocess, see bench/bench_sandbox.py.")
-    bench.add_argument("-n", type=int, default=300, help="runs per measurement (default 300)")
-    bench.add_argument("--workers", type=int, default=None, help="workers (default: one per core)")
+    bench.add_argument("-n", type=_positive(int), default=300, help="runs per measurement (default 300)")
+    bench.add_argument("--workers", type=_positive(int), default=None, help="workers (default: one per core)")
     bench.set_defaults(func=_bench)
 
-    demo = sub.add_parser("demo", help="show how the sandbox answers well-behaved and hostile code")
+    demo = sub.add_parser("demo", help="show how the sandbox answers well-behaved and hostile code",
+                          description="Runs a few well-behaved and hostile snippets (an endless loop, "
+                                      "a memory bomb, an output flood, fork, network, reading "
+                                      "/etc/shadow, ptrace) in the sandbox and prints how each ended.")
     demo.set_defaults(func=_demo)
 
 

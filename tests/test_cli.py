@@ -36,3 +36,21 @@ def test_missing_file_and_unknown_command_fail_clearly(tmp_path):
     assert r.returncode == 2 and "cannot read" in r.stderr
     r = rci("sandbx")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_bad_arguments_get_usage_errors_not_tracebacks(tmp_path):
+    for args in (["sandbox", "run", "--timeout", "0", "-"], ["sandbox", "run", "--memory-mb", "x", "-"],
+                 ["sandbox", "bench", "-n", "0"]):
+        r = rci(*args, stdin="print(1)")
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "error: argument" in r.stderr, r.stderr
+    r = rci("gen-sft", "--print-config")  # the command's own usage, not the top-level one
+    assert r.returncode == 2 and r.stderr.startswith("usage: rci-fast gen-sft")
+    r = rci("gen-sft", "--out", str(tmp_path))
+    assert r.returncode == 2 and "is a folder" in r.stderr
+
+
+def test_gen_sft_creates_the_output_folder(tmp_path):
+    out = tmp_path / "new" / "deeper" / "sft.jsonl"
+    r = rci("gen-sft", "--out", str(out), "--per-family", "2", "--families", "gcd")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 2 and sorted(p.name for p in out.parent.iterdir()) == ["sft.jsonl"]

@@ -111,3 +111,11 @@ def test_a_failing_lane_is_reported_and_the_demo_exits_cleanly(quick_demo, tmp_p
 def test_demo_set_refuses_keys_the_demo_sets(tmp_path):
     r = demo("--out", tmp_path / "x", "--set", "seed=3")
     assert r.returncode == 2 and "sets this key itself" in r.stderr
+
+
+def test_demo_checks_its_configs_before_any_work(tmp_path):
+    for bad, message in (("rollout.tempreature=1", "unknown key 'rollout.tempreature'"),
+                         ("eval.attempts=[1", "not a valid YAML value")):
+        r = demo("--out", tmp_path / "x", "--set", bad)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "x").exists()

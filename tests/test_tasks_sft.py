@@ -34,6 +34,21 @@ def test_round_trip(tmp_path):
     assert back[0].num_code_calls == 1 and back[0].assistant_turns == [CODE_TURN, "<<<42>>>"]
 
 
+def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
+    t = SFTTrajectory(messages=GOOD, task="bbh/x", sample_id="3", score=1.0, source="test")
+    path = tmp_path / "new" / "t.jsonl"  # the folder is created
+    assert write_trajectories(path, [t]) == 1
+    before = path.read_text()
+
+    def failing():
+        yield t
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_trajectories(path, failing())
+    assert path.read_text() == before and [p.name for p in path.parent.iterdir()] == ["t.jsonl"]
+
+
 @pytest.mark.parametrize("bad_row, message", [
     ("{not json", "not valid JSON"),
     ('["a list"]', "JSON object"),

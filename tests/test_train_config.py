@@ -106,3 +106,17 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert r.returncode == 0 and "lr: 0.5" in r.stdout
     r = rci("sft", "--help")
     assert r.returncode == 0 and "--resume" in r.stdout and "torchrun" in r.stdout
+
+
+def test_yaml_errors_name_the_file_line_or_override(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "data: {train_file: a}\ntrain:\n  lr: 1\n   x: 2\n"))
+    assert str(err.value).startswith(f"{tmp_path / 'c.yaml'}:4: not valid YAML (")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "data: {train_file: a}\n"), ["train.betas=[0.9"])
+    assert str(err.value).startswith("override train.betas: '[0.9' is not a valid YAML value (")
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(write(tmp_path, "data: {train_file: a}\n"), ["train.lr=.inf"])
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(write(tmp_path, "data: {train_file: a}\n"), ["train.lr=.nan"])

@@ -211,9 +211,27 @@ def test_export_command_writes_any_checkpoint(tmp_path, data_file, reference):
     assert hf.dtype == torch.bfloat16
     s36 = load_file(tmp_path / "s36" / "model.safetensors")
     assert not torch.equal(s36["model.norm.weight"].float(), end["model.norm.weight"])  # an earlier step
+    with one_rank() as info:  # over an existing export: replaced, nothing left beside it
+        export_checkpoint(cfg, info, tmp_path / "latest", dtype="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s36"]
+    again = load_file(tmp_path / "latest" / "model.safetensors")
+    assert all(torch.equal(end[k], again[k]) for k in end)
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "none", data_file))
     with one_rank() as info, pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         export_checkpoint(cfg, info, tmp_path / "x")
+
+
+def test_resume_drops_later_metrics_rows_and_a_torn_last_one(tmp_path):
+    from rci_fast.train.sft import drop_metrics_after
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)]
+    metrics.write_text("\n".join(rows) + '\n{"step": 6, "lo')  # killed mid-write
+    drop_metrics_after(tmp_path, 3)
+    assert metrics.read_text() == "".join(r + "\n" for r in rows[:3])
+    metrics.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")  # damage inside: named, not dropped
+    with pytest.raises(ValueError, match=f"{metrics}:2: not a metrics row"):
+        drop_metrics_after(tmp_path, 3)
 
 
 @pytest.mark.slow

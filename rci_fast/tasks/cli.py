@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import sys
 
 
@@ -39,6 +40,9 @@ def add_parser(subparsers) -> None:
                      help="--teacher policy: samples tried per task (default: all of the split)")
     gen.add_argument("--temperature", type=float, default=1.0, help="--teacher policy: sampling temperature")
     gen.add_argument("--max-new-tokens", type=int, default=1024, help="--teacher policy: per episode")
+    gen.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                     help="--teacher policy: where the model runs (default: cuda, in bf16, when available; "
+                          "else cpu, in float32)")
     gen.add_argument("--out", help="output JSONL file (overwritten); required unless --list-families")
     gen.add_argument("--families", help="comma-separated teacher families (default: all; see --list-families)")
     gen.add_argument("--per-family", type=int, default=50, help="samples tried per family (default 50)")
@@ -90,6 +94,13 @@ def _gen_sft(args) -> int:
     if not args.out:
         print("rci-fast gen-sft: --out FILE is required", file=sys.stderr)
         return 2
+    try:  # before the work: a bad --out would otherwise fail only once everything is generated
+        if os.path.isdir(args.out):
+            raise IsADirectoryError(f"--out {args.out} is a folder; give a file name")
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as e:
+        print(f"rci-fast gen-sft: {e}", file=sys.stderr)
+        return 2
     if args.teacher == "policy":
         return _gen_sft_policy(args)
     families = args.families.split(",") if args.families else None
@@ -111,8 +122,6 @@ def _gen_sft(args) -> int:
 
 
 def _gen_sft_policy(args) -> int:
-    import os
-
     if not args.model or not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"rci-fast gen-sft: --teacher policy needs --model DIR holding config.json "
               f"(got {args.model!r})", file=sys.stderr)
@@ -131,10 +140,13 @@ def _gen_sft_policy(args) -> int:
         names = args.tasks.split(",") if args.tasks else list_tasks(split="train", data_dir=args.data_dir)
         tasks = [load_task(n, data_dir=args.data_dir) for n in names]
     except (TaskDataError, KeyError, ValueError) as e:
-        print(f"rci-fast gen-sft: {e}", file=sys.stderr)
+        print(f"rci-fast gen-sft: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_pretrained(args.model)
+    model = load_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)
     with Sandbox(workers=args.workers) as sandbox:

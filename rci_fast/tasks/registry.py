@@ -32,7 +32,7 @@ def load_task(name: str, data_dir=None, **options) -> Task:
     source, _, task = name.partition("/")
     if source == "bbh":
         if task not in bbh.TASKS:
-            raise KeyError(f"unknown BBH task {task!r}; see list_tasks('bbh')")
+            raise KeyError(f"unknown BBH task {task!r}; `rci-fast tasks --source bbh` lists them")
         return bbh.BBHTask(task, data_dir=data_dir)
     if source == "symbench":
         return symbench.SymBenchTask(task, data_dir=data_dir)
@@ -40,6 +40,6 @@ def load_task(name: str, data_dir=None, **options) -> Task:
         if task in rg.LEFT_OUT:
             raise KeyError(f"reasoning-gym dataset {task!r} is left out: {rg.LEFT_OUT[task]}")
         if task not in rg.list_rg_tasks():
-            raise KeyError(f"unknown reasoning-gym dataset {task!r}; see list_tasks('rg')")
+            raise KeyError(f"unknown reasoning-gym dataset {task!r}; `rci-fast tasks --source rg` lists them")
         return rg.ReasoningGymTask(task, **options)
     raise KeyError(f"task names look like '<source>/<task>' with source in {SOURCES}; got {name!r}")

@@ -15,6 +15,7 @@ of the final answer when the file was written); any other keys are kept as they 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,13 +122,21 @@ def load_trajectories(path: str | Path) -> list[SFTTrajectory]:
 
 
 def write_trajectories(path: str | Path, trajectories) -> int:
-    """Writes (or overwrites) a JSONL file; returns the number of rows."""
+    """Writes (or replaces) a JSONL file, creating its folder; returns the number of rows. The rows
+    go to a temporary file first: an interrupted write leaves any previous file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for t in trajectories:
-            validate_messages(t.messages)
-            f.write(t.to_json() + "\n")
-            n += 1
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for t in trajectories:
+                validate_messages(t.messages)
+                f.write(t.to_json() + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 

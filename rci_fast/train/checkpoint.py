@@ -133,7 +133,8 @@ def load_model_weights(path: str | Path, model) -> None:
 def export_hf(model, inner: Transformer, tokenizer, out_dir: str | Path, dtype: torch.dtype) -> None:
     """Collective: gathers the full state dict to rank 0, which writes an HF folder (config.json,
     safetensors, tokenizer) that transformers and vLLM load. `model` is the sharded module and
-    `inner` the Transformer inside it (for its config); written under a temporary name, then renamed."""
+    `inner` the Transformer inside it (for its config); written under a temporary name, then renamed
+    (a previous export is renamed aside first and deleted last)."""
     prefix = next(name for name, module in model.named_modules() if module is inner)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
@@ -154,7 +155,12 @@ def export_hf(model, inner: Transformer, tokenizer, out_dir: str | Path, dtype: 
         save_pretrained(plain, str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        # The old folder moves aside before the new one takes its name: at every moment one of
+        # them is complete under out_dir or its .old- name.
+        old = out_dir.with_name(f".old-{out_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.rename(out_dir, old)
         os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -38,8 +38,11 @@ def add_parser(subparsers) -> None:
                     "Runs as one process or under torchrun.")
     export.add_argument("--config", required=True, help="the run's YAML config (for out_dir and the model)")
     export.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for sft")
+    export.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override, as for sft (repeatable)")
     export.add_argument("--checkpoint", help="a checkpoint folder (default: the latest in <out_dir>/checkpoints)")
-    export.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    export.add_argument("--out", required=True,
+                        help="folder to write (a previous one is replaced only once the new one is complete)")
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights dtype (default bf16)")
     export.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     export.set_defaults(func=_export)
@@ -88,7 +91,7 @@ def _export(args) -> int:
     from rci_fast.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *args.set_overrides])
     except ConfigError as e:
         print(f"rci-fast export: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from rci_fast.config import SFTConfig, config_to_dict
 from rci_fast.tasks.trajectory import load_trajectories
-from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from rci_fast.train.checkpoint import (atomic_write_text, export_hf, latest_checkpoint, load_checkpoint,
+                                      save_checkpoint)
 from rci_fast.train.data import MicroBatch, SFTBatches, tokenize_trajectories
 from rci_fast.train.distributed import DistInfo, all_reduce_sum
 from rci_fast.train.metrics import MetricsLog
@@ -149,9 +150,20 @@ def resume_from_latest(trainer, restore) -> None:
 def drop_metrics_after(out_dir: Path, step: int) -> None:
     """On resume: the rows a killed run wrote after its last checkpoint are redone, not doubled."""
     metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():
-        rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        metrics.write_text("".join(r + "\n" for r in rows))
+    if not metrics.exists():
+        return
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if number == len(lines):  # the row a killed run was writing: redone like the others
+                break
+            raise ValueError(f"{metrics}:{number}: not a metrics row ({e}); remove the line to resume") from None
+        if row_step <= step:
+            kept.append(line)
+    atomic_write_text(metrics, "".join(r + "\n" for r in kept))
 
 
 class SFTTrainer:
