@@ -262,6 +262,25 @@ def test_resuming_a_finished_run_changes_nothing(data_file, reference):
     assert len(metrics(reference["out"])) == STEPS
 
 
+def test_a_resumed_run_follows_its_own_schedule(tmp_path, data_file, reference):
+    """Resuming with a longer cosine schedule and another peak lr: the next step's lr is the new
+    schedule's at that step, not what the checkpoint's optimizer held."""
+    import shutil
+
+    from rci_fast.train.sft import lr_factor
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(out, data_file, train__max_steps=STEPS + 20,
+                                                             train__schedule="cosine", train__lr=1e-3))
+    with one_rank() as info:
+        trainer = SFTTrainer(cfg, info, resume=True)
+    want = 1e-3 * lr_factor(STEPS, STEPS + 20, 2, "cosine", cfg.train.min_lr_ratio)
+    assert trainer.step == STEPS and want < 0.5e-3
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([want] * 2, rel=1e-12)
+    assert trainer.scheduler.get_last_lr() == pytest.approx([want] * 2, rel=1e-12)
+
+
 def test_prune_keeps_the_newest_and_drops_stale_futures(tmp_path):
     from rci_fast.train.checkpoint import _prune
 

@@ -113,7 +113,14 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # The checkpoint gives the step; the schedule (peak lr, length, warmup) is this run's config's,
+    # which a resumed run may have changed (train.max_steps, train.lr): its lr from this step on.
+    base_lrs = list(scheduler.base_lrs)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    scheduler.base_lrs = base_lrs
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
