@@ -288,9 +288,19 @@ def split_medians(parts: dict) -> dict:
 
 
 def pooled(runs: list[dict]) -> dict:
-    """Several runs of one side as one: medians over all their timed steps."""
+    """Several runs of one side as one: medians over all their timed steps; token counts must agree
+    (the same prompts and lengths in every round)."""
+    for key in ("generated_tokens_per_step", "tokens_per_step"):
+        values = {r[key] for r in runs if key in r}
+        assert len(values) <= 1, f"rounds differ in {key}: {values}"
     parts = {k: [x for r in runs for x in r["parts"][k]] for k in runs[0]["parts"]}
-    return {**runs[0], **split_medians(parts), "runs": len(runs)}
+    out = {**runs[0], **split_medians(parts), "runs": len(runs),
+           "generated_min": min(r["generated_min"] for r in runs)}
+    if "sync_s" in out:
+        out["sync_s"] = median([r["sync_s"] for r in runs])
+    if "finish_reasons" in out:
+        out["finish_reasons"] = dict(sum((collections.Counter(r["finish_reasons"]) for r in runs), collections.Counter()))
+    return out
 
 
 # ---- with code: a scripted policy on both sides ------------------------------------------------
@@ -462,6 +472,12 @@ def items_in_order(order: list[int]):
         grpo_module.train_items = real
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main() -> int:
     global DIST, ONE_PASS_LOSS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -470,7 +486,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed GRPO steps (default 8, quick 2)")
     parser.add_argument("--calls", type=int, default=2, help="code calls per completion in part 3")
     parser.add_argument("--code-sleep-ms", type=int, default=50, help="what each code call sleeps")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=positive_int, default=None,
                         help="GRPO runs per side, alternating (default 2, quick 1): pooled medians")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: grpo,sft,code")
     parser.add_argument("--one-pass-loss", action="store_true",

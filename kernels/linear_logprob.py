@@ -129,7 +129,7 @@ class _LinearLogprob(torch.autograd.Function):
         T, V = hidden.shape[0], weight.shape[0]
         vocab_spans = _spans(V, block)
         keep = (T <= chunk and V <= block and 4 * T * V <= KEEP_TILE_BYTES[_budget_kind(hidden.device)]
-                and any(ctx.needs_input_grad[:2]))
+                and torch.is_grad_enabled() and any(ctx.needs_input_grad[:2]))
         ctx.kept_tile = None
         ignored = targets == ignore_index
         local = targets.masked_fill(ignored, -1)       # -1: the target is in no block

@@ -151,10 +151,13 @@ def _coerce(value, hint, key: str):
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float:
         number = None
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            number = float(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+        try:
+            if isinstance(value, str) and _NUMBER.match(value.strip()):
+                number = float(value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+        except OverflowError:  # an int past float's range
+            number = float("inf")
         if number is not None:
             if not math.isfinite(number):
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")

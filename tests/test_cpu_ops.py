@@ -163,3 +163,24 @@ def test_build_waits_for_a_live_builder_and_clears_a_dead_ones_lock(tmp_path):
     assert "left by a build that was interrupted" in err
     assert not os.path.exists(os.path.join(folder, "lock"))
     assert any(name.endswith(".so") for name in os.listdir(folder))
+
+
+def test_rope_backward_is_the_transpose_for_any_cos_sin():
+    """Unequal sin halves (not what the model builds, but rope is public): the backward is still
+    the rotation's exact transpose, as autograd through the eager ops gives."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 5, 8, generator=g)
+    cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    got, (got_grad,) = _grads(lambda a: cpu_ops.rope(a, cos, sin), x)
+    want, (want_grad,) = _grads(lambda a: cpu_ops.rope_eager(a, cos, sin), x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=0)
+
+
+def test_rope_shapes_the_kernel_does_not_take_fall_back_to_eager():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, 8, generator=g)
+    for cos in (torch.randn(2, 1, 8, generator=g),           # broadcast over positions
+                torch.randn(2, 5, 16, generator=g)[..., ::2]):  # head dim not contiguous
+        sin = torch.randn(cos.shape, generator=g)
+        torch.testing.assert_close(cpu_ops.rope(x, cos, sin), cpu_ops.rope_eager(x, cos, sin), atol=0, rtol=0)

@@ -120,3 +120,8 @@ def test_yaml_errors_name_the_file_line_or_override(tmp_path):
         load_config(write(tmp_path, "data: {train_file: a}\n"), ["train.lr=.inf"])
     with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
         load_config(write(tmp_path, "data: {train_file: a}\n"), ["train.lr=.nan"])
+
+
+def test_an_integer_past_float_range_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(write(tmp_path, "data: {train_file: a}\n"), ["train.lr=1" + "0" * 400])

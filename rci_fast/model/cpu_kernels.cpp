@@ -203,15 +203,15 @@ void swiglu_backward_range(const float* dh, const float* g, const float* u, cons
   }
 }
 
-// RoPE of `n` rows of one head (`x_stride` / `out_stride` floats apart) at one position: the
-// eager apply_rope's arithmetic, product by product (out1 = x1 c - x2 s, out2 = x2 c + x1 s), so
-// the values are the same to the bit where the compiler contracts nothing (x86: no FMA in either
-// clone). sign -1 rotates back: the backward (sin's two halves are equal).
+// RoPE of one head's row at one position: the eager rope's arithmetic, product by product
+// (out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2), so the values are the same to the bit where the
+// compiler contracts nothing (x86: no FMA in either clone). inverse: the transpose of that
+// rotation, for the backward (dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1).
 VECTOR_CLONES
-void rope_rows(const float* x, float* out, const float* cos, const float* sin, int64_t half, float sign) {
+void rope_row(const float* x, float* out, const float* cos, const float* sin, int64_t half, bool inverse) {
   for (int64_t i = 0; i < half; ++i) {
     const float a = x[i], b = x[i + half];
-    const float s1 = sign * sin[i], s2 = sign * sin[i + half];
+    const float s1 = inverse ? -sin[i + half] : sin[i], s2 = inverse ? -sin[i] : sin[i + half];
     out[i] = a * cos[i] - b * s1;
     out[i + half] = b * cos[i + half] + a * s2;
   }
@@ -411,13 +411,12 @@ at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Te
   at::Tensor out = at::empty_like(x);  // x's layout (a transposed view stays one)
   const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float sign = inverse ? -1.f : 1.f;
   at::parallel_for(0, B * H * T, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / (H * T), h = r / T % H, t = r % T;
       const int64_t c = b * cos.stride(0) + t * cos.stride(1);
-      rope_rows(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2),
-                op + b * out.stride(0) + h * out.stride(1) + t * out.stride(2), cp + c, sp + c, D / 2, sign);
+      rope_row(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2),
+                op + b * out.stride(0) + h * out.stride(1) + t * out.stride(2), cp + c, sp + c, D / 2, inverse);
     }
   });
   return out;

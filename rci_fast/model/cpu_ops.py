@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from rci_fast.model import native
 
@@ -55,8 +56,10 @@ def rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if (_fused(x, cos, sin) and x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
-            and cos.shape[0] in (1, x.shape[0]) and not (cos.requires_grad or sin.requires_grad)):
+    if (_fused(x, cos, sin) and x.dim() == 4 and x.shape[-1] % 2 == 0 and cos.dim() == 3
+            and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.stride(-1) == 1
+            and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == x.shape[2:]
+            and not (cos.requires_grad or sin.requires_grad)):  # else eager (it broadcasts anything)
         shape = (x.shape[0], *cos.shape[1:])  # a batch of one broadcasts (stride 0)
         return _Rope.apply(x, cos.expand(shape), sin.expand(shape))
     return rope_eager(x, cos, sin)
@@ -108,7 +111,8 @@ class _Rope(torch.autograd.Function):
         return torch.ops.rci_fast_cpu.rope_forward(x.detach(), cos, sin, False)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors  # the rotation is orthogonal: its backward rotates back
+        cos, sin = ctx.saved_tensors  # the backward applies the rotation's transpose
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         return torch.ops.rci_fast_cpu.rope_forward(dy, cos, sin, True), None, None

@@ -54,7 +54,8 @@ def build_directory() -> str:
     """Where the extension is built and cached: one folder per Python and torch version."""
     import torch
     from torch.utils.cpp_extension import get_default_build_root
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}"
+           f"_torch{torch.__version__.replace('+', '_')}")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch reads it
     return os.path.join(root, f"rci_fast_cpu_{tag}")
 
@@ -68,13 +69,17 @@ def _load() -> None:
     folder = build_directory()
     os.makedirs(folder, exist_ok=True)
     with open(folder + ".lock", "w") as lock_file:
+        locked = True
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process that builds rci_fast's C++ CPU kernels in %s", folder)
             fcntl.flock(lock_file, fcntl.LOCK_EX)
-        stale = os.path.join(folder, "lock")  # torch's FileBaton; nobody else builds now
-        if os.path.exists(stale):
+        except OSError as e:  # a filesystem without flock (some NFS or Lustre mounts): torch's lock only
+            log.info("no flock on %s (%s); a build killed midway would leave a lock to delete by hand", folder, e)
+            locked = False
+        stale = os.path.join(folder, "lock")  # torch's FileBaton; with the flock held nobody else builds
+        if locked and os.path.exists(stale):
             log.warning("removing %s, left by a build that was interrupted", stale)
             os.remove(stale)
         log.info("loading rci_fast's C++ CPU kernels (built once per machine, ~30 s the first time)")

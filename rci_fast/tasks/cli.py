@@ -97,7 +97,10 @@ def _gen_sft(args) -> int:
     try:  # before the work: a bad --out would otherwise fail only once everything is generated
         if os.path.isdir(args.out):
             raise IsADirectoryError(f"--out {args.out} is a folder; give a file name")
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--out {args.out}: cannot write in {folder}")
     except OSError as e:
         print(f"rci-fast gen-sft: {e}", file=sys.stderr)
         return 2

@@ -134,6 +134,8 @@ def write_trajectories(path: str | Path, trajectories) -> int:
                 validate_messages(t.messages)
                 f.write(t.to_json() + "\n")
                 n += 1
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

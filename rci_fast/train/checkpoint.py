@@ -112,10 +112,14 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    # The checkpoint gives the step; the schedule (peak lr, length, warmup) is this run's config's,
-    # which a resumed run may have changed (train.max_steps, train.lr): its lr from this step on.
+    # The checkpoint gives the step and the optimizer's moments; the hyperparameters (lr schedule,
+    # betas, eps, weight decay) are this run's config's, which a resumed run may have changed
+    # (train.max_steps, train.lr, ...): they apply from this step on.
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     base_lrs = list(scheduler.base_lrs)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     scheduler.base_lrs = base_lrs
     for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
