@@ -125,11 +125,10 @@ def _spans(n, step):
 
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, ignore_index, chunk, block, rows):
+    def forward(ctx, hidden, weight, targets, inv_temp, ignore_index, chunk, block, rows, keep_bytes):
         T, V = hidden.shape[0], weight.shape[0]
         vocab_spans = _spans(V, block)
-        keep = (T <= chunk and V <= block and 4 * T * V <= KEEP_TILE_BYTES[_budget_kind(hidden.device)]
-                and torch.is_grad_enabled() and any(ctx.needs_input_grad[:2]))
+        keep = T <= chunk and V <= block and 4 * T * V <= keep_bytes and any(ctx.needs_input_grad[:2])
         ctx.kept_tile = None
         ignored = targets == ignore_index
         local = targets.masked_fill(ignored, -1)       # -1: the target is in no block
@@ -159,7 +158,7 @@ class _LinearLogprob(torch.autograd.Function):
         hidden, weight, local, lse, entropy = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
-            return (None,) * 8
+            return (None,) * 9
         ignored = local < 0
         # Ignored tokens get zero upstream gradient: the row kernels need no ignore logic.
         # No entropy gradient (the usual case) stays None: the rows then skip its terms.
@@ -196,7 +195,7 @@ class _LinearLogprob(torch.autograd.Function):
                 grad_h[t0:t1] = acc_h
         if grad_w is not None and weight.dtype != torch.float32:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, targets, temperature, ignore_index):
@@ -252,8 +251,10 @@ def fused_linear_logprob(hidden, weight, targets, temperature=1.0, *, return_ent
     rows = _pick_rows(backend, hidden.device)
     chunk, block = tile_sizes(hidden.shape[0], weight.shape[0], hidden.device, chunk_size, vocab_block)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    # Grad mode is read here: inside forward() it is always off. Under no_grad nothing is kept.
+    keep_bytes = KEEP_TILE_BYTES[_budget_kind(hidden.device)] if torch.is_grad_enabled() else 0
     logp, entropy = _LinearLogprob.apply(hidden, weight, targets, 1.0 / float(temperature),
-                                         int(ignore_index), chunk, block, rows)
+                                         int(ignore_index), chunk, block, rows, keep_bytes)
     return (logp, entropy) if return_entropy else logp
 
 

@@ -255,7 +255,12 @@ def test_kept_tile_gives_the_recomputed_results(monkeypatch, temperature):
     hidden, weight, targets, gen = make_inputs(37, 40, 1237, seed=5)
     g_logp, g_ent = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
 
+    tiles = []  # the logits tiles computed: kept, the backward computes none
+    real_tile = linear_logprob._logits_tile
+    monkeypatch.setattr(linear_logprob, "_logits_tile", lambda *a: tiles.append(1) or real_tile(*a))
+
     def forward_backward(twice=False):
+        tiles.clear()
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
@@ -267,13 +272,15 @@ def test_kept_tile_gives_the_recomputed_results(monkeypatch, temperature):
             h.grad = w.grad = None
             loss.backward()
             assert torch.equal(h.grad, first[2]) and torch.equal(w.grad, first[3])
-        return first, max(saved)
+        return first + (len(tiles),), max(saved)
 
-    kept, _ = forward_backward(twice=True)
+    kept, _ = forward_backward()
+    assert kept[-1] == 1  # one tile in the forward, none in the backward
+    assert forward_backward(twice=True)[0][-1] == 2  # the second backward recomputes its tile
     monkeypatch.setitem(linear_logprob.KEEP_TILE_BYTES, "cpu", 4 * 37 * 1237 - 1)
     recomputed, largest_saved = forward_backward()
-    assert largest_saved <= 1237 * 40  # nothing of T x V size when over the budget
-    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+    assert largest_saved <= 1237 * 40 and recomputed[-1] == 2  # over the budget: nothing of T x V size
+    assert all(torch.equal(a, b) for a, b in zip(kept[:4], recomputed[:4]))
 
 
 def test_zero_tokens():
