@@ -84,8 +84,8 @@ def test_demo_errors_are_clear(tmp_path):
     bad.write_text((ROOT / "configs" / "demo-rl.yaml").read_text().replace("rg/gcd,", "rg/no_such_family,"))
     r = demo("--out", tmp_path / "y", "--rl-config", bad)
     assert r.returncode == 1 and "no_such_family" in r.stderr
-    r = demo("--out", tmp_path / "z", "--set", "eval.no_such_key=1")
-    assert r.returncode == 1 and "no_such_key" in r.stderr
+    r = demo("--out", tmp_path / "z", "--set", "eval.no_such_key=1")  # a config error: rc 2, before any work
+    assert r.returncode == 2 and "no_such_key" in r.stderr and not (tmp_path / "z").exists()
 
 
 def test_elapsed_time_counts_lanes_side_by_side():
