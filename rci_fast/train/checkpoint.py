@@ -64,21 +64,37 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # fsyncs its files
+    _save_synced(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()},
-                                                          indent=2))
-    dist.barrier()  # every rank's files are in tmp
+        _save_synced(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2)
+        atomic_write_text(tmp / "trainer_state.json", state)
+    dist.barrier()  # every rank's files are in tmp, on disk
     if rank == 0:
         if final.exists():  # a rerun of the same step after a resume from an older checkpoint
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _sync_dir(root)  # the rename itself survives a power loss
         atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, step, keep)
     dist.barrier()
     return final
+
+
+def _save_synced(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _step_of(path: Path) -> int:
