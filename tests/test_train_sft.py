@@ -110,6 +110,35 @@ def test_two_ranks_match_one_rank(tmp_path, data_file, reference):
 
 
 @pytest.mark.slow
+def test_checkpoints_move_between_one_process_and_two_ranks(tmp_path, data_file, reference):
+    """One process trains without FSDP (plain tensors), two ranks with it (DTensor shards): a
+    checkpoint of either resumes in the other, with the same losses as staying put (fp32 sums in
+    another order: the two-rank tolerance above)."""
+    import shutil
+
+    def resume(out, steps, ranks):
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port())] if ranks == 2 else [sys.executable])
+        cmd = [*launch, "-m", "rci_fast", "sft", "--config", "configs/smoke.yaml", "--device", "cpu", "--resume",
+               *overrides(out, data_file, train__max_steps=steps)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+        return {row["step"]: row for row in metrics(out)}
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(reference["out"], one)
+    shutil.copytree(reference["out"], two)
+    stay = resume(one, STEPS + 4, ranks=1)
+    moved = resume(two, STEPS + 4, ranks=2)  # a one-process checkpoint into two ranks' shards
+    stay.update(resume(one, STEPS + 6, ranks=1))
+    moved.update(resume(two, STEPS + 6, ranks=1))  # and a two-rank checkpoint back into one process
+    new_steps = range(STEPS + 1, STEPS + 7)
+    assert [moved[s]["loss"] for s in new_steps] == pytest.approx([stay[s]["loss"] for s in new_steps], rel=1e-5)
+    assert [moved[s]["grad_norm"] for s in new_steps] == pytest.approx([stay[s]["grad_norm"] for s in new_steps],
+                                                                       rel=1e-4)
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, data_file, reference):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rci_fast", "sft", "--config", "configs/smoke.yaml",

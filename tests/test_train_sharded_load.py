@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rci_fast.model import load_pretrained
@@ -43,13 +44,18 @@ def write_checkpoints(root: Path) -> list[str]:
     return made
 
 
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value: FSDP's shards gathered, or the tensor itself (one process, no FSDP)."""
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
 def compare(paths: list[str], dist_info) -> list[str]:
     """Every full tensor of load_sharded equals load_pretrained's (fp32); returns what was checked."""
     checked = []
     for path in paths:
         wrapper = load_sharded(path, dist_info, torch.float32)
         full = load_pretrained(path, dtype=torch.float32)
-        ours = {name: p.full_tensor() for name, p in wrapper.model.named_parameters()}
+        ours = {name: whole(p) for name, p in wrapper.model.named_parameters()}
         assert set(ours) == {name for name, _ in full.named_parameters()}
         for name, p in full.named_parameters():
             assert torch.equal(ours[name], p), f"{path}: {name}"
@@ -72,6 +78,8 @@ def test_one_rank_equals_the_whole_load(tmp_path):
     info = init_distributed("cpu")
     try:
         assert compare(paths, info) == ["qwen2-tied-bf16", "qwen2-untied-sharded", "llama-biases"]
+        # one process computing in fp32: no FSDP (it would shard and cast nothing), plain tensors
+        assert not any(isinstance(p, DTensor) for p in load_sharded(paths[0], info, torch.float32).parameters())
         # the trainer's forward runs on what was loaded: the same log-probs as the whole model
         wrapper, full = load_sharded(paths[2], info, torch.float32), load_pretrained(paths[2], dtype=torch.float32)
         ids = torch.randint(0, 131, (1, 20), generator=torch.Generator().manual_seed(1))
@@ -140,7 +148,7 @@ def test_frozen_shards_in_the_compute_dtype(tmp_path):
         wrapper = load_sharded(path, info, torch.bfloat16, master_dtype=torch.bfloat16)
         full = load_pretrained(path)  # the file's dtype: bf16
         for name, p in wrapper.model.named_parameters():
-            assert p.dtype == torch.bfloat16 and torch.equal(p.full_tensor(), dict(full.named_parameters())[name])
+            assert p.dtype == torch.bfloat16 and torch.equal(whole(p), dict(full.named_parameters())[name])
         assert wrapper.model.inv_freq.dtype == torch.float32
     finally:
         info.close()
