@@ -74,9 +74,11 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
     if rank == 0:
         if final.exists():  # a rerun of the same step after a resume from an older checkpoint
             shutil.rmtree(final)
+        _sync_dir(tmp)  # its entries (renamed-in files too), then the rename, then latest: in order
         os.rename(tmp, final)
-        _sync_dir(root)  # the rename itself survives a power loss
+        _sync_dir(root)
         atomic_write_text(root / LATEST, final.name + "\n")
+        _sync_dir(root)  # latest on disk before pruning deletes what an older latest named
         _prune(root, step, keep)
     dist.barrier()
     return final

@@ -1,8 +1,9 @@
 """Process group and device mesh, from torchrun's environment or as a single process.
 
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set) the group is NCCL on CUDA and
-gloo on CPU. Without torchrun the same code runs as a one-rank gloo/NCCL group, so FSDP and DCP
-take the same path in every run. On CPU the mesh is built on "cpu" explicitly: a gloo group with
+gloo on CPU. Without torchrun the same code runs as a one-rank gloo/NCCL group, so collectives and
+DCP take the same path in every run (FSDP itself is skipped where it would do nothing:
+parallelize.py). On CPU the mesh is built on "cpu" explicitly: a gloo group with
 a CUDA-visible default made fully_shard move tensors to CUDA (pytorch #132471).
 """
 from __future__ import annotations

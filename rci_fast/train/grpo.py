@@ -128,7 +128,8 @@ class GRPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
         device = dist_info.device
         self.compute_dtype = compute_dtype(cfg.train.mixed_precision, device)
-        # Policy: fp32 masters, sharded; reference: the same start, frozen, sharded the same way.
+        # Policy: fp32 masters, sharded; reference: the same start, frozen, in the compute dtype
+        # (sharded too, except in one process: parallelize.py).
         self.model = load_sharded(path, dist_info, self.compute_dtype, cfg.model.activation_checkpointing)
         self.inner = self.model.model
         self.inner.train()

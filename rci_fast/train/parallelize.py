@@ -28,9 +28,12 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
 def parallelize(wrapper: TokenLogprobs, mesh: DeviceMesh, param_dtype: torch.dtype,
                 activation_checkpointing: bool = False) -> TokenLogprobs:
     """Shards `wrapper` in place (parameters stay fp32 masters; `param_dtype` is what the forward
-    computes in) and returns it. One process computing in its parameters' own dtype (a CPU run)
-    gets no FSDP: it would shard nothing and cast nothing, and its hooks, copies and DTensor
-    dispatch cost ~40 ms of a ~600 ms update on the CPU benchmark. Same numbers to the bit."""
+    computes in) and returns it. One process computing in its parameters' own dtype (a CPU run,
+    or fp32 on one GPU) gets no FSDP: it would shard nothing and cast nothing, and its hooks,
+    copies and DTensor dispatch cost ~55 of ~540 ms per update on the CPU benchmark. Same numbers
+    to the bit. Callers move their inputs to the device themselves (FSDP's root did that too).
+    The root does not cast forward inputs: the float ones (advantages, old/reference log-probs of
+    the one-pass loss) stay fp32; the blocks still cast their hidden states."""
     wrapper.model.activation_checkpointing = activation_checkpointing
     if mesh.size() == 1 and all(p.dtype == param_dtype for p in wrapper.parameters()):
         return wrapper
@@ -40,7 +43,8 @@ def parallelize(wrapper: TokenLogprobs, mesh: DeviceMesh, param_dtype: torch.dty
         # The last block's parameters are gathered again by the root right after; keeping them
         # unsharded after forward saves one all-gather at the start of backward.
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(wrapper, mesh=mesh, mp_policy=policy)
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(wrapper, mesh=mesh, mp_policy=root_policy)
     return wrapper
 
 

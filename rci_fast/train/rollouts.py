@@ -83,7 +83,8 @@ def make_engine(model: Transformer, tokenizer, sandbox, rollout_cfg) -> RolloutE
 @torch.no_grad()
 def sync_weights(sharded, inner: Transformer, rollout_model: Transformer) -> None:
     """Collective: copies the sharded model's current weights into rollout_model (module doc).
-    `sharded` is the FSDP root, `inner` the Transformer inside it."""
+    `sharded` is the trainer's root module (FSDP's, or plain in one process), `inner` the
+    Transformer inside it."""
     prefix = next(name for name, module in sharded.named_modules() if module is inner) + "."
     target = rollout_model.state_dict()
     written = set()
