@@ -84,13 +84,17 @@ void rms_norm_backward_rows(const float* dy, const float* x, const float* weight
   }
 }
 
-// Rotates the first half of each head against the second (the "rotate_half" convention of
-// Qwen2/Llama), in place.
-void rope(float* head, const float* cos, const float* sin, int64_t half) {
+// RoPE of one head's row at one position: the eager rope's arithmetic, product by product
+// (out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2), so the values are the same to the bit where the
+// compiler contracts nothing (x86: no FMA in either clone). inverse: the transpose of that
+// rotation, for the backward (dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1). out may be x (in place).
+VECTOR_CLONES
+void rope_row(const float* x, float* out, const float* cos, const float* sin, int64_t half, bool inverse) {
   for (int64_t i = 0; i < half; ++i) {
-    const float a = head[i], b = head[i + half];
-    head[i] = a * cos[i] - b * sin[i];
-    head[i + half] = b * cos[i] + a * sin[i];
+    const float a = x[i], b = x[i + half];
+    const float s1 = inverse ? -sin[i + half] : sin[i], s2 = inverse ? -sin[i] : sin[i + half];
+    out[i] = a * cos[i] - b * s1;
+    out[i + half] = b * cos[i + half] + a * s2;
   }
 }
 
@@ -203,20 +207,6 @@ void swiglu_backward_range(const float* dh, const float* g, const float* u, cons
   }
 }
 
-// RoPE of one head's row at one position: the eager rope's arithmetic, product by product
-// (out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2), so the values are the same to the bit where the
-// compiler contracts nothing (x86: no FMA in either clone). inverse: the transpose of that
-// rotation, for the backward (dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1).
-VECTOR_CLONES
-void rope_row(const float* x, float* out, const float* cos, const float* sin, int64_t half, bool inverse) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half];
-    const float s1 = inverse ? -sin[i + half] : sin[i], s2 = inverse ? -sin[i] : sin[i + half];
-    out[i] = a * cos[i] - b * s1;
-    out[i + half] = b * cos[i + half] + a * s2;
-  }
-}
-
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step: ", what); }
 
 // x W + b, with W stored transposed ([in, out], contiguous): at a few rows MKL multiplies that
@@ -265,12 +255,13 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
 
   // cos/sin of each row's position, as rope_cos_sin computes them: float(position) * inv_freq.
   const auto freq = inv_freq.contiguous();
-  std::vector<float> cos(B * half), sin(B * half);
+  // Both halves of a row hold the same values, as rope_cos_sin's cat([freqs, freqs]) does.
+  std::vector<float> cos(B * D), sin(B * D);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < half; ++i) {
       const float angle = static_cast<float>(p[b]) * freq.data_ptr<float>()[i];
-      cos[b * half + i] = std::cos(angle);
-      sin[b * half + i] = std::sin(angle);
+      cos[b * D + i] = cos[b * D + half + i] = std::cos(angle);
+      sin[b * D + i] = sin[b * D + half + i] = std::sin(angle);
     }
 
   at::Tensor x = at::embedding(weight(0), ids).contiguous();  // [B, hidden]; the residual stream
@@ -291,7 +282,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkv_p + b * row_width;
       for (int64_t h = 0; h < num_heads + num_kv_heads; ++h)  // q heads, then k heads
-        rope(row + h * D, &cos[b * half], &sin[b * half], half);
+        rope_row(row + h * D, row + h * D, &cos[b * D], &sin[b * D], half, false);  // in place
       for (int64_t g = 0; g < num_kv_heads; ++g) {
         const int64_t cell = layer_base + (((first_slot + b) * num_kv_heads + g) * max_len + p[b]) * D;
         std::copy_n(row + q_width + g * D, D, kc + cell);
