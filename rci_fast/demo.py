@@ -118,7 +118,7 @@ def run_stage(timings_file: Path, name: str, done: Path, work) -> None:
     """Runs work() unless the stage's output `done` exists; adds its wall time to timings_file."""
     import fcntl
 
-    from rci_fast.train.checkpoint import atomic_write_text
+    from rci_fast.files import atomic_write_text
 
     if done.exists():
         log.info("demo: %s already done (%s)", name, done)

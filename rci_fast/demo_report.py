@@ -13,7 +13,7 @@ import torch
 from rci_fast.demo import MODEL_TITLES, elapsed_s, load_code_calls, load_results, read_eval, results_table
 from rci_fast.model import ModelConfig, Transformer
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS
-from rci_fast.train.checkpoint import atomic_write_text
+from rci_fast.files import atomic_write_text
 
 RL_RUNS = {"curriculum": "GRPO, curriculum", "uniform": "GRPO, uniform"}
 

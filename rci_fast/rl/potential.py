@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from rci_fast.files import atomic_open
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS, improvement_potential, potential_groups
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages
 from rci_fast.tasks.trajectory import trajectory_from_pieces
@@ -37,12 +37,10 @@ def write_potential(path: str, items, pass_rates, thresholds=PAPER_THRESHOLDS) -
     groups, written atomically. Returns the summary."""
     pi = improvement_potential(pass_rates)
     groups = potential_groups(pi, thresholds)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, encoding="utf-8") as f:
         for (task, sample), p, v, g in zip(items, pass_rates, pi, groups):
             f.write(json.dumps({"task": task.name, "sample_id": sample.id, "p": float(p),
                                 "potential": float(v), "group": int(g)}) + "\n")
-    os.replace(tmp, path)
     return {"samples": len(items), "thresholds": list(thresholds),
             "group_sizes": np.bincount(groups, minlength=len(thresholds) + 1).tolist(),
             "mean_pass_rate": float(np.mean(pass_rates)) if len(items) else 0.0}

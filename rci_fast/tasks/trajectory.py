@@ -15,10 +15,10 @@ of the final answer when the file was written); any other keys are kept as they 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rci_fast.files import atomic_open
 from rci_fast.tasks.prompt import RESULT_HEADER, extract_code
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -124,21 +124,13 @@ def load_trajectories(path: str | Path) -> list[SFTTrajectory]:
 def write_trajectories(path: str | Path, trajectories) -> int:
     """Writes (or replaces) a JSONL file, creating its folder; returns the number of rows. The rows
     go to a temporary file first: an interrupted write leaves any previous file as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for t in trajectories:
-                validate_messages(t.messages)
-                f.write(t.to_json() + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, encoding="utf-8") as f:
+        for t in trajectories:
+            validate_messages(t.messages)
+            f.write(t.to_json() + "\n")
+            n += 1
     return n
 
 

@@ -21,21 +21,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from rci_fast.files import atomic_open, atomic_write_text
 from rci_fast.model import Transformer
 from rci_fast.model.checkpoint import save_pretrained
 
 LATEST = "latest"
 log = logging.getLogger(__name__)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a temporary file next to `path`, then renames it over `path`: never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -65,9 +56,11 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # fsyncs its files
-    _save_synced(rng_state(), tmp / f"rng_rank{rank}.pt")
+    with atomic_open(tmp / f"rng_rank{rank}.pt", "wb") as f:
+        torch.save(rng_state(), f)
     if rank == 0:
-        _save_synced(scheduler.state_dict(), tmp / "scheduler.pt")
+        with atomic_open(tmp / "scheduler.pt", "wb") as f:
+            torch.save(scheduler.state_dict(), f)
         state = json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2)
         atomic_write_text(tmp / "trainer_state.json", state)
     dist.barrier()  # every rank's files are in tmp, on disk
@@ -82,13 +75,6 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, tr
         _prune(root, step, keep)
     dist.barrier()
     return final
-
-
-def _save_synced(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _sync_dir(path: Path) -> None:
@@ -141,7 +127,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     scheduler.base_lrs = base_lrs
     for group, base, factor in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
-        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():

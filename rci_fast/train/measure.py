@@ -20,7 +20,7 @@ from rci_fast.model import load_pretrained
 from rci_fast.rl.potential import estimate_pass_rates, write_potential
 from rci_fast.rollout.policy import engine_policy
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
-from rci_fast.train.checkpoint import atomic_write_text
+from rci_fast.files import atomic_write_text
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.parallelize import compute_dtype
 from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params, train_items

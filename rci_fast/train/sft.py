@@ -22,8 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from rci_fast.config import SFTConfig, config_to_dict
 from rci_fast.tasks.trajectory import load_trajectories
-from rci_fast.train.checkpoint import (atomic_write_text, export_hf, latest_checkpoint, load_checkpoint,
-                                      save_checkpoint)
+from rci_fast.files import atomic_write_text
+from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rci_fast.train.data import MicroBatch, SFTBatches, tokenize_trajectories
 from rci_fast.train.distributed import DistInfo, all_reduce_sum
 from rci_fast.train.metrics import MetricsLog
