@@ -196,10 +196,13 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) 
     return result
 
 
-def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", seed=0) -> dict:
+def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", seed=0,
+              delay_steps=(4, 8)) -> dict:
     """Each sequence: `calls` x (some text, then the code block), then the answer. The text
     before each block has a random length in [4, max_think] tokens, as a model's would; the same
-    scripts drive both sides."""
+    scripts drive both sides. The engine also runs with each of `delay_steps` as its
+    result_delay_steps (results rejoin a fixed number of steps after their block: repeatable
+    runs), to show what repeatability costs."""
     rng = random.Random(seed)
     think = tok.encode("Let me compute this step by step.")
     think = think * (max_think // len(think) + 1)
@@ -222,16 +225,27 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", see
         out[torch.arange(len(tokens), device=out.device), torch.tensor(tokens, device=out.device)] = 0.0
         return out
 
-    engine = RolloutEngine(ours, tok, sandbox, max_batch=batch, logits_processor=engine_force,
-                           eos_ids=[0])
-    t0 = time.perf_counter()
     # Greedy on both sides (the script decides every token anyway).
-    trajs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=(calls + 1) * (max_think + len(code)) + 16))
-    ours_s = time.perf_counter() - t0
-    assert all(t.code_statuses == ["ok"] * calls for t in trajs), trajs[0].code_statuses
+    params = SamplingParams(temperature=0, max_new_tokens=(calls + 1) * (max_think + len(code)) + 16)
+
+    def run_engine(delay: int):
+        engine = RolloutEngine(ours, tok, sandbox, max_batch=batch, logits_processor=engine_force,
+                               eos_ids=[0], result_delay_steps=delay)
+        t0 = time.perf_counter()
+        trajs = engine.generate(prompts, params)
+        seconds = time.perf_counter() - t0
+        assert all(t.code_statuses == ["ok"] * calls for t in trajs), trajs[0].code_statuses
+        return engine, trajs, seconds
+
+    engine, trajs, ours_s = run_engine(0)
     tool_wait = engine.stats["tool_wait_s"]
     code_ms = sum(ms for t in trajs for ms in t.code_wall_ms)
     generated = sum(sum(len(s.ids) for s in t.segments if s.kind == "model") for t in trajs)
+    delayed = {}
+    for delay in delay_steps:
+        delayed_engine, _, seconds = run_engine(delay)
+        delayed[delay] = {"tok_s": generated / seconds, "vs_as_they_arrive": ours_s / seconds,
+                          "stalled_on_code_s": delayed_engine.stats["tool_wait_s"]}
 
     def lockstep(run_tools) -> float:
         """One transformers.generate per round for the whole batch, which runs until the longest
@@ -269,7 +283,8 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", see
             "lockstep_parallel_tools_tok_s": generated / parallel_s,
             "speedup_vs_lockstep_parallel_tools": parallel_s / ours_s,
             "code_exec_s_total": code_ms / 1e3, "engine_stalled_on_code_s": tool_wait,
-            "code_time_hidden_fraction": 1 - tool_wait / (code_ms / 1e3)}
+            "code_time_hidden_fraction": 1 - tool_wait / (code_ms / 1e3),
+            "repeatable": {f"result_delay_steps={d}": r for d, r in delayed.items()}}
 
 
 def main() -> int:
@@ -312,6 +327,9 @@ def main() -> int:
               f"{plain['tokens'] / plain['rci_fast_tok_s'] * 1e3:.0f} ms")
     print(f"with code ({code['sequences']} sequences x {code['calls_per_sequence']} calls of ~50 ms):")
     print(f"  rci_fast {code['rci_fast_tok_s']:8.0f} tok/s; {100 * code['code_time_hidden_fraction']:.0f}% of code time hidden")
+    for name, r in code["repeatable"].items():
+        print(f"  rci_fast, repeatable schedule ({name}) {r['tok_s']:8.0f} tok/s: "
+              f"{r['vs_as_they_arrive']:.2f}x results fed back as they arrive")
     print(f"  lockstep, tools one after another (TRL's loop) {code['lockstep_serial_tools_tok_s']:8.0f} tok/s: "
           f"rci_fast {code['speedup_vs_lockstep_serial_tools']:.2f}x")
     print(f"  lockstep, a round's tools in parallel {code['lockstep_parallel_tools_tok_s']:8.0f} tok/s: "

@@ -268,6 +268,10 @@ class RolloutSection:
     code_timeout_s: float = 10.0
     max_batch: int = 64              # sequences decoded together per rank
     sandbox_workers: int = 0         # 0: one per core
+    # A code result rejoins its sequence this many decode steps after the block closed (the
+    # batch waits for a late one): fixed seeds then give the same rollouts to the bit. 0 feeds
+    # it back as soon as it arrives: no waiting (a timed-out call stalls nobody), not repeatable.
+    result_delay_steps: int = 8
 
 
 @dataclass
@@ -367,6 +371,7 @@ class RLConfig:
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1 (got {value})")
         for key, value in {"rollout.max_code_calls": r.max_code_calls, "rollout.sandbox_workers": r.sandbox_workers,
+                           "rollout.result_delay_steps": r.result_delay_steps,
                            "tasks.samples_per_task": self.tasks.samples_per_task,
                            "tasks.skip_per_task": self.tasks.skip_per_task,
                            "eval.samples_per_task": self.eval.samples_per_task, "train.warmup_steps": t.warmup_steps,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from policy_helpers import code_first
 from process_helpers import kill_once_metrics_reach
 from rci_fast.config import ConfigError, RLConfig, load_config
 from rci_fast.rl.potential import write_potential
@@ -93,6 +94,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, [], cls=RLConfig)
     with pytest.raises(ConfigError, match="tasks.skip_per_task"):
         rl_config(tmp_path, tmp_path, tasks__skip_per_task=-1)
+    with pytest.raises(ConfigError, match="rollout.result_delay_steps"):
+        rl_config(tmp_path, tmp_path, rollout__result_delay_steps=-1)
 
 
 def test_skip_per_task_leaves_the_sft_questions_out():
@@ -214,6 +217,28 @@ def test_online_curriculum_updates_pass_rates(tmp_path, policy_dir):
     with pytest.raises(FileNotFoundError, match="rci-fast potential"):
         with trainer_of(rl_config(tmp_path / "s", policy_dir, curriculum__mode="staged")):
             pass
+
+
+def test_runs_with_code_calls_repeat_to_the_bit(tmp_path, policy_dir):
+    """Two runs of the same config give the same rollouts and weights although each code call
+    sleeps a random time (the sandbox's own randomness): results rejoin their sequences on a
+    fixed schedule (rollout.result_delay_steps), not as they arrive."""
+    code = "```python\nimport random, time\ntime.sleep(random.random() * 0.03)\nprint(6 * 7)\n```"
+    runs = []
+    for name in ["a", "b"]:
+        cfg = rl_config(tmp_path / name, policy_dir, train__steps=2)
+        assert cfg.rollout.result_delay_steps > 0  # the default
+        with trainer_of(cfg) as trainer:
+            trainer.engine.logits_processor = code_first(trainer.tokenizer.encode(code, add_special_tokens=False))
+            rows = trainer.train()
+            weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        timing = {"peak_mem_mb"} | {k for k in rows[0] if k.endswith("_s") or "per_s" in k}
+        runs.append(([{k: v for k, v in row.items() if k not in timing} for row in rows], weights))
+    (rows_a, weights_a), (rows_b, weights_b) = runs
+    assert all(row["code_calls_mean"] == 1 for row in rows_a)
+    assert rows_a == rows_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 @pytest.fixture(scope="module")

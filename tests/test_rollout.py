@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from policy_helpers import code_first
 from rci_fast.model import load_pretrained
 from rci_fast.rollout import RolloutEngine, SamplingParams
 from rci_fast.sandbox import Sandbox
@@ -232,6 +233,29 @@ def test_other_sequences_decode_while_code_runs(tok, models, sandbox):
     # them one after another. Its own decoding time is not counted, so a busy machine that
     # slows the decoding does not fail this.
     assert engine.stats["tool_wait_s"] < 0.75 * 4 * 0.3
+
+
+def test_result_delay_steps_makes_runs_with_code_repeatable(tok, models, sandbox):
+    """Each row's code sleeps a random 0-40 ms (the sandbox's own, unseeded randomness), then
+    the row samples freely. Fed back as they arrive, results rejoin at steps that depend on that
+    timing, and with them the batch each random draw belongs to; fed back a fixed number of
+    steps after their block, two runs give the same ids and log-probs to the bit."""
+    _, ours = models
+    code = "```python\nimport random, time\ntime.sleep(random.random() * 0.04)\nprint(6 * 7)\n```"
+    prompts = [tok.encode(t) for t in ["Compute 6 * 7", "The answer", "C", "Compute"]] * 3
+    params = SamplingParams(max_new_tokens=len(tok.encode(code)) + 40, stop_at_answer=False, seed=3)
+
+    def run(delay):
+        engine = RolloutEngine(ours, tok, sandbox, eos_ids=[], max_code_calls=1, result_delay_steps=delay,
+                               logits_processor=code_first(tok.encode(code)))
+        trajs = engine.generate(prompts, params)
+        assert all(t.code_statuses == ["ok"] and "42" in tok.decode(t.segments[2].ids) for t in trajs)
+        return [(t.token_ids, t.logprobs) for t in trajs]
+
+    assert run(3) == run(3)
+    assert run(0) != run(0)  # the test's premise: without the delay, timing changes the tokens
+    with pytest.raises(ValueError, match="result_delay_steps"):
+        RolloutEngine(ours, tok, sandbox, result_delay_steps=-1)
 
 
 def test_bad_prompts_fail_clearly(tok, models):

@@ -4,7 +4,11 @@ Each sequence lives in a cache slot. A decode step advances every sequence that 
 the interpreter. When a sequence closes a ```python block, its code goes to the sandbox
 (non-blocking) and the sequence leaves the decode batch; when the result arrives, the interpreter's
 output is tokenized once and pushed through the cache as forced, not-trainable tokens (no
-re-prefill of the history) and the sequence rejoins the batch. Finished sequences free their slot
+re-prefill of the history) and the sequence rejoins the batch: as soon as the result is there
+(fastest; which rows share a step, and so the random number each row draws and the batch size
+each GEMM sees, then depend on the sandbox's timing), or, with result_delay_steps = k, exactly k
+decode steps after the block closed, waiting for a late result: fixed seeds then give the same
+trajectories to the bit, on any machine speed. Finished sequences free their slot
 for the next prompt. A prompt repeated in the batch (a GRPO group) is prefilled once: its twins
 copy its keys and values. On a CPU, float32 decode steps run in C++ (model/cpu_decode.py).
 
@@ -75,6 +79,7 @@ class _Seq:
         self.code_statuses: list[str] = []
         self.code_wall_ms: list[float] = []
         self.future: concurrent.futures.Future | None = None
+        self.result_step = 0       # with result_delay_steps: the decode step its result rejoins at
         self.finish_reason = ""
 
     @property
@@ -100,7 +105,10 @@ class RolloutEngine:
     cuda_graphs: run decode steps as CUDA graphs (rollout/decode_graphs.py; "eager" runs the same
     static all-slot step without graphs, on any device);
     cpu_decode: run one-token-per-row steps of a float32 model on a CPU in C++
-    (model/cpu_decode.py): None uses it where it applies and builds, True insists, False never."""
+    (model/cpu_decode.py): None uses it where it applies and builds, True insists, False never;
+    result_delay_steps: 0 feeds a code result back at the first step after it arrives; k > 0
+    exactly k decode steps after its block closed (waiting for it if it is late), which makes
+    runs with code calls repeatable to the bit (module doc)."""
 
     def __init__(self, model: Transformer, tokenizer, sandbox=None, *, max_batch: int = 64,
                  max_code_calls: int = 8, code_timeout_s: float = 10.0,
@@ -108,8 +116,12 @@ class RolloutEngine:
                  tool_template: str = DEFAULT_TOOL_TEMPLATE,
                  eos_ids: list[int] | None = None,
                  logits_processor: Callable[[list[list[Segment]], torch.Tensor], torch.Tensor] | None = None,
-                 cuda_graphs: bool | str = False, cpu_decode: bool | None = None):
+                 cuda_graphs: bool | str = False, cpu_decode: bool | None = None,
+                 result_delay_steps: int = 0):
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
+        if result_delay_steps < 0:
+            raise ValueError(f"result_delay_steps must be >= 0, got {result_delay_steps}")
+        self.result_delay_steps = result_delay_steps
         self.max_batch, self.max_code_calls = max_batch, max_code_calls
         self.code_timeout_s, self.max_tool_output_chars = code_timeout_s, max_tool_output_chars
         self.tool_template = tool_template
@@ -168,6 +180,7 @@ class RolloutEngine:
         active: list[_Seq] = []
         done: dict[int, Trajectory] = {}
         t_start = time.perf_counter()
+        step = 0  # decode steps so far: result_delay_steps's clock
         stats = {"forward_s": 0.0, "tool_wait_s": 0.0, "decode_steps": 0, "sampled_tokens": 0,
                  "shared_prompt_tokens": 0, "cpu_decode": self._cpu_step is not None}
 
@@ -178,8 +191,7 @@ class RolloutEngine:
                 seq = _Seq(index, prompt, free.pop())
                 seq.next_input = list(prompt)
                 active.append(seq)
-            self._collect_tool_results(active, params, wait=not any(s.future is None for s in active),
-                                       stats=stats)
+            step = self._collect_tool_results(active, params, step, stats)
             ready = self._share_prompts([s for s in active if s.future is None and s.next_input
                                          and not s.finish_reason],
                                         holders, cache, stats)
@@ -190,11 +202,14 @@ class RolloutEngine:
                 if self.logits_processor is not None:
                     logits = self.logits_processor([s.segments for s in ready], logits)
                 ids, logps = sample(logits.float(), params, generator)
+                step += 1
                 stats["decode_steps"] += 1
                 stats["sampled_tokens"] += len(ready)
                 for seq, tok, lp in zip(ready, ids.tolist(), logps.tolist()):
                     seq.add_model_token(tok, lp)
                     self._after_token(seq, tok, params)
+                    if seq.future is not None:  # its code was submitted just now
+                        seq.result_step = step + self.result_delay_steps
             for seq in [s for s in active if s.finish_reason]:
                 active.remove(seq)
                 if holders.get(seq.prompt) is seq:  # hand the prompt to a live twin, if any
@@ -325,16 +340,24 @@ class RolloutEngine:
             elif any(s and s in text for s in params.stop):
                 seq.finish_reason = "stop"
 
-    def _collect_tool_results(self, active: list[_Seq], params: SamplingParams, wait: bool,
-                              stats: dict) -> None:
+    def _collect_tool_results(self, active: list[_Seq], params: SamplingParams, step: int,
+                              stats: dict) -> int:
+        """Feeds finished code results back (as pending forced tokens); returns the step clock,
+        which jumps ahead to the next due result when every sequence waits for one."""
         pending = [s for s in active if s.future is not None]
         if not pending:
-            return
-        if wait:  # nothing can decode: block until some code finishes
-            t0 = time.perf_counter()
+            return step
+        idle = len(pending) == len(active)  # nothing can decode until some result is back
+        t0 = time.perf_counter()
+        if self.result_delay_steps:  # the schedule alone decides, not the sandbox's timing
+            if idle:
+                step = max(step, min(s.result_step for s in pending))
+            pending = [s for s in pending if s.result_step <= step]
+            concurrent.futures.wait([s.future for s in pending])  # late ones stall the batch
+        elif idle:
             concurrent.futures.wait([s.future for s in pending],
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-            stats["tool_wait_s"] += time.perf_counter() - t0
+        stats["tool_wait_s"] += time.perf_counter() - t0
         for seq in pending:
             if not seq.future.done():
                 continue
@@ -352,6 +375,7 @@ class RolloutEngine:
             seq.segments.append(Segment("tool", forced, False))
             seq.logprobs.extend([0.0] * len(forced))
             seq.next_input.extend(forced)
+        return step
 
     def format_tool_output(self, result) -> str:
         """The forced text after a code block: "Code Execution Results:" and the output, cut to

@@ -131,6 +131,7 @@ def _gen_sft_policy(args) -> int:
         return 2
     from transformers import AutoTokenizer
 
+    from rci_fast.config import RolloutSection
     from rci_fast.model import load_pretrained
     from rci_fast.rollout import RolloutEngine, SamplingParams
     from rci_fast.rollout.policy import engine_policy
@@ -153,7 +154,8 @@ def _gen_sft_policy(args) -> int:
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)
     with Sandbox(workers=args.workers) as sandbox:
-        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout)
+        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout,  # repeatable
+                               result_delay_steps=RolloutSection.result_delay_steps)
         trajectories = list(rejection_sample(
             tasks, engine_policy(engine, params), attempts=args.attempts,
             max_per_task=args.max_per_task, samples_per_task=args.samples_per_task,
