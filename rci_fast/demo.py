@@ -156,7 +156,7 @@ def demo_stages(plan: DemoPlan, info) -> dict:
     data = plan.out / "sft.jsonl"
 
     def write_data():
-        with Sandbox(workers=rl_base.rollout.sandbox_workers or None) as sandbox:
+        with Sandbox(workers=rl_base.rollout.sandbox_workers or None, seed=plan.seed % 2**32) as sandbox:
             trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed,
                                          direct_share=plan.direct_share))
         write_trajectories(str(data), trajectories)

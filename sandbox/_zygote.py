@@ -1,6 +1,6 @@
 """The sandbox's template process and what runs inside each run child.
 
-Started by `Sandbox` as `python -I -c ...` with a scrubbed environment. It imports the warm modules
+Started by `Sandbox` as `python -s -c ...` with a scrubbed environment. It imports the warm modules
 once, freezes the garbage collector (so forked children do not copy pages by touching objects) and
 hands control to the C++ fork server. `serve_template` returns only inside a locked-down run child,
 where `run_child` executes the model's code.
@@ -83,7 +83,7 @@ def _flush():
             pass
 
 
-def run_child():
+def run_child(seed: int | None):
     """Runs in a spare child: prepare (before the code arrives, off the request path), wait for
     the code, which locks the process down, then run it."""
     here = os.getcwd()
@@ -96,11 +96,12 @@ def run_child():
                                   errors="backslashreplace")
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
-    # A fork copies the random generators' state: give each run its own.
+    # A fork copies the random generators' state: give each run its own, or, with a seed, the
+    # same one (a run's output then depends on its code alone: repeatable rollouts).
     if "random" in sys.modules:
-        sys.modules["random"].seed()
+        sys.modules["random"].seed(seed)
     if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little"))
+        sys.modules["numpy"].random.seed(int.from_bytes(os.urandom(4), "little") if seed is None else seed)
     namespace = _fresh_namespace()
     _exec(_WARM_UP_CODE, {"__builtins__": __builtins__})  # touch (copy) the pages a run writes
     first = _core.child_start()
@@ -131,7 +132,7 @@ def main(config: dict):
                          config["rw_files"], config["run_uid"], config["run_gid"],
                          config["max_sessions"])
     try:
-        run_child()
+        run_child(config["seed"])
     except BaseException:  # noqa: BLE001 - never fall back into the template's code
         traceback.print_exc()
     os._exit(1)

@@ -222,7 +222,7 @@ class Sandbox:
                  run_uid: int | None = None, scratch_dir: str | None = None,
                  max_sessions_per_worker: int = 256, int_max_str_digits: int = 0,
                  scratch_mb: int = 1024, scratch_files: int = 65536,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, seed: int | None = None):
         if sys.platform != "linux":
             raise SandboxError("the rci_fast sandbox needs Linux (seccomp, Landlock)")
         self.workers = workers or len(os.sched_getaffinity(0))
@@ -237,6 +237,9 @@ class Sandbox:
         self._int_max_str_digits = int_max_str_digits
         self._startup_timeout_s = startup_timeout_s
         self._run_uid = run_uid
+        if seed is not None and not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        self._seed = seed
         # Root only: all scratch folders on one private tmpfs of this size and file count, so
         # runs cannot fill the disk or its inodes (0 = plain folders under scratch_dir).
         self._scratch_mb, self._scratch_files = scratch_mb, scratch_files
@@ -280,18 +283,23 @@ class Sandbox:
             "int_max_str_digits": self._int_max_str_digits,
             "scratch_mb": self._scratch_mb,
             "scratch_files": self._scratch_files,
+            "seed": self._seed,
         }
         host_end, template_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         config["control_fd"] = template_end.fileno()
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": self.scratch_root, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+        if self._seed is not None:  # str hashes (set and dict-of-set orders) from the seed too
+            env["PYTHONHASHSEED"] = str(self._seed)
         boot = ("import sys, json; c = json.loads(sys.argv[1]); sys.path[:] = c['sys_path']; "
                 "from rci_fast.sandbox._zygote import main; main(c)")
         log_path = os.path.join(self.scratch_root, "template.log")
         with open(log_path, "wb") as log:
             self._template = subprocess.Popen(
-                [sys.executable, "-I", "-c", boot, json.dumps(config)], env=env,
+                # -s, not -I: -I would ignore PYTHONHASHSEED; the environment is ours anyway
+                # and the boot code replaces sys.path.
+                [sys.executable, "-s", "-c", boot, json.dumps(config)], env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=[template_end.fileno()],
                 start_new_session=True, cwd=self.scratch_root)
         template_end.close()

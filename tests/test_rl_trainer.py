@@ -221,9 +221,9 @@ def test_online_curriculum_updates_pass_rates(tmp_path, policy_dir):
 
 def test_runs_with_code_calls_repeat_to_the_bit(tmp_path, policy_dir):
     """Two runs of the same config give the same rollouts and weights although each code call
-    sleeps a random time (the sandbox's own randomness): results rejoin their sequences on a
+    sleeps a random time (os.urandom: the seeded sandbox does not fix it): results rejoin on a
     fixed schedule (rollout.result_delay_steps), not as they arrive."""
-    code = "```python\nimport random, time\ntime.sleep(random.random() * 0.03)\nprint(6 * 7)\n```"
+    code = "```python\nimport os, time\ntime.sleep(os.urandom(1)[0] / 8500)\nprint(6 * 7)\n```"
     runs = []
     for name in ["a", "b"]:
         cfg = rl_config(tmp_path / name, policy_dir, train__steps=2)

@@ -236,20 +236,20 @@ def test_other_sequences_decode_while_code_runs(tok, models, sandbox):
 
 
 def test_result_delay_steps_makes_runs_with_code_repeatable(tok, models, sandbox):
-    """Each row's code sleeps a random 0-40 ms (the sandbox's own, unseeded randomness), then
+    """Each row's code sleeps a random 0-40 ms (os.urandom: no seed fixes it), then
     the row samples freely. Fed back as they arrive, results rejoin at steps that depend on that
     timing, and with them the batch each random draw belongs to; fed back a fixed number of
     steps after their block, two runs give the same ids and log-probs to the bit."""
     _, ours = models
-    code = "```python\nimport random, time\ntime.sleep(random.random() * 0.04)\nprint(6 * 7)\n```"
+    code = "```python\nimport os, time\ntime.sleep(os.urandom(1)[0] / 6400)\nprint(6 * 7)\n```"
     prompts = [tok.encode(t) for t in ["Compute 6 * 7", "The answer", "C", "Compute"]] * 3
-    params = SamplingParams(max_new_tokens=len(tok.encode(code)) + 40, stop_at_answer=False, seed=3)
+    params = SamplingParams(max_new_tokens=2 * len(tok.encode(code)) + 40, stop_at_answer=False, seed=3)
 
-    def run(delay):
-        engine = RolloutEngine(ours, tok, sandbox, eos_ids=[], max_code_calls=1, result_delay_steps=delay,
-                               logits_processor=code_first(tok.encode(code)))
+    def run(delay):  # 12 prompts through 5 slots (refills), two calls each
+        engine = RolloutEngine(ours, tok, sandbox, eos_ids=[], max_batch=5, max_code_calls=2,
+                               result_delay_steps=delay, logits_processor=code_first(tok.encode(code), turns=2))
         trajs = engine.generate(prompts, params)
-        assert all(t.code_statuses == ["ok"] and "42" in tok.decode(t.segments[2].ids) for t in trajs)
+        assert all(t.code_statuses == ["ok", "ok"] and "42" in tok.decode(t.segments[4].ids) for t in trajs)
         return [(t.token_ids, t.logprobs) for t in trajs]
 
     assert run(3) == run(3)

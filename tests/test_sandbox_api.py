@@ -135,6 +135,24 @@ def test_each_run_gets_fresh_randomness(sb):
     assert len(outs) == 4
 
 
+def test_a_seed_makes_every_run_start_alike():
+    """Two sandboxes (two template processes) with one seed: every run prints the same random
+    numbers, str hash and set order; without a seed, hashes differ between templates."""
+    code = "import random, numpy as np\nprint(random.random(), np.random.rand(), hash('abc'), list(set('abcdefgh')))"
+    outs = []
+    for _ in range(2):
+        with Sandbox(workers=1, seed=7) as box:
+            outs += [box.run(code).stdout for _ in range(2)]
+    assert outs[0] and len(set(outs)) == 1, outs
+    hashes = set()
+    for _ in range(2):
+        with Sandbox(workers=1) as box:
+            hashes.add(box.run("print(hash('abc'))").stdout)
+    assert len(hashes) == 2
+    with pytest.raises(ValueError, match="seed"):
+        Sandbox(workers=1, seed=-1)
+
+
 def test_code_can_import_a_module_it_wrote(sb):
     r = sb.run("open('helper.py', 'w').write('def f():\\n    return 41 + 1\\n')\n"
                "import helper\nprint(helper.f())")

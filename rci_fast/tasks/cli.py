@@ -113,7 +113,7 @@ def _gen_sft(args) -> int:
         return 2
     from rci_fast.sandbox import Sandbox
 
-    with Sandbox(workers=args.workers) as sandbox:
+    with Sandbox(workers=args.workers, seed=args.seed % 2**32) as sandbox:
         trajectories = list(generate(sandbox, families, per_family=args.per_family, seed=args.seed,
                                      split=args.split, timeout_s=args.timeout, direct_share=args.direct_share))
     n = write_trajectories(args.out, trajectories)
@@ -153,7 +153,7 @@ def _gen_sft_policy(args) -> int:
     model = load_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)
-    with Sandbox(workers=args.workers) as sandbox:
+    with Sandbox(workers=args.workers, seed=args.seed % 2**32) as sandbox:
         engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout,  # repeatable
                                result_delay_steps=RolloutSection.result_delay_steps)
         trajectories = list(rejection_sample(

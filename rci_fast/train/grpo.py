@@ -158,7 +158,7 @@ class GRPOTrainer:
         # failed set-up leaves no worker processes behind.
         self.rollout_model = empty_model(read_config(path), self.compute_dtype, device)
         sync_weights(self.model, self.inner, self.rollout_model)
-        self.sandbox = make_sandbox(cfg.rollout)
+        self.sandbox = make_sandbox(cfg.rollout, cfg.seed)
         self.engine = make_engine(self.rollout_model, self.tokenizer, self.sandbox, cfg.rollout)
 
     # ---- set-up ----------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     rank, world = dist_info.rank, dist_info.world_size
     model, tokenizer = _load(cfg.model.path, cfg, dist_info)
     params = sampling_params(cfg.rollout, cfg.rollout.temperature, seed=cfg.seed * 1009 + rank)
-    with make_sandbox(cfg.rollout) as sandbox:
+    with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
         mine = items[rank::world]
         rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size,
@@ -120,7 +120,7 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     params = sampling_params(cfg.rollout, e.temperature, seed=cfg.seed * 1009 + rank)
     mine = items[rank::world]
     results = {}
-    with make_sandbox(cfg.rollout) as sandbox:
+    with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         for mode in e.modes:
             engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
             prompt = SYSTEM_PROMPT if mode == "code" else TEXT_ONLY_SYSTEM_PROMPT

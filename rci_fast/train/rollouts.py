@@ -67,12 +67,13 @@ def sampling_params(rollout_cfg, temperature: float, seed: int) -> SamplingParam
                           max_total_tokens=rollout_cfg.max_total_tokens, seed=seed)
 
 
-def make_sandbox(rollout_cfg):
-    """The sandbox of one rank: rollout.sandbox_workers workers (0: one per core)."""
+def make_sandbox(rollout_cfg, seed: int):
+    """The sandbox of one rank: rollout.sandbox_workers workers (0: one per core); every run's
+    random state and str hashing start from `seed` (a code call's output depends on its code
+    alone)."""
     from rci_fast.sandbox import Sandbox
 
-    workers = rollout_cfg.sandbox_workers
-    return Sandbox(workers=workers) if workers else Sandbox()
+    return Sandbox(workers=rollout_cfg.sandbox_workers or None, seed=seed % 2**32)
 
 
 def make_engine(model: Transformer, tokenizer, sandbox, rollout_cfg) -> RolloutEngine:
