@@ -243,7 +243,9 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", see
     generated = sum(sum(len(s.ids) for s in t.segments if s.kind == "model") for t in trajs)
     delayed = {}
     for delay in delay_steps:
-        delayed_engine, _, seconds = run_engine(delay)
+        delayed_engine, delayed_trajs, seconds = run_engine(delay)
+        # The script decides every token, so the schedule must not change any trajectory.
+        assert [t.token_ids for t in delayed_trajs] == [t.token_ids for t in trajs]
         delayed[delay] = {"tok_s": generated / seconds, "vs_as_they_arrive": ours_s / seconds,
                           "stalled_on_code_s": delayed_engine.stats["tool_wait_s"]}
 

@@ -40,6 +40,7 @@ def test_bench_rollout():
     code = result["with_code"]
     assert code["lockstep_serial_tools_tok_s"] > 0 and code["lockstep_parallel_tools_tok_s"] > 0
     assert 0 <= code["code_time_hidden_fraction"] <= 1
+    assert {r["tok_s"] > 0 for r in code["repeatable"].values()} == {True}
 
 
 def test_bench_vs_trl_patches_what_the_trainer_calls(monkeypatch):
