@@ -142,13 +142,13 @@ def has_checkpoint(cfg) -> bool:
 
 def demo_stages(plan: DemoPlan, info) -> dict:
     """Every stage in order: name -> (the output that marks it done, the work that writes it)."""
-    from rci_fast.sandbox import Sandbox
     from rci_fast.tasks.teacher import generate
     from rci_fast.tasks.trajectory import load_trajectories, write_trajectories
     from rci_fast.train import run_sft
     from rci_fast.train.grpo import run_rl
     from rci_fast.train.measure import run_eval, run_potential
     from rci_fast.train.model_source import build_tiny_model
+    from rci_fast.train.rollouts import make_sandbox
     from rci_fast.train.warmup import copy_warmup
 
     sft_cfg, rl_base = plan.sft_cfg(), plan.rl_cfg(plan.out / "rl")
@@ -156,7 +156,7 @@ def demo_stages(plan: DemoPlan, info) -> dict:
     data = plan.out / "sft.jsonl"
 
     def write_data():
-        with Sandbox(workers=rl_base.rollout.sandbox_workers or None, seed=plan.seed % 2**32) as sandbox:
+        with make_sandbox(rl_base.rollout, plan.seed) as sandbox:
             trajectories = list(generate(sandbox, families, per_family=plan.per_family, seed=plan.seed,
                                          direct_share=plan.direct_share))
         write_trajectories(str(data), trajectories)
