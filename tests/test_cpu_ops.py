@@ -184,3 +184,83 @@ def test_rope_shapes_the_kernel_does_not_take_fall_back_to_eager():
                 torch.randn(2, 5, 16, generator=g)[..., ::2]):  # head dim not contiguous
         sin = torch.randn(cos.shape, generator=g)
         torch.testing.assert_close(cpu_ops.rope(x, cos, sin), cpu_ops.rope_eager(x, cos, sin), atol=0, rtol=0)
+
+
+# Packed causal attention. Tolerance: float32 rounding of sums over a few hundred terms of size ~1
+# (scores, probabilities times values); its exp is a polynomial good to ~1 ulp.
+ATTENTION_TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.fixture(params=[True, False], ids=["sgemm", "mm_out"])
+def attention_gemm(request):
+    """The attention's GEMMs through BLAS's sgemm_ directly, then through at::mm_out."""
+    assert native.available()
+    before = torch.ops.rci_fast_cpu.varlen_attention_blas(request.param)
+    yield request.param
+    torch.ops.rci_fast_cpu.varlen_attention_blas(before)
+
+
+def _packed_qkv(lengths, heads, kv_heads, d, seed, token_major=True):
+    """q/k/v [1, heads, N, D] as the model holds them (views of a [N, heads, D] token layout), or
+    contiguous per head; float64 leaves for the reference."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    if token_major:
+        qkv = torch.randn(n, heads + 2 * kv_heads, d, generator=g, dtype=torch.float64)
+        parts = qkv.split([heads, kv_heads, kv_heads], dim=1)
+        return [p.permute(1, 0, 2).unsqueeze(0) for p in parts]
+    return [torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads)]
+
+
+def _per_sequence_reference(q, k, v, cu):
+    outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
+    return torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)
+
+
+@pytest.mark.parametrize("lengths,heads,kv_heads,d,token_major", [
+    ([3, 17, 1, 0, 9, 16, 40], 6, 2, 8, True),   # an empty sequence, GQA 3:1
+    ([65, 64, 1, 130], 4, 4, 20, True),          # across the 64-row query blocks; D with a vector tail
+    ([200, 7], 3, 1, 64, False),                  # one key/value head; contiguous heads
+    ([5], 2, 1, 3, True),                         # D below one vector
+])
+def test_varlen_attention_matches_each_sequence_alone(attention_gemm, lengths, heads, kv_heads, d, token_major):
+    q, k, v = _packed_qkv(lengths, heads, kv_heads, d, seed=sum(lengths) + d, token_major=token_major)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    assert cpu_ops.varlen_attention_applies(q.float(), k.float(), v.float())
+    got, got_grads = _grads(lambda a, b, c: cpu_ops.varlen_attention(a, b, c, cu), q.float(), k.float(), v.float())
+    want, want_grads = _grads(lambda a, b, c: _per_sequence_reference(a, b, c, cu), q, k, v)
+    torch.testing.assert_close(got, want.float(), **ATTENTION_TOL)
+    assert got.transpose(1, 2).is_contiguous()  # [N, heads, D] memory: the model's reshape is free
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b.float(), **ATTENTION_TOL)
+
+
+def test_varlen_attention_is_the_same_on_any_thread_count():
+    """One task per (sequence, key/value head), each on one thread: bitwise the same for 1 or 2."""
+    lengths = [150, 3, 77, 64, 200]
+    q, k, v = (t.float() for t in _packed_qkv(lengths, 4, 2, 32, seed=9))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(_grads(lambda a, b, c: cpu_ops.varlen_attention(a, b, c, cu), q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, grads1), (out2, grads2) = runs
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+def test_varlen_attention_edges_and_errors():
+    q, k, v = (t.float() for t in _packed_qkv([0, 0], 2, 1, 8, seed=1))
+    assert cpu_ops.varlen_attention(q, k, v, torch.tensor([0, 0, 0])).shape == (1, 2, 0, 8)
+    q, k, v = (t.float() for t in _packed_qkv([4], 2, 1, 8, seed=1))
+    with cpu_ops.eager():
+        assert not cpu_ops.varlen_attention_applies(q, k, v)
+    assert not cpu_ops.varlen_attention_applies(q.double(), k.double(), v.double())
+    with pytest.raises(RuntimeError, match="cu_seqlens must run from 0 to N"):
+        cpu_ops.varlen_attention(q, k, v, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="heads a multiple of kv_heads"):
+        torch.ops.rci_fast_cpu.varlen_attention_forward(q[0], torch.cat([k[0]] * 3), torch.cat([v[0]] * 3),
+                                                        torch.tensor([0, 4]), 0.5)

@@ -1,5 +1,6 @@
 // rci_fast's C++ CPU kernels, float32: the rollout engine's decode step, and fused RMSNorm,
-// SwiGLU and RoPE (forward and backward) for training. Built on first use by rci_fast/model/native.py.
+// SwiGLU, RoPE and packed causal attention (forward and backward) for training. Built on first
+// use by rci_fast/model/native.py.
 //
 // == Decode step: one step of a Qwen2/Llama decoder, every row holding one new token ==
 //
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -205,6 +207,80 @@ void swiglu_backward_range(const float* dh, const float* g, const float* u, cons
     du[i] = dh[i] * silu;
     dg[i] = dh[i] * u[i] * (s + silu * (1.f - s));
   }
+}
+
+// == Row passes of the packed causal attention (varlen_attention_* below) ==
+
+typedef int32_t int8x32 __attribute__((vector_size(32), aligned(4)));
+
+inline void store8(float* p, float8 v) { std::memcpy(p, &v, 32); }
+
+// exp(x) for x up to 88, eight at a time: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, two-part
+// ln2), exp(r) by Cephes' degree-6 polynomial (~1 ulp), 2^n put into the exponent bits. Below
+// -87 (exp < 1.2e-38, where 2^n would leave the normal range) it returns exp(-87).
+inline float8 exp8(float8 x) {
+  const float8 lowest = float8{} - 87.f, magic = float8{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = x < lowest ? lowest : x;
+  const float8 shifted = x * 1.44269504088896341f + magic;
+  const float8 n = shifted - magic;
+  const float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int8x32 bits = ((int8x32)shifted - 0x4B400000 + 127) << 23;  // 2^n
+  return p * (float8)bits;
+}
+
+// The same for fewer than eight values (a row's tail), through one padded vector.
+inline void exp_tail(float* x, int64_t n) {
+  float buf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  std::copy_n(x, n, buf);
+  store8(buf, exp8(load8(buf)));
+  std::copy_n(buf, n, x);
+}
+
+// Row of raw scores s[0, width): p_j = softmax(s * scale) over j < n, 0 from n on; returns the
+// row's log-sum-exp (of the scaled scores), which the backward uses to recompute p.
+VECTOR_CLONES
+float softmax_row(float* s, int64_t n, int64_t width, float scale) {
+  const int64_t vec = n - n % 8;
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+  top *= scale;
+  float8 total8 = {};
+  for (int64_t j = 0; j < vec; j += 8) {
+    const float8 e = exp8(load8(s + j) * scale - top);
+    store8(s + j, e);
+    total8 += e;
+  }
+  for (int64_t j = vec; j < n; ++j) s[j] = s[j] * scale - top;
+  exp_tail(s + vec, n - vec);
+  float total = sum8(total8);
+  for (int64_t j = vec; j < n; ++j) total += s[j];
+  const float inv = 1.f / total;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  std::fill(s + n, s + width, 0.f);
+  return top + std::log(total);
+}
+
+// The backward's recomputation: p_j = exp(s_j * scale - lse) over j < n, 0 from n on.
+VECTOR_CLONES
+void probs_row(float* s, int64_t n, int64_t width, float scale, float lse) {
+  const int64_t vec = n - n % 8;
+  for (int64_t j = 0; j < vec; j += 8) store8(s + j, exp8(load8(s + j) * scale - lse));
+  for (int64_t j = vec; j < n; ++j) s[j] = s[j] * scale - lse;
+  exp_tail(s + vec, n - vec);
+  std::fill(s + n, s + width, 0.f);
+}
+
+// Softmax backward in place: dp_j <- p_j * (dp_j - delta) * scale, where delta = sum_j p_j dp_j
+// = dout . out (the row's output and its gradient).
+VECTOR_CLONES
+void softmax_grad_row(const float* p, float* dp, int64_t width, float delta, float scale) {
+  for (int64_t j = 0; j < width; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
 }
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step: ", what); }
@@ -413,6 +489,168 @@ at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Te
   return out;
 }
 
+// == Causal attention over packed sequences (autograd in cpu_ops.py) ==
+//
+// q [heads, N, D], k and v [kv_heads, N, D] (any strides, D contiguous): sequences back to back,
+// cu_seqlens [S + 1] their bounds. One task per (sequence, key/value head): its query heads run
+// one after another, in blocks of kQueryBlock rows that see keys only up to the block's last row
+// (so about half the square is computed, not all of it). Each block is two GEMMs forward and
+// five backward around the row passes above. The backward recomputes the probabilities from the
+// saved log-sum-exp, as flash attention does: nothing of size length^2 is kept. A task owns its
+// rows of every output, so tasks need no locks, and the result is the same for any thread count.
+// Tasks are handed out longest first, one at a time (the cost of one grows with its length
+// squared). The reference is padded_groups_attention (transformer.py); tests/test_cpu_ops.py.
+
+constexpr int64_t kQueryBlock = 64;  // 32 and 128 measured slower at ~200-token sequences
+
+// BLAS's own sgemm (MKL or OpenBLAS inside libtorch_cpu), where the library exports it: the
+// blocks' GEMMs are small (64 x 64 x ~200), and at::mm_out's dispatch and tensor views around
+// each cost about a third of the attention's time. Weak: where it is missing, at::mm_out does it.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// Row-major C [M, N] = op(A) op(B) + (accumulate ? C : 0), op(X) = X^T where transposed; ld* are
+// row strides. BLAS is column-major, so it computes C^T = op(B)^T op(A)^T.
+bool g_blas_gemm = true;  // off: at::mm_out even where sgemm_ is there (tests reach that path)
+
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  if (g_blas_gemm && sgemm_ != nullptr) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto matrix = [&](const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor x = at::from_blob(const_cast<float*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, f32);
+    return t ? x.t() : x;
+  };
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, f32);
+  if (accumulate) c.addmm_(matrix(A, M, K, lda, ta), matrix(B, K, N, ldb, tb));
+  else at::mm_out(c, matrix(A, M, K, lda, ta), matrix(B, K, N, ldb, tb));
+}
+
+struct Packed {
+  int64_t heads, kv_heads, dim, group;
+  std::vector<int64_t> starts, lengths, order;  // order: (sequence, kv head) tasks, longest first
+
+  Packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens) {
+    TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                    v.scalar_type() == at::kFloat && k.device().is_cpu() && v.device().is_cpu(),
+                "cpu_ops: varlen attention needs float32 CPU tensors");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(1) == k.size(1) &&
+                    q.size(2) == k.size(2) && k.size(0) > 0 && q.size(0) % k.size(0) == 0,
+                "cpu_ops: varlen attention wants q [heads, N, D], k and v [kv_heads, N, D], heads a multiple "
+                "of kv_heads; got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "cpu_ops: varlen attention needs D contiguous");
+    heads = q.size(0), kv_heads = k.size(0), dim = q.size(2), group = heads / kv_heads;
+    const auto cu = cu_seqlens.to(at::kLong).contiguous();
+    const int64_t* c = cu.data_ptr<int64_t>();
+    const int64_t count = cu.numel() - 1;
+    TORCH_CHECK(count >= 0 && (count == 0 || (c[0] == 0 && c[count] == q.size(1))),
+                "cpu_ops: cu_seqlens must run from 0 to N");
+    for (int64_t i = 0; i < count; ++i) {
+      TORCH_CHECK(c[i + 1] >= c[i], "cpu_ops: cu_seqlens must not decrease");
+      starts.push_back(c[i]);
+      lengths.push_back(c[i + 1] - c[i]);
+    }
+    for (int64_t i = 0; i < count * kv_heads; ++i)
+      if (lengths[i / kv_heads] > 0) order.push_back(i);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return lengths[a / kv_heads] > lengths[b / kv_heads]; });
+  }
+
+  // Runs task(sequence, kv head) for every task, spread over the intra-op threads.
+  template <typename Task>
+  void for_each_task(const Task& task) const {
+    std::atomic<int64_t> next{0};
+    const int64_t n = static_cast<int64_t>(order.size());
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+      for (int64_t i = next++; i < n; i = next++) task(order[i] / kv_heads, order[i] % kv_heads);
+    });
+  }
+};
+
+// Row t of head h of a [heads, N, D] tensor, and the stride between rows.
+inline float* row(const at::Tensor& x, int64_t h, int64_t t) {
+  return x.data_ptr<float>() + h * x.stride(0) + t * x.stride(1);
+}
+
+// Whether the attention's GEMMs call sgemm_ directly (where it exists); returns the old setting.
+bool varlen_attention_blas(bool on) {
+  const bool before = g_blas_gemm && sgemm_ != nullptr;
+  g_blas_gemm = on;
+  return before;
+}
+
+// -> (out [N, heads, D] memory, returned as its [heads, N, D] view; lse [heads, N]).
+std::vector<at::Tensor> varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& cu_seqlens, double scale) {
+  const Packed pk(q, k, v, cu_seqlens);
+  const int64_t N = q.size(1), D = pk.dim;
+  // Every row belongs to one sequence, so every output row is written.
+  at::Tensor out = at::empty({N, pk.heads, D}, q.options()).permute({1, 0, 2});
+  at::Tensor lse = at::empty({pk.heads, N}, q.options());
+  pk.for_each_task([&](int64_t seq, int64_t g) {
+    const int64_t start = pk.starts[seq], L = pk.lengths[seq];
+    std::vector<float> scores(std::min(L, kQueryBlock) * L);
+    const float *keys = row(k, g, start), *values = row(v, g, start);
+    for (int64_t h = g * pk.group; h < (g + 1) * pk.group; ++h) {
+      float* lse_h = lse.data_ptr<float>() + h * N + start;
+      for (int64_t b0 = 0; b0 < L; b0 += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, L - b0), width = b0 + rows;  // keys up to the last row
+        float* s = scores.data();
+        gemm(false, true, rows, width, D, row(q, h, start + b0), q.stride(1), keys, k.stride(1), false, s, width);
+        for (int64_t i = 0; i < rows; ++i) lse_h[b0 + i] = softmax_row(s + i * width, b0 + i + 1, width, scale);
+        gemm(false, false, rows, D, width, s, width, values, v.stride(1), false, row(out, h, start + b0), out.stride(1));
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// -> (dq [N, heads, D], dk, dv [N, kv_heads, D] memory, returned as [heads or kv_heads, N, D] views).
+std::vector<at::Tensor> varlen_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                                  const at::Tensor& cu_seqlens, double scale) {
+  const Packed pk(q, k, v, cu_seqlens);
+  const int64_t N = q.size(1), D = pk.dim;
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(2) == 1 && out.stride(2) == 1 &&
+                  dout.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+                  lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 2 &&
+                  lse.size(0) == pk.heads && lse.size(1) == N,
+              "cpu_ops: varlen_attention_backward shapes disagree");
+  at::Tensor dq = at::empty({N, pk.heads, D}, q.options()).permute({1, 0, 2});  // written row by row
+  at::Tensor dk = at::zeros({N, pk.kv_heads, D}, q.options()).permute({1, 0, 2});  // accumulated
+  at::Tensor dv = at::zeros({N, pk.kv_heads, D}, q.options()).permute({1, 0, 2});
+  pk.for_each_task([&](int64_t seq, int64_t g) {
+    const int64_t start = pk.starts[seq], L = pk.lengths[seq];
+    std::vector<float> probs(std::min(L, kQueryBlock) * L), grads(probs.size()), delta(L);
+    const float *keys = row(k, g, start), *values = row(v, g, start);
+    float *dkeys = row(dk, g, start), *dvalues = row(dv, g, start);
+    for (int64_t h = g * pk.group; h < (g + 1) * pk.group; ++h) {
+      const float* lse_h = lse.data_ptr<float>() + h * N + start;
+      for (int64_t i = 0; i < L; ++i) delta[i] = dot(row(dout, h, start + i), row(out, h, start + i), D);
+      for (int64_t b0 = 0; b0 < L; b0 += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, L - b0), width = b0 + rows;
+        const float *q_b = row(q, h, start + b0), *dout_b = row(dout, h, start + b0);
+        float *p = probs.data(), *dp = grads.data();
+        gemm(false, true, rows, width, D, q_b, q.stride(1), keys, k.stride(1), false, p, width);
+        for (int64_t i = 0; i < rows; ++i) probs_row(p + i * width, b0 + i + 1, width, scale, lse_h[b0 + i]);
+        gemm(true, false, width, D, rows, p, width, dout_b, dout.stride(1), true, dvalues, dv.stride(1));
+        gemm(false, true, rows, width, D, dout_b, dout.stride(1), values, v.stride(1), false, dp, width);
+        for (int64_t i = 0; i < rows; ++i) softmax_grad_row(p + i * width, dp + i * width, width, delta[b0 + i], scale);
+        gemm(false, false, rows, D, width, dp, width, keys, k.stride(1), false, row(dq, h, start + b0), dq.stride(1));
+        gemm(true, false, width, D, rows, dp, width, q_b, q.stride(1), true, dkeys, dk.stride(1));
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
 TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor positions, int first_slot, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor inv_freq, Tensor?[] weights, int num_heads, int num_kv_heads, float eps) -> Tensor");
@@ -422,4 +660,9 @@ TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor[]", &swiglu_forward);
   m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up, Tensor sig) -> Tensor[]", &swiglu_backward);
   m.def("rope_forward(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", &rope_forward);
+  m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor[]",
+        &varlen_attention_forward);
+  m.def("varlen_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, float scale) -> Tensor[]", &varlen_attention_backward);
+  m.def("varlen_attention_blas(bool on) -> bool", &varlen_attention_blas);
 }

@@ -1,10 +1,11 @@
-"""Fused RMSNorm, SwiGLU and RoPE for float32 tensors on a CPU (C++ in cpu_kernels.cpp, autograd
-here).
+"""Fused RMSNorm, SwiGLU, RoPE and packed causal attention for float32 tensors on a CPU (C++ in
+cpu_kernels.cpp, autograd here).
 
-The model calls `rms_norm`, `silu_mul` and `rope`; they take the fused path where it applies (CPU,
-float32, the extension built) and the eager one otherwise (GPU, bf16, no compiler). Same values
-and gradients as the eager path to float32 rounding (tests/test_cpu_ops.py; RoPE's are the same
-to the bit on x86). `eager()` turns the fused path off, for comparisons.
+The model calls `rms_norm`, `silu_mul`, `rope` and `varlen_attention`; they take the fused path
+where it applies (CPU, float32, the extension built) and the eager one otherwise (GPU, bf16, no
+compiler; for attention: padded groups through SDPA). Same values and gradients as the eager path
+to float32 rounding (tests/test_cpu_ops.py; RoPE's are the same to the bit on x86). `eager()` turns
+the fused path off, for comparisons.
 """
 from __future__ import annotations
 
@@ -72,6 +73,18 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def varlen_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether varlen_attention runs in C++ for these (else the caller keeps its own path)."""
+    return _fused(q, k, v) and q.dim() == 4 and q.shape[0] == 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [1, heads, N, D], k/v [1, kv_heads, N, D],
+    sequence bounds cu_seqlens [S + 1] -> [1, heads, N, D] (its memory laid out [N, heads, D], so
+    the caller's transpose back to tokens is free). Float32 CPU tensors (varlen_attention_applies)."""
+    return _VarlenAttention.apply(q, k, v, cu_seqlens)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -116,3 +129,26 @@ class _Rope(torch.autograd.Function):
         cos, sin = ctx.saved_tensors  # the backward applies the rotation's transpose
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         return torch.ops.rci_fast_cpu.rope_forward(dy, cos, sin, True), None, None
+
+
+def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens):
+        q, k, v = (_head_dim_contiguous(t.detach()[0]) for t in (q, k, v))
+        cu = cu_seqlens.to(device="cpu", dtype=torch.int64)
+        ctx.scale = q.shape[-1] ** -0.5
+        out, lse = torch.ops.rci_fast_cpu.varlen_attention_forward(q, k, v, cu, ctx.scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu)
+        return out.unsqueeze(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        dq, dk, dv = torch.ops.rci_fast_cpu.varlen_attention_backward(
+            _head_dim_contiguous(dout[0]), q, k, v, out, lse, cu, ctx.scale)
+        return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0), None

@@ -6,9 +6,10 @@ knows nothing of distributed training, rollouts or tasks: FSDP is applied from o
 Three ways to run attention:
   - dense [B, T]: every row is one sequence, causal;
   - packed [1, N] with `cu_seqlens`: several sequences back to back, no padding; on CUDA in
-    bf16/fp16 flash-attn's varlen kernel when installed, else torch's (torch.nn.attention.varlen),
-    otherwise (CPU, fp32, or no varlen kernel) sequences of similar length padded into one SDPA
-    call each (padded_groups_attention);
+    bf16/fp16 flash-attn's varlen kernel when installed, else torch's (torch.nn.attention.varlen);
+    on a CPU in float32 rci_fast's C++ kernel (cpu_ops.varlen_attention); otherwise (fp32 on a
+    GPU, no varlen kernel, no C++ build) sequences of similar length padded into one SDPA call
+    each (padded_groups_attention);
   - cached [B, T] with a KVCache: the rollout engine's decode and extend steps.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from rci_fast.model.config import ModelConfig
-from rci_fast.model.cpu_ops import rms_norm, rope, silu_mul
+from rci_fast.model.cpu_ops import rms_norm, rope, silu_mul, varlen_attention, varlen_attention_applies
 
 try:  # optional, GPU only
     from flash_attn import flash_attn_varlen_func
@@ -143,6 +144,8 @@ class Attention(nn.Module):
             else:
                 out = torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=True)
             return out.transpose(0, 1).unsqueeze(0)
+        if varlen_attention_applies(q, k, v):  # float32 on a CPU: C++, no padding
+            return varlen_attention(q, k, v, cu_seqlens)
         return padded_groups_attention(q, k, v, cu_seqlens)
 
     def _cached(self, q, k, v, step: "CachedStep"):
