@@ -193,9 +193,10 @@ def test_non_finite_losses_skip_steps_then_abort(tmp_path, data_file, reference)
 def test_bad_data_fails_with_file_and_line(tmp_path, data_file):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data_file.read_text().splitlines()[0] + "\n" + '{"messages": []}\n')
-    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path, bad))
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", bad))
     with one_rank() as info, pytest.raises(TrajectoryFormatError, match=f"{bad}:2: "):
         SFTTrainer(cfg, info)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "b", data_file, train__micro_batch_tokens=64,
                                                              data__max_seq_len=0))
     with one_rank() as info, pytest.raises(ValueError, match="impossible token budget"):

@@ -169,8 +169,8 @@ def drop_metrics_after(out_dir: Path, step: int) -> None:
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, dist_info: DistInfo, resume: bool = False):
         self.cfg, self.dist = cfg, dist_info
+        trajectories = load_trajectories(cfg.data.train_file)  # a bad file fails before out_dir is touched
         self.out_dir, self.ckpt_root = start_run(cfg, dist_info, resume)
-        trajectories = load_trajectories(cfg.data.train_file)
         model_dir, self.tokenizer = prepare_model_source(cfg, trajectories, dist_info)
         sequences = tokenize_trajectories(trajectories, self.tokenizer, max_seq_len=cfg.data.max_seq_len,
                                           min_score=cfg.data.min_score,
