@@ -321,7 +321,7 @@ def test_gen_sft_with_a_model_policy_runs_end_to_end(tok, models, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rci_fast", "gen-sft", "--teacher", "policy",
                         "--model", str(model_dir), "--tasks", "rg/basic_arithmetic",
                         "--samples-per-task", "2", "--attempts", "1", "--max-new-tokens", "16",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--result-delay-steps", "0", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "correct trajectories from 1 tasks" in r.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -330,3 +330,6 @@ def test_gen_sft_with_a_model_policy_runs_end_to_end(tok, models, tmp_path):
                         "--model", str(tmp_path / "nope"), "--out", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs --model DIR" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "rci_fast", "gen-sft", "--teacher", "policy", "--model", str(model_dir),
+                        "--result-delay-steps", "-1", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--result-delay-steps must be >= 0 (got -1)" in r.stderr

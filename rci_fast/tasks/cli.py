@@ -40,6 +40,10 @@ def add_parser(subparsers) -> None:
                      help="--teacher policy: samples tried per task (default: all of the split)")
     gen.add_argument("--temperature", type=float, default=1.0, help="--teacher policy: sampling temperature")
     gen.add_argument("--max-new-tokens", type=int, default=1024, help="--teacher policy: per episode")
+    gen.add_argument("--result-delay-steps", type=int, default=None,
+                     help="--teacher policy: decode steps after which a code result rejoins its sequence "
+                          "(default: the trainer's rollout.result_delay_steps, 8: runs repeat to the bit; "
+                          "0: as soon as it arrives, faster)")
     gen.add_argument("--device", choices=("cuda", "cpu"), default=None,
                      help="--teacher policy: where the model runs (default: cuda, in bf16, when available; "
                           "else cpu, in float32)")
@@ -140,6 +144,10 @@ def _gen_sft_policy(args) -> int:
     from rci_fast.tasks.rejection import rejection_sample
     from rci_fast.tasks.trajectory import write_trajectories
 
+    delay = RolloutSection.result_delay_steps if args.result_delay_steps is None else args.result_delay_steps
+    if delay < 0:
+        print(f"rci-fast gen-sft: --result-delay-steps must be >= 0 (got {delay})", file=sys.stderr)
+        return 2
     try:
         names = args.tasks.split(",") if args.tasks else list_tasks(split="train", data_dir=args.data_dir)
         tasks = [load_task(n, data_dir=args.data_dir) for n in names]
@@ -154,8 +162,7 @@ def _gen_sft_policy(args) -> int:
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)
     with Sandbox(workers=args.workers, seed=args.seed % 2**32) as sandbox:
-        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout,  # repeatable
-                               result_delay_steps=RolloutSection.result_delay_steps)
+        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout, result_delay_steps=delay)
         trajectories = list(rejection_sample(
             tasks, engine_policy(engine, params), attempts=args.attempts,
             max_per_task=args.max_per_task, samples_per_task=args.samples_per_task,
