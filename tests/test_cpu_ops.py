@@ -196,6 +196,9 @@ def attention_gemm(request):
     """The attention's GEMMs through BLAS's sgemm_ directly, then through at::mm_out."""
     assert native.available()
     before = torch.ops.rci_fast_cpu.varlen_attention_blas(request.param)
+    if request.param and not torch.ops.rci_fast_cpu.varlen_attention_blas(True):
+        torch.ops.rci_fast_cpu.varlen_attention_blas(before)
+        pytest.skip("this torch build's BLAS does not export sgemm_")
     yield request.param
     torch.ops.rci_fast_cpu.varlen_attention_blas(before)
 
@@ -223,6 +226,7 @@ def _per_sequence_reference(q, k, v, cu):
     ([65, 64, 1, 130], 4, 4, 20, True),          # across the 64-row query blocks; D with a vector tail
     ([200, 7], 3, 1, 64, False),                  # one key/value head; contiguous heads
     ([5], 2, 1, 3, True),                         # D below one vector
+    ([1], 2, 2, 16, True),                        # one token
 ])
 def test_varlen_attention_matches_each_sequence_alone(attention_gemm, lengths, heads, kv_heads, d, token_major):
     q, k, v = _packed_qkv(lengths, heads, kv_heads, d, seed=sum(lengths) + d, token_major=token_major)
@@ -234,6 +238,20 @@ def test_varlen_attention_matches_each_sequence_alone(attention_gemm, lengths, h
     assert got.transpose(1, 2).is_contiguous()  # [N, heads, D] memory: the model's reshape is free
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b.float(), **ATTENTION_TOL)
+
+
+def test_varlen_attention_takes_a_broadcast_gradient(attention_gemm):
+    """A gradient whose rows share memory (the backward of a sum over tokens: row stride 0, which
+    BLAS refuses as a leading dimension) gives the reference's gradients on both GEMM paths."""
+    lengths = [9, 70]
+    q, k, v = _packed_qkv(lengths, 4, 2, 16, seed=5)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    got = [t.float().requires_grad_() for t in (q, k, v)]
+    cpu_ops.varlen_attention(*got, cu).sum(2).pow(2).sum().backward()
+    want = [t.clone().requires_grad_() for t in (q, k, v)]
+    _per_sequence_reference(*want, cu).sum(2).pow(2).sum().backward()
+    for a, b in zip(got, want):  # gradients ~100x the unit scale ATTENTION_TOL is stated for
+        torch.testing.assert_close(a.grad, b.grad.float(), atol=2e-5 * float(b.grad.abs().max()), rtol=2e-5)
 
 
 def test_varlen_attention_is_the_same_on_any_thread_count():
@@ -259,8 +277,9 @@ def test_varlen_attention_edges_and_errors():
     with cpu_ops.eager():
         assert not cpu_ops.varlen_attention_applies(q, k, v)
     assert not cpu_ops.varlen_attention_applies(q.double(), k.double(), v.double())
-    with pytest.raises(RuntimeError, match="cu_seqlens must run from 0 to N"):
-        cpu_ops.varlen_attention(q, k, v, torch.tensor([0, 3]))
+    for cu in ([0, 3], [0], [1, 4]):  # short of N; no sequences for 4 tokens; not from 0
+        with pytest.raises(RuntimeError, match="cu_seqlens must run from 0 to N"):
+            cpu_ops.varlen_attention(q, k, v, torch.tensor(cu))
     with pytest.raises(RuntimeError, match="heads a multiple of kv_heads"):
         torch.ops.rci_fast_cpu.varlen_attention_forward(q[0], torch.cat([k[0]] * 3), torch.cat([v[0]] * 3),
                                                         torch.tensor([0, 4]), 0.5)

@@ -211,13 +211,13 @@ void swiglu_backward_range(const float* dh, const float* g, const float* u, cons
 
 // == Row passes of the packed causal attention (varlen_attention_* below) ==
 
-typedef int32_t int8x32 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t int32x8 __attribute__((vector_size(32), aligned(4)));
 
 inline void store8(float* p, float8 v) { std::memcpy(p, &v, 32); }
 
 // exp(x) for x up to 88, eight at a time: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, two-part
 // ln2), exp(r) by Cephes' degree-6 polynomial (~1 ulp), 2^n put into the exponent bits. Below
-// -87 (exp < 1.2e-38, where 2^n would leave the normal range) it returns exp(-87).
+// -87 it returns exp(-87) ~ 1.6e-38 (2^n would turn subnormal below about -87.3).
 inline float8 exp8(float8 x) {
   const float8 lowest = float8{} - 87.f, magic = float8{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   x = x < lowest ? lowest : x;
@@ -230,7 +230,7 @@ inline float8 exp8(float8 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int8x32 bits = ((int8x32)shifted - 0x4B400000 + 127) << 23;  // 2^n
+  const int32x8 bits = ((int32x8)shifted - 0x4B400000 + 127) << 23;  // 2^n
   return p * (float8)bits;
 }
 
@@ -497,26 +497,34 @@ at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Te
 // (so about half the square is computed, not all of it). Each block is two GEMMs forward and
 // five backward around the row passes above. The backward recomputes the probabilities from the
 // saved log-sum-exp, as flash attention does: nothing of size length^2 is kept. A task owns its
-// rows of every output, so tasks need no locks, and the result is the same for any thread count.
+// rows of every output, so tasks need no locks, and each runs on one thread (its GEMMs too): the
+// result is the same for any thread count.
 // Tasks are handed out longest first, one at a time (the cost of one grows with its length
 // squared). The reference is padded_groups_attention (transformer.py); tests/test_cpu_ops.py.
 
-constexpr int64_t kQueryBlock = 64;  // 32 and 128 measured slower at ~200-token sequences
-
 // BLAS's own sgemm (MKL or OpenBLAS inside libtorch_cpu), where the library exports it: the
-// blocks' GEMMs are small (64 x 64 x ~200), and at::mm_out's dispatch and tensor views around
-// each cost about a third of the attention's time. Weak: where it is missing, at::mm_out does it.
+// blocks' GEMMs are small (64 x 64 x ~200), and at::mm_out's dispatch and the tensor views around
+// each made the attention ~10% slower (18.4 vs 16.6 ms forward + backward of one layer at 16 x
+// ~215 tokens, 2 threads). Weak: where it is missing, at::mm_out does it.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
-// Row-major C [M, N] = op(A) op(B) + (accumulate ? C : 0), op(X) = X^T where transposed; ld* are
-// row strides. BLAS is column-major, so it computes C^T = op(B)^T op(A)^T.
-bool g_blas_gemm = true;  // off: at::mm_out even where sgemm_ is there (tests reach that path)
+namespace {
 
+constexpr int64_t kQueryBlock = 64;  // 32 and 128 measured slower at ~200-token sequences
+
+std::atomic<bool> g_blas_gemm{true};  // off: at::mm_out even where sgemm_ is there (tests reach that path)
+
+// Row-major C [M, N] = op(A) op(B) + (accumulate ? C : 0), op(X) = X^T where transposed; ld* are
+// row strides. BLAS is column-major, so it computes C^T = op(B)^T op(A)^T. Strides BLAS would
+// refuse (below a row's width, as a broadcast gradient has, or past int32) take at::mm_out.
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
           int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  if (g_blas_gemm && sgemm_ != nullptr) {
+  constexpr int64_t kMaxInt = 2147483647;
+  const bool blas_shapes = lda >= std::max<int64_t>(1, ta ? M : K) && ldb >= std::max<int64_t>(1, tb ? K : N) &&
+                           ldc >= std::max<int64_t>(1, N) && std::max({M, N, K, lda, ldb, ldc}) <= kMaxInt;
+  if (g_blas_gemm && sgemm_ != nullptr && blas_shapes) {
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
     const float one = 1.f, beta = accumulate ? 1.f : 0.f;
@@ -550,8 +558,7 @@ struct Packed {
     const auto cu = cu_seqlens.to(at::kLong).contiguous();
     const int64_t* c = cu.data_ptr<int64_t>();
     const int64_t count = cu.numel() - 1;
-    TORCH_CHECK(count >= 0 && (count == 0 || (c[0] == 0 && c[count] == q.size(1))),
-                "cpu_ops: cu_seqlens must run from 0 to N");
+    TORCH_CHECK(count >= 0 && c[0] == 0 && c[count] == q.size(1), "cpu_ops: cu_seqlens must run from 0 to N");
     for (int64_t i = 0; i < count; ++i) {
       TORCH_CHECK(c[i + 1] >= c[i], "cpu_ops: cu_seqlens must not decrease");
       starts.push_back(c[i]);
@@ -563,23 +570,28 @@ struct Packed {
                      [&](int64_t a, int64_t b) { return lengths[a / kv_heads] > lengths[b / kv_heads]; });
   }
 
-  // Runs task(sequence, kv head) for every task, spread over the intra-op threads.
+  // Runs task(sequence, kv head) for every task, spread over the intra-op threads. Always inside
+  // a parallel region when there are threads (a range of 1 would run inline, where MKL threads
+  // its GEMMs itself: other bits than one thread's).
   template <typename Task>
   void for_each_task(const Task& task) const {
     std::atomic<int64_t> next{0};
     const int64_t n = static_cast<int64_t>(order.size());
-    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 2)), 1, [&](int64_t, int64_t) {
       for (int64_t i = next++; i < n; i = next++) task(order[i] / kv_heads, order[i] % kv_heads);
     });
   }
 };
 
-// Row t of head h of a [heads, N, D] tensor, and the stride between rows.
+// Row t of head h of a [heads, N, D] tensor.
 inline float* row(const at::Tensor& x, int64_t h, int64_t t) {
   return x.data_ptr<float>() + h * x.stride(0) + t * x.stride(1);
 }
 
-// Whether the attention's GEMMs call sgemm_ directly (where it exists); returns the old setting.
+}  // namespace
+
+// Whether the attention's GEMMs may call sgemm_ directly; returns whether they did (false where
+// the library does not export it).
 bool varlen_attention_blas(bool on) {
   const bool before = g_blas_gemm && sgemm_ != nullptr;
   g_blas_gemm = on;

@@ -22,7 +22,8 @@ _enabled = True
 
 @contextlib.contextmanager
 def eager():
-    """Within this block the model computes RMSNorm, SwiGLU and RoPE with eager torch ops."""
+    """Within this block the model computes RMSNorm, SwiGLU, RoPE and packed attention with eager
+    torch ops."""
     global _enabled
     before, _enabled = _enabled, False
     try:
