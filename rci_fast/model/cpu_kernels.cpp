@@ -105,6 +105,7 @@ void rope_row(const float* x, float* out, const float* cos, const float* sin, in
 typedef float float8 __attribute__((vector_size(32), aligned(4)));
 
 inline float8 load8(const float* p) { return *reinterpret_cast<const float8*>(p); }
+inline void store8(float* p, float8 v) { std::memcpy(p, &v, 32); }
 inline float sum8(float8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // Scores of one query head against `n` key rows (`dim` floats apart), times `scale`. Four keys
@@ -160,15 +161,15 @@ void weighted_values(const float* weights, const float* values, float* out, int6
       a2 += w * load8(v + 16);
       a3 += w * load8(v + 24);
     }
-    std::memcpy(out + i, &a0, 32);
-    std::memcpy(out + i + 8, &a1, 32);
-    std::memcpy(out + i + 16, &a2, 32);
-    std::memcpy(out + i + 24, &a3, 32);
+    store8(out + i, a0);
+    store8(out + i + 8, a1);
+    store8(out + i + 16, a2);
+    store8(out + i + 24, a3);
   }
   for (; i + 8 <= dim; i += 8) {
     float8 a = {};
     for (int64_t j = 0; j < n; ++j) a += weights[j] * load8(values + j * dim + i);
-    std::memcpy(out + i, &a, 32);
+    store8(out + i, a);
   }
   for (; i < dim; ++i) {
     float a = 0.f;
@@ -212,8 +213,6 @@ void swiglu_backward_range(const float* dh, const float* g, const float* u, cons
 // == Row passes of the packed causal attention (varlen_attention_* below) ==
 
 typedef int32_t int32x8 __attribute__((vector_size(32), aligned(4)));
-
-inline void store8(float* p, float8 v) { std::memcpy(p, &v, 32); }
 
 // exp(x) for x up to 88, eight at a time: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, two-part
 // ln2), exp(r) by Cephes' degree-6 polynomial (~1 ulp), 2^n put into the exponent bits. Below

@@ -86,6 +86,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _VarlenAttention.apply(q, k, v, cu_seqlens)
 
 
+def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -120,7 +124,7 @@ class _SiluMul(torch.autograd.Function):
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
-        x = x if x.stride(-1) == 1 else x.contiguous()
+        x = _head_dim_contiguous(x)
         ctx.save_for_backward(cos, sin)
         return torch.ops.rci_fast_cpu.rope_forward(x.detach(), cos, sin, False)
 
@@ -128,12 +132,7 @@ class _Rope(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors  # the backward applies the rotation's transpose
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        return torch.ops.rci_fast_cpu.rope_forward(dy, cos, sin, True), None, None
-
-
-def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+        return torch.ops.rci_fast_cpu.rope_forward(_head_dim_contiguous(dy), cos, sin, True), None, None
 
 
 class _VarlenAttention(torch.autograd.Function):
