@@ -5,6 +5,8 @@ import collections
 import os
 import sys
 
+from rci_fast.config import RolloutSection
+
 
 def add_parser(subparsers) -> None:
     tasks = subparsers.add_parser(
@@ -40,10 +42,10 @@ def add_parser(subparsers) -> None:
                      help="--teacher policy: samples tried per task (default: all of the split)")
     gen.add_argument("--temperature", type=float, default=1.0, help="--teacher policy: sampling temperature")
     gen.add_argument("--max-new-tokens", type=int, default=1024, help="--teacher policy: per episode")
-    gen.add_argument("--result-delay-steps", type=int, default=None,
+    gen.add_argument("--result-delay-steps", type=int, default=RolloutSection.result_delay_steps,
                      help="--teacher policy: decode steps after which a code result rejoins its sequence "
-                          "(default: the trainer's rollout.result_delay_steps, 8: runs repeat to the bit; "
-                          "0: as soon as it arrives, faster)")
+                          f"(default: the trainer's rollout.result_delay_steps, {RolloutSection.result_delay_steps}: "
+                          "runs repeat to the bit; 0: as soon as it arrives, faster)")
     gen.add_argument("--device", choices=("cuda", "cpu"), default=None,
                      help="--teacher policy: where the model runs (default: cuda, in bf16, when available; "
                           "else cpu, in float32)")
@@ -135,7 +137,6 @@ def _gen_sft_policy(args) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from rci_fast.config import RolloutSection
     from rci_fast.model import load_pretrained
     from rci_fast.rollout import RolloutEngine, SamplingParams
     from rci_fast.rollout.policy import engine_policy
@@ -144,9 +145,8 @@ def _gen_sft_policy(args) -> int:
     from rci_fast.tasks.rejection import rejection_sample
     from rci_fast.tasks.trajectory import write_trajectories
 
-    delay = RolloutSection.result_delay_steps if args.result_delay_steps is None else args.result_delay_steps
-    if delay < 0:
-        print(f"rci-fast gen-sft: --result-delay-steps must be >= 0 (got {delay})", file=sys.stderr)
+    if args.result_delay_steps < 0:
+        print(f"rci-fast gen-sft: --result-delay-steps must be >= 0 (got {args.result_delay_steps})", file=sys.stderr)
         return 2
     try:
         names = args.tasks.split(",") if args.tasks else list_tasks(split="train", data_dir=args.data_dir)
@@ -162,7 +162,8 @@ def _gen_sft_policy(args) -> int:
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)
     with Sandbox(workers=args.workers, seed=args.seed % 2**32) as sandbox:
-        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout, result_delay_steps=delay)
+        engine = RolloutEngine(model, tokenizer, sandbox, code_timeout_s=args.timeout,
+                               result_delay_steps=args.result_delay_steps)
         trajectories = list(rejection_sample(
             tasks, engine_policy(engine, params), attempts=args.attempts,
             max_per_task=args.max_per_task, samples_per_task=args.samples_per_task,
