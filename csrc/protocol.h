@@ -58,6 +58,7 @@ struct ChildMessage {  // worker -> child on the control pipe, then code_len byt
   uint32_t flags;
   uint32_t pad;
   Limits limits;
+  uint64_t address_space_bytes;  // RLIMIT_AS: what the child maps now + limits.memory_bytes
 };
 
 enum ReportFlags : uint32_t { REPORT_MEMORY_ERROR = 1 };

@@ -4,7 +4,8 @@
 //  - allowed: what CPython, numpy and sympy need to compute, read their files, write into the
 //    scratch folder (Landlock decides which paths) and run threads;
 //  - refused with an errno: things benign code may try and should see fail politely (sockets,
-//    fork/posix_spawn, setrlimit, unknown syscalls) -> Python raises OSError;
+//    fork/posix_spawn, unknown syscalls; raising an rlimit, which the kernel refuses) -> Python
+//    raises OSError;
 //  - kill the process: things only an escape attempt does (ptrace, mount, namespaces, exec, uid
 //    changes, kernel modules, bpf, ...) -> the run ends with status "violation".
 #include "seccomp_filter.h"
@@ -181,13 +182,11 @@ std::vector<sock_filter> build(pid_t self_pid) {
   p.ret(kAllow);
   p.on(SYS_tkill, ret_errno(EPERM));
 
-  // prlimit64(0, resource, NULL, old): reading its own limits only, never raising them.
-  p.block(SYS_prlimit64, 8);
+  // prlimit64(0, ...): its own limits only (the child sets the run's limits after this filter is
+  // in). Without capabilities it can lower them or move a soft limit up to its hard one, never raise
+  // a hard limit: the kernel refuses that with EPERM.
+  p.block(SYS_prlimit64, 4);
   p.load(arg_lo(0));
-  p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 4);
-  p.load(arg_lo(2));
-  p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 2);
-  p.load(arg_hi(2));
   p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0);
   p.ret(ret_errno(EPERM));
   p.ret(kAllow);

@@ -352,22 +352,11 @@ class Worker {
     return c;
   }
 
-  // Hands `code` to the child and watches it until it reports, dies, times out or floods output.
-  // The run's rlimits, set from outside (the child has locked itself down already and may not
-  // change its own limits). The address-space budget counts from what it maps now.
-  bool apply_limits(pid_t pid, const Limits& L) {
-    const rlim_t cpu = static_cast<rlim_t>(std::ceil(L.timeout_s)) + 1;
-    const rlimit cpu_rl{cpu, cpu + 1};  // soft: SIGXCPU, hard: SIGKILL
+  // The run's address-space limit: what the child maps now (a warm interpreter) plus its budget;
+  // 0 when its size cannot be read. (The child sets its rlimits itself: set_run_limits.)
+  static uint64_t address_space_limit(pid_t pid, const Limits& L) {
     const uint64_t base = address_space_bytes(pid);
-    const rlimit as{base + L.memory_bytes, base + L.memory_bytes};
-    const rlimit fsize{L.max_file_bytes, L.max_file_bytes};
-    const rlimit nofile{L.max_open_files, L.max_open_files};
-    const rlimit nproc{L.max_threads, L.max_threads};  // tasks of the run uid; root ignores it
-    return base > 0 && prlimit(pid, RLIMIT_CPU, &cpu_rl, nullptr) == 0 &&
-           prlimit(pid, RLIMIT_AS, &as, nullptr) == 0 &&
-           prlimit(pid, RLIMIT_FSIZE, &fsize, nullptr) == 0 &&
-           prlimit(pid, RLIMIT_NOFILE, &nofile, nullptr) == 0 &&
-           (config_.run_uid < 0 || prlimit(pid, RLIMIT_NPROC, &nproc, nullptr) == 0);
+    return base > 0 ? base + L.memory_bytes : 0;
   }
 
   // A spare announces with one byte on its report pipe that it has locked itself down.
@@ -377,6 +366,7 @@ class Worker {
     return poll(&p, 1, kReadyTimeoutMs) == 1 && read(c.report_r, &byte, 1) == 1 && byte == kReadyByte;
   }
 
+  // Hands `code` to the child and watches it until it reports, dies, times out or floods output.
   // `fresh_child`: the child runs its first code (a fresh run or a session's opening).
   Outcome supervise(Child& c, const std::string& code, const Limits& limits, bool session,
                     bool fresh_child) {
@@ -384,11 +374,12 @@ class Worker {
     o.h.magic = kResponseMagic;
     const double t0 = now_ms();
     ChildMessage m{kChildMagic, static_cast<uint32_t>(code.size()), session ? CHILD_SESSION : 0u, 0,
-                   limits};
+                   limits, 0};
     std::string failed;
     if (c.pid <= 0) failed = c.spawn_error.empty() ? "no run process" : c.spawn_error;
     else if (fresh_child && !wait_ready(c)) failed = "the run process died or hung while locking itself down";
-    else if (fresh_child && !apply_limits(c.pid, limits)) failed = "setting the run's rlimits failed";
+    else if (fresh_child && (m.address_space_bytes = address_space_limit(c.pid, limits)) == 0)
+      failed = "reading the run process's size (/proc/PID/statm) failed";
     else if (!write_full(c.control_w, &m, sizeof m) || !write_full(c.control_w, code.data(), code.size()))
       failed = "the pipe to the run process broke (the session ended)";
     if (!failed.empty()) {
@@ -639,9 +630,32 @@ void serve_template(int control_fd, const ZygoteConfig& config) {
   }
 }
 
+// The run's rlimits, from its first message. The child sets its own: setting them from the worker
+// with prlimit needs CAP_SYS_RESOURCE once the run has its own uid, which containers often withhold
+// (the lent GPU machines do), while lowering one's own limits needs nothing. Having no capabilities
+// left, the run cannot raise them again. A limit above the machine's own hard limit is held to it.
+void set_run_limits(const ChildMessage& m) {
+  const Limits& L = m.limits;
+  const rlim_t cpu = static_cast<rlim_t>(std::ceil(L.timeout_s)) + 1;
+  const struct { int resource; rlim_t soft, hard; const char* name; } wanted[] = {
+      {RLIMIT_CPU, cpu, cpu + 1, "RLIMIT_CPU"},  // soft: SIGXCPU, hard: SIGKILL
+      {RLIMIT_AS, m.address_space_bytes, m.address_space_bytes, "RLIMIT_AS"},
+      {RLIMIT_FSIZE, L.max_file_bytes, L.max_file_bytes, "RLIMIT_FSIZE"},
+      {RLIMIT_NOFILE, L.max_open_files, L.max_open_files, "RLIMIT_NOFILE"},
+      {RLIMIT_NPROC, L.max_threads, L.max_threads, "RLIMIT_NPROC"},  // tasks of the run uid
+  };
+  for (const auto& w : wanted) {
+    if (w.resource == RLIMIT_NPROC && g_spare.run_uid < 0) continue;  // root's uid: NPROC is ignored
+    rlimit now{};
+    if (getrlimit(w.resource, &now) != 0) die_in_child(w.name, errno);
+    const rlimit rl{std::min(w.soft, now.rlim_max), std::min(w.hard, now.rlim_max)};
+    if (setrlimit(w.resource, &rl) != 0) die_in_child(w.name, errno);
+  }
+}
+
 bool child_start(std::string* code, bool* session) {
-  // Lock down first, before any code exists: nothing here depends on the request (the worker
-  // sets the request's rlimits from outside with prlimit), so it all stays off the request path.
+  // Lock down first, before any code exists: nothing here depends on the request (the request's
+  // rlimits are set below, from its message), so it all stays off the request path.
   set_limit(RLIMIT_CORE, 0);
   set_limit(RLIMIT_MEMLOCK, 0);
   set_limit(RLIMIT_MSGQUEUE, 0);
@@ -662,12 +676,13 @@ bool child_start(std::string* code, bool* session) {
   }
   int rc = install_seccomp_filter(g_spare.self);
   if (rc != 0) die_in_child("seccomp", -rc);
-  // Tell the worker it may set this run's rlimits: before now, a low RLIMIT_NOFILE could have
-  // broken the descriptor shuffle of the set-up.
+  // Tell the worker it may send the run (its rlimits are set after the descriptor shuffle of the
+  // set-up, which a low RLIMIT_NOFILE could break).
   if (!write_full(kChildReportFd, &kReadyByte, 1)) return false;
 
   ChildMessage m;
   if (!read_full(kChildControlFd, &m, sizeof m) || m.magic != kChildMagic) return false;
+  set_run_limits(m);
   code->assign(m.code_len, '\0');
   if (m.code_len && !read_full(kChildControlFd, code->data(), m.code_len)) return false;
   *session = (m.flags & CHILD_SESSION) != 0;

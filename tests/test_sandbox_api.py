@@ -289,3 +289,20 @@ def test_a_machine_that_refuses_the_lockdown_fails_at_start_with_the_reason():
                        capture_output=True, text=True, timeout=120)
     assert "REFUSED the sandbox cannot run code on this machine" in r.stdout, r.stdout + r.stderr
     assert "chown of the run's folder to the run uid: Invalid argument" in r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_runs_keep_their_limits_where_root_lacks_cap_sys_resource():
+    """Root without CAP_SYS_RESOURCE (a container's default, the lent GPU machines'): the worker
+    may not set another uid's rlimits, so each run sets its own. Runs as an unprivileged uid
+    still start, time out and hit their memory and file-size limits."""
+    code = ("from rci_fast.sandbox import Sandbox\n"
+            "with Sandbox(workers=1, run_uid=65534) as sb:\n"
+            "    print(sb.run('print(6 * 7)').stdout.strip(),\n"
+            "          sb.run('while True: pass', timeout_s=0.5).status,\n"
+            "          sb.run('x = bytearray(2 << 30)', memory_mb=256).status)\n"
+            "    r = sb.run('open(\"f\", \"w\").write(\"x\" * (2 << 20))', max_file_mb=1)\n"
+            "    print(r.status, 'File too large' in r.stderr)\n")
+    r = subprocess.run(["setpriv", "--bounding-set", "-sys_resource", "--inh-caps", "-sys_resource",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["42", "timeout", "memory_limit", "error", "True"], r.stdout + r.stderr
