@@ -32,9 +32,13 @@ either side), no activation checkpointing, temperature 1, top-p 1.
    regenerates every row that called a tool, re-prefilling its whole history). Both sides get
    the same prompt ids: TRL's rendering, whose tool schema makes them ~3x longer.
 
+On a GPU (--device cuda) the same three parts run there, in fp32 on both sides (TRL with bf16 off,
+rci_fast with train.mixed_precision=fp32), rci_fast's decode steps replayed as CUDA graphs
+(rollout.cuda_graphs); the floor's GEMM rates are then the GPU's fp32 rates.
+
 Prints a table and a final line `JSON {...}`.
 
-    python bench/bench_vs_trl.py [--quick] [--threads N]
+    python bench/bench_vs_trl.py [--quick] [--threads N] [--device cuda]
 
 Needs trl (`pip install -e .[bench]`); exits with status 2 when it is missing. Nothing is
 downloaded: the model and tokenizer are built here, HF_HUB_OFFLINE=1.
@@ -107,22 +111,24 @@ def matmul_params(cfg) -> int:
 
 
 def gemm_rate(cfg, m: int) -> float:
-    """FLOP/s of the model's GEMM shapes with m rows (fp32, this process's threads); the
-    FLOP-weighted rate over the shapes (total FLOPs / total time), best of 3 rounds."""
+    """FLOP/s of the model's GEMM shapes with m rows (fp32, on DEVICE; this process's threads on a
+    CPU); the FLOP-weighted rate over the shapes (total FLOPs / total time), best of 3 rounds."""
     h, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
     kv, inter, v = cfg.num_key_value_heads * hd, cfg.intermediate_size, cfg.vocab_size
     shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, inter), (m, h, inter), (m, inter, h), (m, h, v)]
     flops, seconds = 0.0, 0.0
     for mm, k, n in shapes:
-        a, b = torch.randn(mm, k), torch.randn(k, n)
+        a, b = torch.randn(mm, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
         for _ in range(3):
             a @ b
-        reps = max(5, int(1e8 / (2 * mm * k * n)))
+        reps = max(5, int((1e10 if DEVICE == "cuda" else 1e8) / (2 * mm * k * n)))
         best = float("inf")
         for _ in range(3):
+            sync()
             t0 = time.perf_counter()
             for _ in range(reps):
                 a @ b
+            sync()
             best = min(best, (time.perf_counter() - t0) / reps)
         flops += 2 * mm * k * n
         seconds += best
@@ -162,6 +168,11 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 # ---- rci_fast GRPO -------------------------------------------------------------------------
 
 ONE_PASS_LOSS = False  # --one-pass-loss: rci_fast's update with algo.one_pass_loss
@@ -180,7 +191,8 @@ def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, co
                  "algo.aggregation": "token-mean", "train.steps": 10_000, "train.lr": LR,
                  "train.micro_batch_tokens": 16384, "train.schedule": "constant", "train.grad_clip": 1.0,
                  "train.weight_decay": 0.0, "curriculum.mode": "uniform", "checkpoint.export_at_end": False,
-                 "algo.one_pass_loss": ONE_PASS_LOSS}
+                 "algo.one_pass_loss": ONE_PASS_LOSS, "train.mixed_precision": "fp32",
+                 "rollout.cuda_graphs": DEVICE == "cuda"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()], cls=RLConfig)
     from rci_fast.train import grpo as grpo_module
 
@@ -244,7 +256,7 @@ def trl_grpo(model_dir, out_dir, items, prompts, steps, warmup, *, new_tokens, t
             self.times.append(time.perf_counter() - self.t0)
 
     args = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=PROMPTS * GROUP,
+        output_dir=out_dir, use_cpu=DEVICE == "cpu", bf16=False, fp16=False, per_device_train_batch_size=PROMPTS * GROUP,
         gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=new_tokens,
         generation_kwargs={"min_new_tokens": new_tokens} if exact_length else None,
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", scale_rewards="group",
@@ -394,7 +406,7 @@ def rci_fast_sft(model_dir, data_file, out_dir, steps, warmup, batch_size) -> tu
     overrides = {"out_dir": out_dir, "model.path": model_dir, "data.train_file": data_file,
                  "train.batch_size": batch_size, "train.micro_batch_tokens": 16384, "train.lr": 1e-4,
                  "train.schedule": "constant", "train.max_steps": warmup + steps, "train.grad_clip": 1.0,
-                 "train.betas": "[0.9,0.999]", "checkpoint.export_at_end": False}
+                 "train.betas": "[0.9,0.999]", "checkpoint.export_at_end": False, "train.mixed_precision": "fp32"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()], cls=SFTConfig)
     trainer = SFTTrainer(cfg, DIST)
     rows = [trainer.train_step() for _ in range(warmup + steps)]
@@ -411,24 +423,26 @@ def transformers_sft(model_dir, batches, steps, warmup) -> dict:
 
     from rci_fast.model.transformer import packed_positions
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     times, tokens, first_loss = [], [], None
     for step in range(warmup + steps):
         epoch, index = divmod(step, batches.steps_per_epoch)
         mbs = batches.micro_batches(epoch, index)
+        sync()
         t0 = time.perf_counter()
         total = sum(mb.num_trained for mb in mbs)
         loss_sum = 0.0
         for mb in mbs:
             # HF predicts labels[i + 1] at position i; rci_fast's targets[i] is that label.
-            labels = torch.cat([torch.full((1,), -100), mb.targets[:-1]]).unsqueeze(0)
+            labels = torch.cat([torch.full((1,), -100), mb.targets[:-1]]).unsqueeze(0).to(DEVICE)
             # Block-diagonal causal mask: with SDPA, position ids alone do not keep the packed
             # sequences apart (the loss then differs from the unpacked one).
             seq = torch.repeat_interleave(torch.arange(len(mb.cu_seqlens) - 1), mb.cu_seqlens.diff())
-            mask = (seq[:, None] == seq[None, :]).tril_()[None, None]
-            out = model(input_ids=mb.input_ids, position_ids=packed_positions(mb.cu_seqlens).unsqueeze(0),
+            mask = (seq[:, None] == seq[None, :]).tril_()[None, None].to(DEVICE)
+            out = model(input_ids=mb.input_ids.to(DEVICE),
+                        position_ids=packed_positions(mb.cu_seqlens).unsqueeze(0).to(DEVICE),
                         attention_mask=mask, labels=labels)
             loss = out.loss * (mb.num_trained / total)
             loss.backward()
@@ -436,6 +450,7 @@ def transformers_sft(model_dir, batches, steps, warmup) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
         tokens.append(sum(mb.num_tokens for mb in mbs))
         first_loss = loss_sum if first_loss is None else first_loss
@@ -447,6 +462,7 @@ def transformers_sft(model_dir, batches, steps, warmup) -> dict:
 # ---- main ---------------------------------------------------------------------------------
 
 DIST = None
+DEVICE = "cpu"  # --device
 
 
 def fmt_split(r):
@@ -479,7 +495,7 @@ def positive_int(text: str) -> int:
 
 
 def main() -> int:
-    global DIST, ONE_PASS_LOSS
+    global DIST, DEVICE, ONE_PASS_LOSS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps (a sanity run)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -489,10 +505,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="GRPO runs per side, alternating (default 2, quick 1): pooled medians")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: grpo,sft,code")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both sides run (cuda: fp32 on one GPU, rci_fast with CUDA graphs)")
     parser.add_argument("--one-pass-loss", action="store_true",
                         help="rci_fast's update forms the loss gradient in the forward (algo.one_pass_loss)")
     args = parser.parse_args()
-    ONE_PASS_LOSS = args.one_pass_loss
+    ONE_PASS_LOSS, DEVICE = args.one_pass_loss, args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("bench_vs_trl: --device cuda, but CUDA is not available", file=sys.stderr)
+        return 2
     try:
         import trl
     except ImportError:
@@ -543,14 +564,15 @@ def main() -> int:
     tok, cfg = built["tokenizer"], built["config"]
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)  # as both trainers load it
-    DIST = init_distributed("cpu")
+    DIST = init_distributed(DEVICE)
 
     # GRPOTrainer loads the items itself (train_items, patched to the interleaved order below):
     # the same list, in the same order, as TRL's unshuffled dataset.
     prompt_texts = [render_chat(build_messages(s.prompt), tok, add_generation_prompt=True) for _, s in items]
     ids = [prompt_ids(tok, s) for _, s in items]
     assert all(tok(text)["input_ids"] == i for text, i in zip(prompt_texts, ids)), "prompt ids differ"
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"device": DEVICE, "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else None,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__, "trl": trl.__version__, "params": built["params"],
               "matmul_params": matmul_params(cfg), "vocab": len(tok), "completions_per_step": PROMPTS * GROUP,
               "completion_tokens": NEW_TOKENS, "load_avg_1m_start": load1}
@@ -646,7 +668,7 @@ def print_step_table(block: dict, last_header: str, last_cell) -> None:
 
 def report(result: dict, args) -> None:
     print(f"tiny Qwen2: {result['params'] / 1e6:.2f}M parameters ({result['matmul_params'] / 1e6:.2f}M in matmuls), "
-          f"vocab {result['vocab']}, fp32, {result['threads']} threads; trl {result['trl']}, "
+          f"vocab {result['vocab']}, fp32, {result['gpu'] or str(result['threads']) + ' threads'}; trl {result['trl']}, "
           f"transformers {result['transformers']}, torch {result['torch']}; load avg "
           f"{result['load_avg_1m_start']:.2f} -> {result['load_avg_1m_end']:.2f}")
     if "grpo" in result:

@@ -79,7 +79,7 @@ def make_sandbox(rollout_cfg, seed: int):
 def make_engine(model: Transformer, tokenizer, sandbox, rollout_cfg) -> RolloutEngine:
     return RolloutEngine(model, tokenizer, sandbox, max_batch=rollout_cfg.max_batch,
                          max_code_calls=rollout_cfg.max_code_calls, code_timeout_s=rollout_cfg.code_timeout_s,
-                         result_delay_steps=rollout_cfg.result_delay_steps)
+                         result_delay_steps=rollout_cfg.result_delay_steps, cuda_graphs=rollout_cfg.cuda_graphs)
 
 
 @torch.no_grad()
