@@ -34,7 +34,8 @@ either side), no activation checkpointing, temperature 1, top-p 1.
 
 On a GPU (--device cuda) the same three parts run there, in fp32 on both sides (TRL with bf16 off,
 rci_fast with train.mixed_precision=fp32), rci_fast's decode steps replayed as CUDA graphs
-(rollout.cuda_graphs); the floor's GEMM rates are then the GPU's fp32 rates.
+(rollout.cuda_graphs, the trainer's default on a GPU); the floor's GEMM rates are then the GPU's
+fp32 rates.
 
 Prints a table and a final line `JSON {...}`.
 
@@ -191,8 +192,7 @@ def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, co
                  "algo.aggregation": "token-mean", "train.steps": 10_000, "train.lr": LR,
                  "train.micro_batch_tokens": 16384, "train.schedule": "constant", "train.grad_clip": 1.0,
                  "train.weight_decay": 0.0, "curriculum.mode": "uniform", "checkpoint.export_at_end": False,
-                 "algo.one_pass_loss": ONE_PASS_LOSS, "train.mixed_precision": "fp32",
-                 "rollout.cuda_graphs": DEVICE == "cuda"}
+                 "algo.one_pass_loss": ONE_PASS_LOSS, "train.mixed_precision": "fp32"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()], cls=RLConfig)
     from rci_fast.train import grpo as grpo_module
 

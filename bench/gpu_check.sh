@@ -119,10 +119,12 @@ part_train() {
     local common=(--config configs/smoke-rl.yaml --device cuda "out_dir=$run/rl" "model.path=$run/sft/hf")
     step potential 120 "${trun[@]}" potential "${common[@]}"
     step rl 180 "${trun[@]}" rl "${common[@]}" && last_metrics "$run/rl"
-    step rl_graphs 180 "${trun[@]}" rl "${common[@]}" "out_dir=$run/rlg" curriculum.mode=uniform \
-        rollout.cuda_graphs=true algo.one_pass_loss=true && last_metrics "$run/rlg"
+    # The same run with eager decoding (graphs are the default on a GPU) and the one-pass loss:
+    # equal losses say the graphs sampled the same tokens.
+    step rl_eager 180 "${trun[@]}" rl "${common[@]}" "out_dir=$run/rle" curriculum.mode=uniform \
+        rollout.cuda_graphs=false algo.one_pass_loss=true && last_metrics "$run/rle"
     step eval 120 "${trun[@]}" eval "${common[@]}" && grep -E "mode\]|mean" "$OUT/eval.log" | head -6 | tee -a "$SUMMARY"
-    for f in sft_smoke sft_0.5b potential rl rl_graphs eval; do
+    for f in sft_smoke sft_0.5b potential rl rl_eager eval; do
         [ -f "$OUT/$f.log" ] && grep -qE "Error|Traceback" "$OUT/$f.log" && {
             note "--- $f.log (tail)"; tail -15 "$OUT/$f.log" | tee -a "$SUMMARY"; }
     done

@@ -272,7 +272,7 @@ class RolloutSection:
     # batch waits for a late one): fixed seeds then give the same rollouts to the bit. 0 feeds
     # it back as soon as it arrives: no waiting (a timed-out call stalls nobody), not repeatable.
     result_delay_steps: int = 8
-    cuda_graphs: bool = False        # on a GPU: decode steps replayed as CUDA graphs (rollout/decode_graphs.py)
+    cuda_graphs: bool = True         # on a GPU, decode steps replayed as CUDA graphs (ignored on a CPU)
 
 
 @dataclass

@@ -333,3 +333,14 @@ def test_gen_sft_with_a_model_policy_runs_end_to_end(tok, models, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rci_fast", "gen-sft", "--teacher", "policy", "--model", str(model_dir),
                         "--result-delay-steps", "-1", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--result-delay-steps must be >= 0 (got -1)" in r.stderr
+
+
+def test_trainer_engine_takes_cuda_graphs_only_on_a_gpu(tok, models):
+    """rollout.cuda_graphs is on by default: on a CPU model the trainer's engine leaves it off
+    instead of refusing the model."""
+    from rci_fast.config import RolloutSection
+    from rci_fast.train.rollouts import make_engine
+
+    _, ours = models
+    assert RolloutSection().cuda_graphs is True
+    assert make_engine(ours, tok, None, RolloutSection()).cuda_graphs is False
