@@ -104,6 +104,31 @@ def test_packed_attention_matches_per_sequence_with_gradients(monkeypatch, area_
     assert empty.shape == (1, 6, 0, 8)
 
 
+def test_packed_layout_is_read_once_per_forward(monkeypatch, tmp_path):
+    """Every layer of a packed forward shares one PackedLayout: the sequence bounds come to the host
+    once and the padded-groups plan is built once (on a GPU each read was a sync, per layer);
+    its positions restart in each sequence, as packed_positions says."""
+    from rci_fast.model import cpu_ops, packed_positions
+    from rci_fast.model.transformer import PackedLayout
+
+    cu = torch.tensor([0, 3, 3, 10, 11])  # an empty sequence too
+    assert torch.equal(PackedLayout(cu).positions(), packed_positions(cu))
+    hf = random_hf_model("qwen2-untied")
+    hf.save_pretrained(str(tmp_path))
+    model = load_pretrained(str(tmp_path))
+    built = []
+    real = PackedLayout._build_plan
+    monkeypatch.setattr(PackedLayout, "_build_plan", lambda self, waste: built.append(waste) or real(self, waste))
+    ids = torch.randint(0, 131, (1, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), cpu_ops.eager():  # eager: the padded groups, not the C++ kernel
+        packed = model(ids, cu_seqlens=cu)[0]
+    assert len(built) == 1 and model.config.num_hidden_layers == 2
+    with torch.no_grad():
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if b > a:
+                torch.testing.assert_close(packed[a:b], hf(ids[:, a:b]).logits[0], atol=1e-4, rtol=0)
+
+
 def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
     hf, ours, _ = pair
     ours.save_pretrained(str(tmp_path / "ours"))

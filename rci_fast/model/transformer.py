@@ -114,7 +114,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, step=None):
+    def forward(self, x, cos, sin, packed: "PackedLayout | None" = None, step=None):
         B, T, _ = x.shape
         if step is not None and step.fused is not None:  # inference: one GEMM for q, k and v
             w, b = step.fused[self.layer_idx]["qkv"]
@@ -127,17 +127,16 @@ class Attention(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # fused in C++ for float32 on a CPU
         if step is not None:
             out = self._cached(q, k, v, step)
-        elif cu_seqlens is not None:
-            out = self._packed(q, k, v, cu_seqlens)
+        elif packed is not None:
+            out = self._packed(q, k, v, packed)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
-    def _packed(self, q, k, v, cu_seqlens):
+    def _packed(self, q, k, v, packed: "PackedLayout"):
         varlen = flash_attn_varlen_func or torch_varlen_attn
         if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            cu = cu_seqlens.to(torch.int32)
+            max_len, cu = packed.max_len, packed.cu_seqlens_int32()
             q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [N, heads, head_dim]
             if flash_attn_varlen_func is not None:
                 out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
@@ -145,8 +144,8 @@ class Attention(nn.Module):
                 out = torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=True)
             return out.transpose(0, 1).unsqueeze(0)
         if varlen_attention_applies(q, k, v):  # float32 on a CPU: C++, no padding
-            return varlen_attention(q, k, v, cu_seqlens)
-        return padded_groups_attention(q, k, v, cu_seqlens)
+            return varlen_attention(q, k, v, packed.cu_seqlens)
+        return padded_groups_attention(q, k, v, packed)
 
     def _cached(self, q, k, v, step: "CachedStep"):
         k_all, v_all = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]  # [S, kv, L, D]
@@ -190,33 +189,78 @@ def length_groups(lengths: list[int], max_waste_per_merge: float) -> list[list[i
     return [sorted(g) for g in groups]
 
 
+class PackedLayout:
+    """Where each sequence of a packed batch lies in the token stream, shared by every layer of one
+    forward: the bounds come to the host once (on a GPU each read is a sync that stalls the host,
+    once per layer before), and the padded-groups plan is built once, not per layer."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self.cu_seqlens = cu_seqlens
+        bounds = cu_seqlens.tolist()
+        self.starts = bounds[:-1]
+        self.lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        self.total = bounds[-1] if bounds else 0
+        self.max_len = max(self.lengths, default=0)
+        self._int32: torch.Tensor | None = None
+        self._plans: dict[float, tuple] = {}
+
+    def cu_seqlens_int32(self) -> torch.Tensor:
+        if self._int32 is None:
+            self._int32 = self.cu_seqlens.to(torch.int32)
+        return self._int32
+
+    def positions(self) -> torch.Tensor:
+        """Positions restarting in each sequence (packed_positions), without a host sync."""
+        device = self.cu_seqlens.device
+        starts = torch.repeat_interleave(self.cu_seqlens[:-1], self.cu_seqlens.diff(), output_size=self.total)
+        return torch.arange(self.total, device=device) - starts
+
+    def padded_plan(self, max_waste_per_merge: float):
+        """(gather, back, shapes) for padded_groups_attention: stream -> padded rows, padded rows
+        -> stream, and each group's (sequences, longest)."""
+        if max_waste_per_merge not in self._plans:
+            self._plans[max_waste_per_merge] = self._build_plan(max_waste_per_merge)
+        return self._plans[max_waste_per_merge]
+
+    def _build_plan(self, max_waste_per_merge: float):
+        lengths, starts = self.lengths, self.starts
+        groups = length_groups(lengths, max_waste_per_merge)
+        if not groups:  # no tokens at all
+            return None
+        # Built on the host, then one copy each to the device.
+        gather, base, shapes, offset = [], [0] * len(lengths), [], 0
+        for group in groups:
+            longest = max(lengths[i] for i in group)
+            n = torch.tensor([lengths[i] for i in group])
+            first = torch.tensor([starts[i] for i in group])
+            # Padding repeats a sequence's last token: real positions only, nothing read past the stream.
+            gather.append((first[:, None] + torch.minimum(torch.arange(longest), n[:, None] - 1)).flatten())
+            for rank, i in enumerate(group):
+                base[i] = offset + rank * longest - starts[i]  # stream position + base = padded position
+            shapes.append((len(group), longest))
+            offset += len(group) * longest
+        back = torch.arange(self.total) + torch.repeat_interleave(torch.tensor(base), torch.tensor(lengths))
+        device = self.cu_seqlens.device
+        return torch.cat(gather).to(device), back.to(device), shapes
+
+
 def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            cu_seqlens: torch.Tensor) -> torch.Tensor:
+                            packed: "PackedLayout | torch.Tensor") -> torch.Tensor:
     """Causal attention of packed sequences without a varlen kernel: q [1, heads, N, D], k/v
-    [1, kv_heads, N, D] -> [1, heads, N, D]. Sequences of similar length are gathered into a
-    right-padded batch and run as one SDPA call (length_groups): one call per sequence costs more
-    than the attention itself at short lengths. Padded keys come after every real one, so the
-    causal mask alone keeps them unseen; padded queries are dropped. One gather per tensor in and
-    one out for all groups, split and concatenated between: slicing each group out of the stream
-    would make the backward fill a full-size gradient per group."""
-    device = q.device
-    lengths, starts = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), cu_seqlens[:-1].tolist()
+    [1, kv_heads, N, D] -> [1, heads, N, D]; packed: the batch's PackedLayout (or its cu_seqlens).
+    Sequences of similar length are gathered into a right-padded batch and run as one SDPA call
+    (length_groups): one call per sequence costs more than the attention itself at short lengths.
+    Padded keys come after every real one, so the causal mask alone keeps them unseen; padded
+    queries are dropped. One gather per tensor in and one out for all groups, split and
+    concatenated between: slicing each group out of the stream would make the backward fill a
+    full-size gradient per group."""
+    if not isinstance(packed, PackedLayout):
+        packed = PackedLayout(packed)
     heads, d = q.shape[1], q.shape[-1]
-    groups = length_groups(lengths, PADDED_AREA_PER_CALL / (heads * d))
-    if not groups:  # no tokens at all
+    plan = packed.padded_plan(PADDED_AREA_PER_CALL / (heads * d))
+    if plan is None:  # no tokens at all
         return torch.zeros_like(q)
-    gather, base, shapes, offset = [], [0] * len(lengths), [], 0
-    for group in groups:
-        longest = max(lengths[i] for i in group)
-        n = torch.tensor([lengths[i] for i in group], device=device)
-        first = torch.tensor([starts[i] for i in group], device=device)
-        # Padding repeats a sequence's last token: real positions only, nothing read past the stream.
-        gather.append((first[:, None] + torch.minimum(torch.arange(longest, device=device), n[:, None] - 1)).flatten())
-        for rank, i in enumerate(group):
-            base[i] = offset + rank * longest - starts[i]  # stream position + base = padded position
-        shapes.append((len(group), longest))
-        offset += len(group) * longest
-    gather = torch.cat(gather)
+    gather, back, shapes = plan
     sizes = [count * width for count, width in shapes]
     # index_select, not t[idx]: its backward (index_add_) is ~5x faster on CPU than indexing's.
     parts = [t[0].transpose(0, 1).index_select(0, gather).split(sizes) for t in (q, k, v)]  # [P, heads, D]
@@ -224,8 +268,6 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                            is_causal=True, enable_gqa=True).transpose(1, 2).reshape(-1, heads, d)
             for (count, width), group_parts in zip(shapes, zip(*parts))]
     padded_out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    back = torch.arange(q.shape[2], device=device) + torch.repeat_interleave(
-        torch.tensor(base, device=device), torch.tensor(lengths, device=device))
     return padded_out.index_select(0, back).transpose(0, 1).unsqueeze(0)
 
 
@@ -283,8 +325,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, step=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step)
+    def forward(self, x, cos, sin, packed: "PackedLayout | None" = None, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packed, step)
         fused = step.fused[self.self_attn.layer_idx]["gate_up"] if step is not None and step.fused else None
         return x + self.mlp(self.post_attention_layernorm(x), fused)
 
@@ -327,18 +369,19 @@ class Transformer(nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         B, T = input_ids.shape
+        packed = None if cu_seqlens is None else PackedLayout(cu_seqlens)
         if position_ids is None:
-            if cu_seqlens is not None:
-                position_ids = packed_positions(cu_seqlens).unsqueeze(0)
+            if packed is not None:
+                position_ids = packed.positions().unsqueeze(0)
             else:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, packed, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cu_seqlens)
+                x = layer(x, cos, sin, packed)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
