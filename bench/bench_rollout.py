@@ -11,7 +11,8 @@
    engine (code runs while others decode) vs a lockstep loop written the way TRL's tool loop
    works: generate the whole batch until every sequence stopped at a code block or EOS, execute
    all blocks one after another (as TRL's `_tool_call_loop` does), append the results, generate
-   again with the grown prompts; and the same loop with a round's blocks run in parallel.
+   again with the grown prompts; and the same loop with a round's blocks run in parallel. On a GPU
+   the engine decodes with CUDA graphs here, as the trainer does.
 On a GPU (--device cuda) the same two scenarios run in bf16 on Qwen2.5-0.5B/1.5B-sized random
 models (--size; their vocabulary is the benchmark tokenizer's 8192, not Qwen's 151936), and the
 floor is the larger of the FLOPs at the bf16 matmul rate and the bytes every decode step must read
@@ -235,8 +236,9 @@ def with_code(tok, hf, ours, sandbox, batch, max_think, calls, device="cpu", see
     params = SamplingParams(temperature=0, max_new_tokens=(calls + 1) * (max_think + len(code)) + 16)
 
     def run_engine(delay: int):
+        # On a GPU with CUDA graphs, as the trainer decodes there (rollout.cuda_graphs).
         engine = RolloutEngine(ours, tok, sandbox, max_batch=batch, logits_processor=engine_force,
-                               eos_ids=[0], result_delay_steps=delay)
+                               eos_ids=[0], result_delay_steps=delay, cuda_graphs=device == "cuda")
         t0 = time.perf_counter()
         trajs = engine.generate(prompts, params)
         seconds = time.perf_counter() - t0
