@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
@@ -182,12 +183,23 @@ std::vector<sock_filter> build(pid_t self_pid) {
   p.ret(kAllow);
   p.on(SYS_tkill, ret_errno(EPERM));
 
-  // prlimit64(0, ...): its own limits only (the child sets the run's limits after this filter is
-  // in). Without capabilities it can lower them or move a soft limit up to its hard one, never raise
-  // a hard limit: the kernel refuses that with EPERM.
-  p.block(SYS_prlimit64, 4);
+  // prlimit64(0, resource, new, old): its own limits only. Reading any; changing only those the
+  // run is given (the child sets them after this filter is in), whose soft and hard values are
+  // equal but for CPU's one second: without capabilities the run can lower them, never raise a
+  // hard one (the kernel refuses, EPERM). Others (stack, ...) keep what they were.
+  p.block(SYS_prlimit64, 14);
   p.load(arg_lo(0));
-  p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0);
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 10);  // another process: EPERM
+  p.load(arg_lo(2));
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 2);   // new != NULL: look at the resource
+  p.load(arg_hi(2));
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 7, 0);   // new == NULL: a read, allowed
+  p.load(arg_lo(1));
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_CPU, 5, 0);
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_AS, 4, 0);
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_FSIZE, 3, 0);
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_NOFILE, 2, 0);
+  p.jump(BPF_JMP | BPF_JEQ | BPF_K, RLIMIT_NPROC, 1, 0);
   p.ret(ret_errno(EPERM));
   p.ret(kAllow);
 

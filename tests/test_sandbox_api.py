@@ -291,6 +291,25 @@ def test_a_machine_that_refuses_the_lockdown_fails_at_start_with_the_reason():
     assert "chown of the run's folder to the run uid: Invalid argument" in r.stdout
 
 
+def test_a_run_can_only_lower_the_limits_it_was_given(sb):
+    """Runs set their own rlimits, so the filter lets a run change its own limits: lowering one it
+    was given works; raising a hard one fails (no capabilities); any other limit stays as it was,
+    even set to its current value (the filter, not the kernel, refuses that)."""
+    code = ("import resource as r\n"
+            "soft, hard = r.getrlimit(r.RLIMIT_NOFILE)\n"
+            "r.setrlimit(r.RLIMIT_NOFILE, (soft // 2, hard // 2))\n"
+            "print(r.getrlimit(r.RLIMIT_NOFILE) == (soft // 2, hard // 2))\n"
+            "for res, new in [(r.RLIMIT_NOFILE, (hard, hard)), (r.RLIMIT_CPU, (10**6, 10**6)),\n"
+            "                 (r.RLIMIT_STACK, r.getrlimit(r.RLIMIT_STACK))]:\n"
+            "    try:\n"
+            "        r.setrlimit(res, new)\n"
+            "        print('changed')\n"
+            "    except (OSError, ValueError) as e:\n"
+            "        print(type(e).__name__)\n")
+    r = sb.run(code)
+    assert r.status == "ok" and r.stdout.split() == ["True", "ValueError", "ValueError", "ValueError"], r
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_runs_keep_their_limits_where_root_lacks_cap_sys_resource():
     """Root without CAP_SYS_RESOURCE (a container's default, the lent GPU machines'): the worker
