@@ -183,10 +183,11 @@ std::vector<sock_filter> build(pid_t self_pid) {
   p.ret(kAllow);
   p.on(SYS_tkill, ret_errno(EPERM));
 
-  // prlimit64(0, resource, new, old): its own limits only. Reading any; changing only those the
-  // run is given (the child sets them after this filter is in), whose soft and hard values are
-  // equal but for CPU's one second: without capabilities the run can lower them, never raise a
-  // hard one (the kernel refuses, EPERM). Others (stack, ...) keep what they were.
+  // prlimit64(0, resource, new, old): its own limits only. Reading any; changing only the five
+  // the child sets for a run after this filter is in (NPROC only when runs have their own uid;
+  // for root's uid the kernel ignores it): without capabilities the run can lower them or move a
+  // soft one up to its hard one (equal but for CPU's one second), never raise a hard one (the
+  // kernel refuses, EPERM). Others (stack, core, ...) keep what they were.
   p.block(SYS_prlimit64, 14);
   p.load(arg_lo(0));
   p.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 10);  // another process: EPERM

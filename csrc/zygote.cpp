@@ -633,7 +633,8 @@ void serve_template(int control_fd, const ZygoteConfig& config) {
 // The run's rlimits, from its first message. The child sets its own: setting them from the worker
 // with prlimit needs CAP_SYS_RESOURCE once the run has its own uid, which containers often withhold
 // (the lent GPU machines do), while lowering one's own limits needs nothing. Having no capabilities
-// left, the run cannot raise them again. A limit above the machine's own hard limit is held to it.
+// left, the run cannot raise them again. A limit above the machine's own hard limit is held to it
+// (so setrlimit should not fail; if it does, the run ends as an error, exit code 125, saying why).
 void set_run_limits(const ChildMessage& m) {
   const Limits& L = m.limits;
   const rlim_t cpu = static_cast<rlim_t>(std::ceil(L.timeout_s)) + 1;

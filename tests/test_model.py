@@ -113,6 +113,9 @@ def test_packed_layout_is_read_once_per_forward(monkeypatch, tmp_path):
 
     cu = torch.tensor([0, 3, 3, 10, 11])  # an empty sequence too
     assert torch.equal(PackedLayout(cu).positions(), packed_positions(cu))
+    for bad in ([], [1, 3], [0, 5, 4]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            PackedLayout(torch.tensor(bad, dtype=torch.long))
     hf = random_hf_model("qwen2-untied")
     hf.save_pretrained(str(tmp_path))
     model = load_pretrained(str(tmp_path))

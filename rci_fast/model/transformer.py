@@ -197,9 +197,11 @@ class PackedLayout:
     def __init__(self, cu_seqlens: torch.Tensor):
         self.cu_seqlens = cu_seqlens
         bounds = cu_seqlens.tolist()
+        if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {bounds[:8]}...")
         self.starts = bounds[:-1]
         self.lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        self.total = bounds[-1] if bounds else 0
+        self.total = bounds[-1]
         self.max_len = max(self.lengths, default=0)
         self._int32: torch.Tensor | None = None
         self._plans: dict[float, tuple] = {}
@@ -260,7 +262,7 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     plan = packed.padded_plan(PADDED_AREA_PER_CALL / (heads * d))
     if plan is None:  # no tokens at all
         return torch.zeros_like(q)
-    gather, back, shapes = plan
+    gather, back, shapes = (plan[0].to(q.device), plan[1].to(q.device), plan[2])  # cu_seqlens may live elsewhere
     sizes = [count * width for count, width in shapes]
     # index_select, not t[idx]: its backward (index_add_) is ~5x faster on CPU than indexing's.
     parts = [t[0].transpose(0, 1).index_select(0, gather).split(sizes) for t in (q, k, v)]  # [P, heads, D]
