@@ -5,6 +5,8 @@
 #              interpreter) + the sandbox's API tests (the machine's own container limits)
 #   rollout    bench/bench_rollout.py --device cuda --size 0.5b  (eager and CUDA-graph decoding)
 #   vstrl      bench/bench_vs_trl.py --device cuda  (rci_fast vs TRL's GRPOTrainer; needs trl)
+#   trainstep  bench/bench_train_step.py --device cuda, fp32 and bf16 (training step vs transformers:
+#              per-new-shape costs, kernel launches, top operators by device time)
 #   logprob    bench/bench_logprob.py --gpu-only    (Qwen2.5-7B lm_head shapes, T = 4k and 16k)
 #   train      the trainer under torchrun (NCCL, bf16 mixed precision): SFT on the smoke model and
 #              on a 0.5B-sized one, then potential -> rl -> eval on the smoke model
@@ -20,7 +22,7 @@
 # installed into /tmp/site, which goes on PYTHONPATH (for offline machines).
 set -u
 OUT=${OUT:-runs/gpu_check}
-PARTS=${PARTS-tests rollout vstrl logprob train rollout15}
+PARTS=${PARTS-tests rollout vstrl trainstep logprob train rollout15}
 DEADLINE=${DEADLINE:-560}
 mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -89,6 +91,15 @@ part_vstrl() {
     step bench_vs_trl 240 $PY bench/bench_vs_trl.py --device cuda
     grep -vE '^JSON' "$OUT/bench_vs_trl.log" | tail -30 | tee -a "$SUMMARY"
     grep '^JSON' "$OUT/bench_vs_trl.log" | cut -c6- > "$OUT/bench_vs_trl.json"
+}
+
+part_trainstep() {
+    local dtype
+    for dtype in fp32 bf16; do
+        step "bench_train_step_$dtype" 120 $PY bench/bench_train_step.py --device cuda --dtype "$dtype"
+        grep -vE '^\{|USDT|Loading|Writing' "$OUT/bench_train_step_$dtype.log" | tail -34 | tee -a "$SUMMARY"
+        tail -1 "$OUT/bench_train_step_$dtype.log" > "$OUT/bench_train_step_$dtype.json"
+    done
 }
 
 part_logprob() {

@@ -43,6 +43,16 @@ def test_bench_rollout():
     assert {r["tok_s"] > 0 for r in code["repeatable"].values()} == {True}
 
 
+@pytest.mark.slow
+def test_bench_train_step():
+    result = run_quick("bench_train_step.py", "--shapes", "2")
+    for side in ("rci_fast", "transformers"):
+        r = result[side]
+        assert len(r["first_each_s"]) == 2 and len(r["repeat_each_s"]) == 2 and r["repeat_s"] > 0
+        assert r["ops_per_step"] > 100 and r["top"] and r["launches_per_step"] is None  # a CPU run
+    assert result["speedup_repeat"] > 0
+
+
 def test_bench_vs_trl_patches_what_the_trainer_calls(monkeypatch):
     """bench_vs_trl reorders the items rci_fast's GRPOTrainer loads by replacing the loader it
     calls; without trl installed (CI) this checks that the trainer still calls that loader by
