@@ -18,8 +18,9 @@
 #     PARTS="tests rollout" DEADLINE=300 bash bench/gpu_check.sh
 # DEADLINE (seconds, default 560) bounds the whole script: a step gets at most the time left, and
 # a step that would start with under 20 s left is skipped, so a lease's limit never cuts the summary.
-# Python packages the machine lacks can be put as wheels (or sdists) in .whl/ first; they are
-# installed into /tmp/site, which goes on PYTHONPATH (for offline machines).
+# Python packages the machine lacks go in .whl/ first (bench/gpu_wheels.sh fetches them; carry
+# .whl); they are installed into /tmp/site, which goes on PYTHONPATH (the machine is offline).
+# The logs are many files: a lease that returns few should tar $OUT after this script.
 set -u
 OUT=${OUT:-runs/gpu_check}
 PARTS=${PARTS-tests rollout vstrl trainstep logprob train rollout15}

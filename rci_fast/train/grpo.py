@@ -230,6 +230,8 @@ class GRPOTrainer:
     def prepare(self, micro_batches: list[RLMicroBatch], old_logprobs: bool) -> None:
         """Reference log-probs (when kl_coef > 0) and, if asked, old log-probs: no-grad passes."""
         temperature = self.cfg.rollout.temperature
+        if self.ref is None and not old_logprobs:
+            return  # nothing to compute: no copy to the device either
         for mb in micro_batches:
             b = mb.batch.to(self.dist.device)
             if self.ref is not None:
