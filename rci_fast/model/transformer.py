@@ -198,7 +198,8 @@ class PackedLayout:
         self.cu_seqlens = cu_seqlens
         bounds = cu_seqlens.tolist()
         if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {bounds[:8]}...")
+            shown = f"{bounds[:8]}" + ("..." if len(bounds) > 8 else "")
+            raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {shown}")
         self.starts = bounds[:-1]
         self.lengths = [b - a for a, b in zip(bounds, bounds[1:])]
         self.total = bounds[-1]
@@ -212,7 +213,8 @@ class PackedLayout:
         return self._int32
 
     def positions(self) -> torch.Tensor:
-        """Positions restarting in each sequence (packed_positions), without a host sync."""
+        """Positions restarting in each sequence, [0, 1, .., n0-1, 0, 1, .., n1-1, ...], without
+        a host sync (the bounds are on the host already)."""
         device = self.cu_seqlens.device
         starts = torch.repeat_interleave(self.cu_seqlens[:-1], self.cu_seqlens.diff(), output_size=self.total)
         return torch.arange(self.total, device=device) - starts
@@ -409,6 +411,4 @@ class Transformer(nn.Module):
 
 def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[0, 1, .., n0-1, 0, 1, .., n1-1, ...] for sequence boundaries cu_seqlens."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
-    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
+    return PackedLayout(cu_seqlens).positions()
