@@ -66,6 +66,8 @@ step install 240 "${INSTALL[@]}" || { sed -i 's/"-Werror", //' setup.py; step in
 step sandbox 60 $PY -c "from rci_fast.sandbox import Sandbox
 with Sandbox(workers=1) as sb: print(sb.run('print(6 * 7)'))"
 tail -4 "$OUT/sandbox.log" | tee -a "$SUMMARY"
+# Which varlen kernel bf16 packed batches take (both False: the padded SDPA groups, several calls a layer)
+$PY -c "from rci_fast.model import transformer as t; print('packed bf16 attention: flash-attn', t.flash_attn_varlen_func is not None, '| torch varlen_attn', t.torch_varlen_attn is not None)" 2>&1 | tail -1 | tee -a "$SUMMARY"
 
 part_tests() {  # xdist: Triton compiles each test's kernels in parallel processes
     local xdist
