@@ -80,6 +80,20 @@ def test_length_groups():
         assert waste <= (190 ** 2 - 180 ** 2) * (len(group) - 1)
 
 
+def test_gpu_area_budget_merges_a_micro_batch_but_not_one_long_sequence():
+    """The CUDA budget (launches cost more than padding there) puts a micro-batch of similar
+    sequences into one call per layer, and still keeps one long sequence apart from many short
+    ones (padding them all to its length would multiply the tokens)."""
+    from rci_fast.model.transformer import PADDED_AREA_PER_CALL, PADDED_AREA_PER_CALL_CUDA
+
+    lengths = [150 + 13 * i for i in range(16)]  # 150 .. 345
+    assert len(length_groups(lengths, PADDED_AREA_PER_CALL_CUDA / (4 * 64))) == 1
+    assert len(length_groups(lengths, PADDED_AREA_PER_CALL / (4 * 64))) > 8
+    skewed = [8192] + [100] * 60
+    groups = length_groups(skewed, PADDED_AREA_PER_CALL_CUDA / (4 * 64))
+    assert [0] in groups and len(groups) == 2
+
+
 @pytest.mark.parametrize("area_per_call", [0, 1 << 14, 1 << 40])  # singles, two groups, one
 def test_packed_attention_matches_per_sequence_with_gradients(monkeypatch, area_per_call):
     """Whatever the grouping, the padded-groups attention gives each sequence's own causal

@@ -164,9 +164,16 @@ class Attention(nn.Module):
 # positions, counted as the full square) 0.065-0.11 ns per head and head dim (8.4-14.8 ns at
 # 4 x 32, less at 1024 tokens than at 128). Padding sequences into one call pays off while the
 # area it adds, times heads x head_dim, stays under 120 us / 0.11 ns ~ 2^20 per call saved: the
-# cautious end (on a GPU, calls and area are both cheaper; this path runs there only in fp32 or
-# without a varlen kernel).
+# cautious end.
 PADDED_AREA_PER_CALL = 1 << 20
+# On a GPU (this path runs there only in fp32 or without a varlen kernel) a call is launches:
+# forward + backward ~6 kernels at ~5-17 us each in the VMs measured (bench/RESULTS.md), ~50 us;
+# a unit of area costs ~12 FLOPs per head and head dim (forward and backward) at tens of
+# TFLOP/s, ~0.0004 ns. The break-even is then ~2^37, beyond what a batch pads; 2^26 still merges
+# the sequences of one micro-batch (16 of 150-350 tokens: one call, not 9, per layer) while a
+# batch of one long and many short sequences keeps the long one apart (padding all to its length
+# would multiply the tokens). Derived, not yet measured: bench_train_step --device cuda shows it.
+PADDED_AREA_PER_CALL_CUDA = 1 << 26
 
 
 def length_groups(lengths: list[int], max_waste_per_merge: float) -> list[list[int]]:
@@ -261,7 +268,8 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not isinstance(packed, PackedLayout):
         packed = PackedLayout(packed)
     heads, d = q.shape[1], q.shape[-1]
-    plan = packed.padded_plan(PADDED_AREA_PER_CALL / (heads * d))
+    area = PADDED_AREA_PER_CALL_CUDA if q.is_cuda else PADDED_AREA_PER_CALL
+    plan = packed.padded_plan(area / (heads * d))
     if plan is None:  # no tokens at all
         return torch.zeros_like(q)
     gather, back, shapes = (plan[0].to(q.device), plan[1].to(q.device), plan[2])  # cu_seqlens may live elsewhere
