@@ -135,7 +135,8 @@ def test_packed_layout_is_read_once_per_forward(monkeypatch, tmp_path):
     model = load_pretrained(str(tmp_path))
     built = []
     real = PackedLayout._build_plan
-    monkeypatch.setattr(PackedLayout, "_build_plan", lambda self, waste: built.append(waste) or real(self, waste))
+    monkeypatch.setattr(PackedLayout, "_build_plan",
+                        lambda self, waste, device: built.append(waste) or real(self, waste, device))
     ids = torch.randint(0, 131, (1, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), cpu_ops.eager():  # eager: the padded groups, not the C++ kernel
         packed = model(ids, cu_seqlens=cu)[0]

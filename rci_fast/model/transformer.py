@@ -212,7 +212,7 @@ class PackedLayout:
         self.total = bounds[-1]
         self.max_len = max(self.lengths, default=0)
         self._int32: torch.Tensor | None = None
-        self._plans: dict[float, tuple] = {}
+        self._plans: dict[tuple, tuple] = {}
 
     def cu_seqlens_int32(self) -> torch.Tensor:
         if self._int32 is None:
@@ -226,14 +226,15 @@ class PackedLayout:
         starts = torch.repeat_interleave(self.cu_seqlens[:-1], self.cu_seqlens.diff(), output_size=self.total)
         return torch.arange(self.total, device=device) - starts
 
-    def padded_plan(self, max_waste_per_merge: float):
-        """(gather, back, shapes) for padded_groups_attention: stream -> padded rows, padded rows
-        -> stream, and each group's (sequences, longest)."""
-        if max_waste_per_merge not in self._plans:
-            self._plans[max_waste_per_merge] = self._build_plan(max_waste_per_merge)
-        return self._plans[max_waste_per_merge]
+    def padded_plan(self, max_waste_per_merge: float, device: torch.device):
+        """(gather, back, shapes) for padded_groups_attention, the indices on `device`: stream ->
+        padded rows, padded rows -> stream, and each group's (sequences, longest)."""
+        key = (max_waste_per_merge, device)
+        if key not in self._plans:
+            self._plans[key] = self._build_plan(max_waste_per_merge, device)
+        return self._plans[key]
 
-    def _build_plan(self, max_waste_per_merge: float):
+    def _build_plan(self, max_waste_per_merge: float, device: torch.device):
         lengths, starts = self.lengths, self.starts
         groups = length_groups(lengths, max_waste_per_merge)
         if not groups:  # no tokens at all
@@ -251,7 +252,6 @@ class PackedLayout:
             shapes.append((len(group), longest))
             offset += len(group) * longest
         back = torch.arange(self.total) + torch.repeat_interleave(torch.tensor(base), torch.tensor(lengths))
-        device = self.cu_seqlens.device
         return torch.cat(gather).to(device), back.to(device), shapes
 
 
@@ -269,10 +269,10 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         packed = PackedLayout(packed)
     heads, d = q.shape[1], q.shape[-1]
     area = PADDED_AREA_PER_CALL_CUDA if q.is_cuda else PADDED_AREA_PER_CALL
-    plan = packed.padded_plan(area / (heads * d))
+    plan = packed.padded_plan(area / (heads * d), q.device)  # q's device: cu_seqlens may live elsewhere
     if plan is None:  # no tokens at all
         return torch.zeros_like(q)
-    gather, back, shapes = (plan[0].to(q.device), plan[1].to(q.device), plan[2])  # cu_seqlens may live elsewhere
+    gather, back, shapes = plan
     sizes = [count * width for count, width in shapes]
     # index_select, not t[idx]: its backward (index_add_) is ~5x faster on CPU than indexing's.
     parts = [t[0].transpose(0, 1).index_select(0, gather).split(sizes) for t in (q, k, v)]  # [P, heads, D]
