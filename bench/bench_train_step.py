@@ -28,7 +28,6 @@ import json
 import os
 import random
 import statistics
-import string
 import sys
 import tempfile
 import time
@@ -38,9 +37,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_trl import build_model  # noqa: E402  (the same model as the end-to-end comparison)
+from bench_rollout import corpus, sync  # noqa: E402
+from bench_vs_trl import build_model, transformers_packed_inputs  # noqa: E402  (the end-to-end comparison's model)
 
-from rci_fast.model.transformer import packed_positions  # noqa: E402
 from rci_fast.train import init_distributed  # noqa: E402
 from rci_fast.train.data import TokenizedSequence, pack  # noqa: E402
 from rci_fast.train.parallelize import load_sharded  # noqa: E402
@@ -59,11 +58,6 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def random_shapes(k: int, seqs: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
@@ -110,13 +104,7 @@ class TransformersStep:
 
     def __call__(self, mb) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        cu = mb.cu_seqlens.long()
-        labels = torch.cat([torch.full((1,), -100), mb.targets[:-1]]).unsqueeze(0)
-        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())
-        mask = (seq[:, None] == seq[None, :]).tril_()[None, None]
-        inputs = dict(input_ids=mb.input_ids, position_ids=packed_positions(cu).unsqueeze(0),
-                      attention_mask=mask, labels=labels)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = transformers_packed_inputs(mb, self.device)
         with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32):
             loss = self.model(**inputs).loss
         loss.backward()
@@ -161,12 +149,6 @@ def where_time_goes(step, batches: list, device: str, top: int) -> dict:
             "time_kind": "device" if on_device else "cpu",
             "top": [(e.key, getattr(e, key, 0.0) / 1e3 / len(batches), getattr(e, key, 0.0) / total)
                     for e in ranked[:top]]}
-
-
-def corpus(seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 8))) for _ in range(4000)]
-    return [" ".join(rng.choices(words, k=40)) for _ in range(2000)]
 
 
 def main() -> int:

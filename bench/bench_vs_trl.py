@@ -417,11 +417,24 @@ def rci_fast_sft(model_dir, data_file, out_dir, steps, warmup, batch_size) -> tu
             "first_loss": rows[0]["loss"]}, trainer.batches
 
 
+def transformers_packed_inputs(mb, device) -> dict:
+    """forward() arguments of a transformers causal LM for rci_fast's packed micro-batch `mb`."""
+    from rci_fast.model.transformer import packed_positions
+
+    # HF predicts labels[i + 1] at position i; rci_fast's targets[i] is that label.
+    labels = torch.cat([torch.full((1,), -100), mb.targets[:-1]]).unsqueeze(0)
+    # Block-diagonal causal mask: with SDPA, position ids alone do not keep the packed
+    # sequences apart (the loss then differs from the unpacked one).
+    seq = torch.repeat_interleave(torch.arange(len(mb.cu_seqlens) - 1), mb.cu_seqlens.diff())
+    mask = (seq[:, None] == seq[None, :]).tril_()[None, None]
+    inputs = dict(input_ids=mb.input_ids, position_ids=packed_positions(mb.cu_seqlens).unsqueeze(0),
+                  attention_mask=mask, labels=labels)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def transformers_sft(model_dir, batches, steps, warmup) -> dict:
     """The plain loop on the same packed micro-batches as rci_fast's steps."""
     from transformers import AutoModelForCausalLM
-
-    from rci_fast.model.transformer import packed_positions
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
     model.train()
@@ -435,16 +448,7 @@ def transformers_sft(model_dir, batches, steps, warmup) -> dict:
         total = sum(mb.num_trained for mb in mbs)
         loss_sum = 0.0
         for mb in mbs:
-            # HF predicts labels[i + 1] at position i; rci_fast's targets[i] is that label.
-            labels = torch.cat([torch.full((1,), -100), mb.targets[:-1]]).unsqueeze(0).to(DEVICE)
-            # Block-diagonal causal mask: with SDPA, position ids alone do not keep the packed
-            # sequences apart (the loss then differs from the unpacked one).
-            seq = torch.repeat_interleave(torch.arange(len(mb.cu_seqlens) - 1), mb.cu_seqlens.diff())
-            mask = (seq[:, None] == seq[None, :]).tril_()[None, None].to(DEVICE)
-            out = model(input_ids=mb.input_ids.to(DEVICE),
-                        position_ids=packed_positions(mb.cu_seqlens).unsqueeze(0).to(DEVICE),
-                        attention_mask=mask, labels=labels)
-            loss = out.loss * (mb.num_trained / total)
+            loss = model(**transformers_packed_inputs(mb, DEVICE)).loss * (mb.num_trained / total)
             loss.backward()
             loss_sum += float(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
