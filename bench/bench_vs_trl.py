@@ -77,6 +77,9 @@ from rci_fast.tasks import RewardConfig, build_messages, compute_reward, render_
 from rci_fast.tokenizer import train_bpe_tokenizer
 from rci_fast.train.rollouts import load_items, prompt_ids
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import gemm_ways  # noqa: E402
+
 TASKS = ["rg/basic_arithmetic", "rg/gcd", "rg/lcm", "rg/chain_sum"]
 PROMPTS, GROUP, NEW_TOKENS, LR = 4, 4, 64, 1e-6
 
@@ -113,24 +116,26 @@ def matmul_params(cfg) -> int:
 
 def gemm_rate(cfg, m: int) -> float:
     """FLOP/s of the model's GEMM shapes with m rows (fp32, on DEVICE; this process's threads on a
-    CPU); the FLOP-weighted rate over the shapes (total FLOPs / total time), best of 3 rounds."""
+    CPU); the FLOP-weighted rate over the shapes (total FLOPs / total time), each shape's time the
+    best of 3 rounds of the fastest way to compute it (bench_rollout.gemm_ways)."""
     h, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
     kv, inter, v = cfg.num_key_value_heads * hd, cfg.intermediate_size, cfg.vocab_size
     shapes = [(m, h, h), (m, h, kv), (m, h, kv), (m, h, h), (m, h, inter), (m, h, inter), (m, inter, h), (m, h, v)]
     flops, seconds = 0.0, 0.0
     for mm, k, n in shapes:
         a, b = torch.randn(mm, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
-        for _ in range(3):
-            a @ b
         reps = max(5, int((1e10 if DEVICE == "cuda" else 1e8) / (2 * mm * k * n)))
         best = float("inf")
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            sync()
-            best = min(best, (time.perf_counter() - t0) / reps)
+        for gemm in gemm_ways(a, b):
+            for _ in range(3):
+                gemm()
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    gemm()
+                sync()
+                best = min(best, (time.perf_counter() - t0) / reps)
         flops += 2 * mm * k * n
         seconds += best
     return flops / seconds

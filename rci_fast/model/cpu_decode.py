@@ -37,13 +37,19 @@ class CpuDecodeStep:
         cfg = model.config
         model.fuse_projections()
         body = model.model
-        # Projections transposed to [in, out] (see project() in cpu_kernels.cpp).
-        weights = [body.embed_tokens.weight, body.norm.weight, model.lm_head.weight.t()]
+        # Projections [in, out] in panels of 32 columns, the layout small_gemm.cpp multiplies.
+        pack = torch.ops.rci_fast_cpu.pack_panels
+
+        def projection(weight):
+            return pack(weight.detach().t())
+
+        weights = [body.embed_tokens.weight, body.norm.weight, projection(model.lm_head.weight)]
         for layer, fused in zip(body.layers, model._fused):
             attn, mlp = layer.self_attn, layer.mlp
-            weights += [layer.input_layernorm.weight, fused["qkv"][0].t(), fused["qkv"][1],
-                        attn.o_proj.weight.t(), attn.o_proj.bias, layer.post_attention_layernorm.weight,
-                        fused["gate_up"][0].t(), fused["gate_up"][1], mlp.down_proj.weight.t(), mlp.down_proj.bias]
+            weights += [layer.input_layernorm.weight, projection(fused["qkv"][0]), fused["qkv"][1],
+                        projection(attn.o_proj.weight), attn.o_proj.bias, layer.post_attention_layernorm.weight,
+                        projection(fused["gate_up"][0]), fused["gate_up"][1], projection(mlp.down_proj.weight),
+                        mlp.down_proj.bias]
         self.weights = [None if w is None else w.detach().contiguous() for w in weights]
         self.inv_freq = model.inv_freq.float().contiguous()
         self.heads, self.kv_heads, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps

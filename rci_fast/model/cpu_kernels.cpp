@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "small_gemm.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -178,21 +180,6 @@ void weighted_values(const float* weights, const float* values, float* out, int6
   }
 }
 
-// out[h] = softmax(q[h] . K[0..n) * scale) V for the `group` query heads that share one key/value
-// head (rows `dim` floats apart); scores is scratch of n floats.
-void gqa_attention(const float* q, const float* keys, const float* values, float* out, float* scores,
-                   int64_t group, int64_t n, int64_t dim, float scale) {
-  for (int64_t h = 0; h < group; ++h) {
-    key_scores(q + h * dim, keys, scores, n, dim, scale);
-    const float top = *std::max_element(scores, scores + n);
-    float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - top));
-    const float inv = 1.f / total;
-    for (int64_t j = 0; j < n; ++j) scores[j] *= inv;
-    weighted_values(scores, values, out + h * dim, n, dim);
-  }
-}
-
 // SwiGLU on [a, b): h = silu(g) * u with sig = sigmoid(g) given.
 VECTOR_CLONES
 void swiglu_range(const float* g, const float* u, const float* sig, float* h, int64_t a, int64_t b) {
@@ -265,6 +252,18 @@ float softmax_row(float* s, int64_t n, int64_t width, float scale) {
   return top + std::log(total);
 }
 
+// out[h] = softmax(q[h] . K[0..n) * scale) V for the `group` query heads that share one key/value
+// head (rows `dim` floats apart); scores is scratch of n floats. The softmax is the training
+// attention's row pass (exp8: a scalar std::exp per score was ~1 ms of a 64-row decode step).
+void gqa_attention(const float* q, const float* keys, const float* values, float* out, float* scores,
+                   int64_t group, int64_t n, int64_t dim, float scale) {
+  for (int64_t h = 0; h < group; ++h) {
+    key_scores(q + h * dim, keys, scores, n, dim, scale);
+    softmax_row(scores, n, n, 1.f);
+    weighted_values(scores, values, out + h * dim, n, dim);
+  }
+}
+
 // The backward's recomputation: p_j = exp(s_j * scale - lse) over j < n, 0 from n on.
 VECTOR_CLONES
 void probs_row(float* s, int64_t n, int64_t width, float scale, float lse) {
@@ -284,20 +283,14 @@ void softmax_grad_row(const float* p, float* dp, int64_t width, float delta, flo
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step: ", what); }
 
-// x W + b, with W stored transposed ([in, out], contiguous): at a few rows MKL multiplies that
-// layout up to 1.5x faster than the [out, in] one (it repacks a transposed operand every call).
-at::Tensor project(const at::Tensor& x, const at::Tensor& w_t, const std::optional<at::Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, x, w_t) : at::mm(x, w_t);
-}
-
 }  // namespace
 
 // ids, positions: [B] int64. Row b is cache slot first_slot + b, its token at positions[b].
 // k_cache, v_cache: [layers, slots, kv_heads, max_len, head_dim] float32, contiguous.
 // inv_freq: [head_dim / 2] RoPE frequencies. weights: embedding [vocab, hidden], final norm,
 // lm_head, then per layer input norm, qkv, qkv bias?, o, o bias?, post-attention norm, gate_up,
-// gate_up bias?, down, down bias?; every projection transposed to [in, out], q/k/v and gate/up
-// concatenated as Transformer.fuse_projections does.
+// gate_up bias?, down, down bias?; every projection as [in, out] packed by pack_panels
+// (small_gemm.cpp), q/k/v and gate/up concatenated as Transformer.fuse_projections does.
 // Returns the next-token logits [B, vocab].
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64_t first_slot,
                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& inv_freq,
@@ -340,19 +333,35 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     }
 
   at::Tensor x = at::embedding(weight(0), ids).contiguous();  // [B, hidden]; the residual stream
-  const int64_t hidden = x.size(1);
-  at::Tensor normed = at::empty_like(x), attn = at::empty({B, q_width}, x.options());
+  const int64_t hidden = x.size(1), vocab = weight(0).size(0), row_width = q_width + 2 * kv_width;
+  const int64_t inter = layers > 0 ? weight(3 + 8).size(1) : 0;  // the down projection's inputs
+  auto bias = [&](int64_t i) { return weights.get(i).has_value() ? weights.get(i)->data_ptr<float>() : nullptr; };
+  rci_fast::check_packed(weight(2), hidden, vocab, "cpu_decode.decode_step (lm_head)");
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t w = 3 + 10 * l;
+    rci_fast::check_packed(weight(w + 1), hidden, row_width, "cpu_decode.decode_step (qkv)");
+    rci_fast::check_packed(weight(w + 3), q_width, hidden, "cpu_decode.decode_step (o)");
+    rci_fast::check_packed(weight(w + 6), hidden, 2 * inter, "cpu_decode.decode_step (gate_up)");
+    rci_fast::check_packed(weight(w + 8), inter, hidden, "cpu_decode.decode_step (down)");
+    const int64_t widths[] = {row_width, hidden, 2 * inter, hidden};  // of biases w + 2, 4, 7, 9
+    const int64_t at[] = {w + 2, w + 4, w + 7, w + 9};
+    for (int i = 0; i < 4; ++i)
+      check(!weights.get(at[i]).has_value() || weights.get(at[i])->numel() == widths[i],
+            "a bias does not match its projection's outputs");
+  }
+  const auto options = x.options();
+  at::Tensor normed = at::empty_like(x), attn = at::empty({B, q_width}, options);
+  at::Tensor qkv = at::empty({B, row_width}, options), gate_up = at::empty({B, 2 * inter}, options);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
+  float *xp = x.data_ptr<float>(), *normed_p = normed.data_ptr<float>();
 
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = 3 + 10 * l;
-    rms_norm(x.data_ptr<float>(), weight(w).data_ptr<float>(), normed.data_ptr<float>(), nullptr, 0, B, hidden, eps);
-    at::Tensor qkv = project(normed, weight(w + 1), optional(w + 2)).contiguous();  // [B, q | k | v]
-    float* qkv_p = qkv.data_ptr<float>();
-    const int64_t row_width = q_width + 2 * kv_width;
-    check(qkv.size(1) == row_width, "the qkv projection's width does not match the head counts");
+    rms_norm(xp, weight(w).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
+    float* qkv_p = qkv.data_ptr<float>();  // [B, q | k | v]
+    rci_fast::small_gemm(normed_p, B, hidden, weight(w + 1).data_ptr<float>(), row_width, bias(w + 2), qkv_p, false);
     const int64_t layer_base = l * slots * num_kv_heads * max_len * D;
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkv_p + b * row_width;
@@ -376,15 +385,19 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
                       scores.data(), group, n, D, scale);
       }
     });
-    x.add_(project(attn, weight(w + 3), optional(w + 4)));
-    rms_norm(x.data_ptr<float>(), weight(w + 5).data_ptr<float>(), normed.data_ptr<float>(), nullptr, 0, B, hidden, eps);
-    at::Tensor gate_up = project(normed, weight(w + 6), optional(w + 7));
-    const int64_t inter = gate_up.size(1) / 2;
-    at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
-    x.add_(project(act, weight(w + 8), optional(w + 9)));
+    // x += attn W_o + b_o, written straight into the residual stream.
+    rci_fast::small_gemm(attn_p, B, q_width, weight(w + 3).data_ptr<float>(), hidden, bias(w + 4), xp, true);
+    rms_norm(xp, weight(w + 5).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
+    rci_fast::small_gemm(normed_p, B, hidden, weight(w + 6).data_ptr<float>(), 2 * inter, bias(w + 7),
+                         gate_up.data_ptr<float>(), false);
+    at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter)).contiguous();
+    rci_fast::small_gemm(act.data_ptr<float>(), B, inter, weight(w + 8).data_ptr<float>(), hidden, bias(w + 9), xp,
+                         true);
   }
-  rms_norm(x.data_ptr<float>(), weight(1).data_ptr<float>(), normed.data_ptr<float>(), nullptr, 0, B, hidden, eps);
-  return at::mm(normed, weight(2));
+  rms_norm(xp, weight(1).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
+  at::Tensor logits = at::empty({B, vocab}, options);
+  rci_fast::small_gemm(normed_p, B, hidden, weight(2).data_ptr<float>(), vocab, nullptr, logits.data_ptr<float>(), false);
+  return logits;
 }
 
 // == Fused RMSNorm, SwiGLU and RoPE for training (autograd lives in cpu_ops.py) ==

@@ -1,7 +1,7 @@
 """rci_fast's C++ CPU kernels for the model, built on first use.
 
-cpu_kernels.cpp holds the rollout engine's decode step for float32 models (cpu_decode.py) and
-fused RMSNorm, SwiGLU, RoPE and packed causal attention, forward and backward, for training
+cpu_kernels.cpp holds the rollout engine's decode step for float32 models (cpu_decode.py; its
+GEMMs are small_gemm.cpp's) and fused RMSNorm, SwiGLU, RoPE and packed causal attention, forward and backward, for training
 (cpu_ops.py).
 
 torch.utils.cpp_extension compiles them once (~30 s with 2 cores) into a folder per Python and
@@ -24,7 +24,7 @@ import sys
 import threading
 import warnings
 
-SOURCES = [os.path.join(os.path.dirname(__file__), "cpu_kernels.cpp")]
+SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("cpu_kernels.cpp", "small_gemm.cpp")]
 log = logging.getLogger("rci_fast.native")
 _lock = threading.Lock()
 _state: dict[str, str | bool] = {}  # "loaded": True, or "error": why the build failed
