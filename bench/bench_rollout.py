@@ -4,7 +4,7 @@
    random Qwen2 (about 4.2M parameters). Tokens/s of rci_fast's engine and of
    `transformers.generate`, and the compute floor: the decode FLOPs at the matmul throughput this
    machine reaches on the same GEMM shapes (torch's or the decode step's own GEMM, whichever is
-   faster), measured in the same run. On a CPU the engine's
+   faster; both rates are printed per shape), measured in the same run. On a CPU the engine's
    float32 decode steps run in C++ (model/cpu_decode.py); the same run with its Python step is
    timed too, to show what the C++ step brings.
 2. Multi-turn with code: every sequence makes 3 code calls that sleep ~50 ms in the sandbox
@@ -109,34 +109,36 @@ def gpu_floor_s(cfg, n_params: int, batch: int, prompt: int, new: int) -> dict:
             "matmul_tflops": flops_per_s / 1e12, "copy_tb_s": bytes_per_s / 1e12}
 
 
-def gemm_ways(a: torch.Tensor, b: torch.Tensor) -> list:
-    """Ways this machine computes a @ b: torch's (MKL on a CPU) and, on a CPU where rci_fast's C++
-    kernels are built, the decode step's own GEMM on weights packed beforehand (small_gemm.cpp,
-    faster at a few rows). A floor takes the fastest, so it is the machine's, not torch's."""
-    ways = [lambda: a @ b]
+def gemm_ways(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Ways this machine computes a @ b, by name: torch's (MKL on a CPU) and, on a CPU where
+    rci_fast's C++ kernels are built, the decode step's own GEMM on weights packed beforehand
+    (small_gemm.cpp, faster at a few rows). A floor takes the fastest: the machine's, not torch's."""
+    ways = {"torch": lambda: a @ b}
     if a.device.type == "cpu" and a.dtype == torch.float32 and native.available():
         packed = torch.ops.rci_fast_cpu.pack_panels(b)
-        ways.append(lambda: torch.ops.rci_fast_cpu.small_gemm(a, packed, b.shape[1], None))
+        ways["small_gemm"] = lambda: torch.ops.rci_fast_cpu.small_gemm(a, packed, b.shape[1], None)
     return ways
 
 
-def matmul_gflops(cfg, batch: int) -> float:
-    """Best GFLOP/s of the decode step's GEMM shapes on this machine (fp32, all threads)."""
+def decode_gemm_rates(cfg, batch: int) -> list[dict]:
+    """GFLOP/s of each way (gemm_ways) on each GEMM shape of a decode step (fp32, all threads)."""
     h = cfg.hidden_size
     shapes = [(batch, h, h), (batch, h, cfg.intermediate_size), (batch, cfg.intermediate_size, h),
               (batch, h, cfg.vocab_size)]
-    best = 0.0
+    rates = []
     for m, k, n in shapes:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        for gemm in gemm_ways(a, b):
+        row = {"shape": [m, k, n]}
+        for name, gemm in gemm_ways(a, b).items():
             for _ in range(5):
                 gemm()
             reps = max(10, int(2e8 / (2 * m * k * n)))
             t0 = time.perf_counter()
             for _ in range(reps):
                 gemm()
-            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-    return best
+            row[name] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+        rates.append(row)
+    return rates
 
 
 class ForceScript(LogitsProcessor):
@@ -203,7 +205,10 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) 
     if device == "cuda":
         floor = gpu_floor_s(cfg, sum(p.numel() for p in hf.parameters()), batch, prompt_len, new)
     else:
-        floor = {"floor_s": decode_flops(cfg, batch, prompt_len, new) / (matmul_gflops(cfg, batch) * 1e9)}
+        rates = decode_gemm_rates(cfg, batch)
+        best = max(r for row in rates for name, r in row.items() if name != "shape")
+        floor = {"floor_s": decode_flops(cfg, batch, prompt_len, new) / (best * 1e9), "gemm_gflops": best,
+                 "gemm_rates": rates}
     tokens = batch * new
     result = {"tokens": tokens, "rci_fast_tok_s": tokens / ours_s, "transformers_tok_s": tokens / hf_s,
               "floor_tok_s": tokens / floor["floor_s"], "speedup_vs_transformers": hf_s / ours_s,
@@ -343,6 +348,11 @@ def main() -> int:
     if "graphs_tok_s" in plain:
         print(f"  with CUDA graphs: {plain['graphs_tok_s']:8.0f} tok/s, {plain['graphs_speedup_vs_transformers']:.2f}x "
               f"transformers, {plain['graphs_vs_floor']:.1f}x the floor's time")
+    for row in plain["floor"].get("gemm_rates", []):
+        m, k, n = row["shape"]
+        print(f"  decode GEMM {m} x {k} x {n}: torch {row['torch']:6.1f} GFLOP/s" + (
+            f", rci_fast's small_gemm {row['small_gemm']:6.1f} ({row['small_gemm'] / row['torch']:.2f}x)"
+            if "small_gemm" in row else ""))
     if "memory_s" in plain["floor"]:
         f = plain["floor"]
         print(f"  floor: compute {f['compute_s'] * 1e3:.1f} ms at {f['matmul_tflops']:.0f} TFLOP/s, memory "

@@ -126,7 +126,7 @@ def gemm_rate(cfg, m: int) -> float:
         a, b = torch.randn(mm, k, device=DEVICE), torch.randn(k, n, device=DEVICE)
         reps = max(5, int((1e10 if DEVICE == "cuda" else 1e8) / (2 * mm * k * n)))
         best = float("inf")
-        for gemm in gemm_ways(a, b):
+        for gemm in gemm_ways(a, b).values():
             for _ in range(3):
                 gemm()
             for _ in range(3):

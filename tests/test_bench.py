@@ -37,6 +37,12 @@ def test_bench_logprob():
 def test_bench_rollout():
     result = run_quick("bench_rollout.py")
     assert result["plain"]["rci_fast_tok_s"] > 0 and result["plain"]["floor_tok_s"] > 0
+    rates = result["plain"]["floor"]["gemm_rates"]  # both ways of each decode GEMM, the floor the best
+    assert rates and all(r["torch"] > 0 for r in rates)
+    from rci_fast.model import native
+    if native.available():  # the decode step's own GEMM is measured too
+        assert all(r["small_gemm"] > 0 for r in rates)
+    assert result["plain"]["floor"]["gemm_gflops"] == max(v for r in rates for k, v in r.items() if k != "shape")
     code = result["with_code"]
     assert code["lockstep_serial_tools_tok_s"] > 0 and code["lockstep_parallel_tools_tok_s"] > 0
     assert 0 <= code["code_time_hidden_fraction"] <= 1

@@ -5,7 +5,8 @@ must not depend on the other rows of the call or on the thread count."""
 import pytest
 import torch
 
-from rci_fast.model import native
+from rci_fast.model import KVCache, ModelConfig, Transformer, native
+from rci_fast.model.cpu_decode import CpuDecodeStep
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="rci_fast's C++ CPU kernels did not build")
 ops = torch.ops.rci_fast_cpu if native.available() else None
@@ -22,10 +23,10 @@ def operands(m, k, n, seed=0):
 @pytest.fixture
 def paths():
     """Every path this CPU can take (0 portable, 1 AVX2, 2 AVX-512), restoring the default after."""
-    best = ops.small_gemm_isa(99)  # clamped to what the CPU has
-    ops.small_gemm_isa(best)
+    before = ops.small_gemm_isa(99)  # clamped to what the CPU has; returns the level set before
+    best = ops.small_gemm_isa(before)
     yield list(range(best + 1))
-    ops.small_gemm_isa(best)
+    ops.small_gemm_isa(before)
 
 
 def test_pack_panels_layout():
@@ -84,3 +85,32 @@ def test_small_gemm_rejects_what_it_cannot_multiply():
         ops.small_gemm(x.t(), packed, 40, None)
     with pytest.raises(RuntimeError, match="float32 CPU matrix"):
         ops.pack_panels(w.double())
+
+
+def test_decode_step_gives_the_same_bits_on_every_path(paths):
+    """The whole C++ decode step (bias, and the o and down projections added into the residual
+    stream) on each path: the same logits and cache to the bit."""
+    cfg = ModelConfig("qwen2", 131, 48, 80, 2, 6, 2, 8, qkv_bias=True, o_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    step = CpuDecodeStep(model)
+    ids, positions = torch.tensor([3, 50, 7, 130, 0, 9, 11]), torch.tensor([0, 4, 9, 2, 5, 5, 1])
+    results = []
+    for path in paths:
+        ops.small_gemm_isa(path)
+        cache = KVCache(cfg, 7, 16, torch.float32)
+        logits = [step(ids, positions + t, 0, cache) for t in range(3)]
+        results.append((torch.stack(logits), cache.k.clone(), cache.v.clone()))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+def test_decode_step_refuses_a_head_of_another_width():
+    cfg = ModelConfig("llama", 97, 36, 64, 1, 3, 3, 12)
+    model = Transformer(cfg).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(98, 36))  # 98 rows: the same 4 panels as 97
+    with pytest.raises(ValueError, match="needs 97 outputs for lm_head, got 98"):
+        CpuDecodeStep(model)

@@ -37,19 +37,27 @@ class CpuDecodeStep:
         cfg = model.config
         model.fuse_projections()
         body = model.model
-        # Projections [in, out] in panels of 32 columns, the layout small_gemm.cpp multiplies.
+        # Projections [in, out] in panels of 32 columns, the layout small_gemm.cpp multiplies. The
+        # panels keep a width only to a multiple of 32: the step takes each from the head counts,
+        # the first MLP and the vocabulary, so every projection must match those exactly.
         pack = torch.ops.rci_fast_cpu.pack_panels
+        inter = body.layers[0].mlp.down_proj.weight.shape[1] if len(body.layers) else 0
+        widths = {"qkv": (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim,
+                  "gate_up": 2 * inter, "lm_head": body.embed_tokens.weight.shape[0]}
 
-        def projection(weight):
+        def projection(weight, name=None):
+            if name is not None and weight.shape[0] != widths[name]:
+                raise ValueError(f"the C++ decode step needs {widths[name]} outputs for {name}, "
+                                 f"got {weight.shape[0]}")
             return pack(weight.detach().t())
 
-        weights = [body.embed_tokens.weight, body.norm.weight, projection(model.lm_head.weight)]
+        weights = [body.embed_tokens.weight, body.norm.weight, projection(model.lm_head.weight, "lm_head")]
         for layer, fused in zip(body.layers, model._fused):
             attn, mlp = layer.self_attn, layer.mlp
-            weights += [layer.input_layernorm.weight, projection(fused["qkv"][0]), fused["qkv"][1],
+            weights += [layer.input_layernorm.weight, projection(fused["qkv"][0], "qkv"), fused["qkv"][1],
                         projection(attn.o_proj.weight), attn.o_proj.bias, layer.post_attention_layernorm.weight,
-                        projection(fused["gate_up"][0]), fused["gate_up"][1], projection(mlp.down_proj.weight),
-                        mlp.down_proj.bias]
+                        projection(fused["gate_up"][0], "gate_up"), fused["gate_up"][1],
+                        projection(mlp.down_proj.weight), mlp.down_proj.bias]
         self.weights = [None if w is None else w.detach().contiguous() for w in weights]
         self.inv_freq = model.inv_freq.float().contiguous()
         self.heads, self.kv_heads, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps

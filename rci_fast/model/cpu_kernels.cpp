@@ -6,9 +6,10 @@
 //
 // The Python model spends most of a small decode step between operators (~30 torch calls per
 // layer at ~10 us each, plus a boolean mask, an index_put for the cache write and a flash kernel
-// built for blocks of queries). Here a layer is four GEMMs and four elementwise ATen calls around
-// three loops: RMSNorm, RoPE + cache write, and attention that reads each key/value row once for
-// all the query heads that share it (grouped-query attention), only up to the row's own position.
+// built for blocks of queries). Here a layer is four GEMMs (small_gemm.cpp, on weights packed
+// once) and SwiGLU's two ATen calls around three loops: RMSNorm, RoPE + cache write, and attention
+// that reads each key/value row once for all the query heads that share it (grouped-query
+// attention), only up to the row's own position.
 // The reference is Transformer.forward_cached (transformer.py); tests/test_cpu_decode.py holds
 // the two to each other.
 //
@@ -290,7 +291,9 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step:
 // inv_freq: [head_dim / 2] RoPE frequencies. weights: embedding [vocab, hidden], final norm,
 // lm_head, then per layer input norm, qkv, qkv bias?, o, o bias?, post-attention norm, gate_up,
 // gate_up bias?, down, down bias?; every projection as [in, out] packed by pack_panels
-// (small_gemm.cpp), q/k/v and gate/up concatenated as Transformer.fuse_projections does.
+// (small_gemm.cpp), q/k/v and gate/up concatenated as Transformer.fuse_projections does. Every
+// layer has the same MLP width, and the lm_head as many outputs as the embedding has rows
+// (CpuDecodeStep checks the widths exactly; the panels alone tell them only to a multiple of 32).
 // Returns the next-token logits [B, vocab].
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64_t first_slot,
                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& inv_freq,
@@ -315,7 +318,6 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
           "every weight must be a contiguous float32 CPU tensor");
   }
   auto weight = [&](int64_t i) -> at::Tensor { return weights.get(i).value(); };
-  auto optional = [&](int64_t i) -> std::optional<at::Tensor> { return weights.get(i); };
 
   const auto pos = positions.contiguous();
   const int64_t* p = pos.data_ptr<int64_t>();
@@ -396,7 +398,8 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
   }
   rms_norm(xp, weight(1).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
   at::Tensor logits = at::empty({B, vocab}, options);
-  rci_fast::small_gemm(normed_p, B, hidden, weight(2).data_ptr<float>(), vocab, nullptr, logits.data_ptr<float>(), false);
+  rci_fast::small_gemm(normed_p, B, hidden, weight(2).data_ptr<float>(), vocab, nullptr, logits.data_ptr<float>(),
+                       false);
   return logits;
 }
 

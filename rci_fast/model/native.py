@@ -1,8 +1,8 @@
 """rci_fast's C++ CPU kernels for the model, built on first use.
 
 cpu_kernels.cpp holds the rollout engine's decode step for float32 models (cpu_decode.py; its
-GEMMs are small_gemm.cpp's) and fused RMSNorm, SwiGLU, RoPE and packed causal attention, forward and backward, for training
-(cpu_ops.py).
+GEMMs are small_gemm.cpp's) and fused RMSNorm, SwiGLU, RoPE and packed causal attention, forward
+and backward, for training (cpu_ops.py).
 
 torch.utils.cpp_extension compiles them once (~30 s with 2 cores) into a folder per Python and
 torch version under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR to move it); later processes

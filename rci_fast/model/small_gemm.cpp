@@ -19,7 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
+#include <cstdint>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -34,6 +34,7 @@ constexpr int64_t kPanel = 32;  // columns per panel: two AVX-512 registers, fou
 // 0: portable, 1: AVX2 + FMA, 2: AVX-512; what this CPU has unless a test lowers it.
 int detect_isa() {
 #ifdef SMALL_GEMM_X86
+  __builtin_cpu_init();  // this runs during static initialisation: do not rely on libgcc's order
   if (__builtin_cpu_supports("avx512f")) return 2;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
@@ -42,17 +43,22 @@ int detect_isa() {
 const int kCpuIsa = detect_isa();
 std::atomic<int> g_isa{kCpuIsa};
 
-// R rows of x times one panel: acc[r][j] = sum_k x[r, k] * panel[k][j] as a chain of std::fma.
+// R rows of x times one panel: acc[r][j] = sum_k x[r, k] * panel[k][j] as a chain of std::fma,
+// in local accumulators (restrict: a compiler may then keep them in vector registers; where
+// std::fma is one instruction, as on aarch64, this loop vectorizes). On an x86 CPU without
+// AVX2 + FMA (before ~2013) std::fma is a library call and this path is slow.
 template <int R>
-void block_portable(const float* x, int64_t ldx, const float* panel, int64_t K, float (*acc)[kPanel]) {
-  for (int r = 0; r < R; ++r) std::fill_n(acc[r], kPanel, 0.f);
+void block_portable(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t K,
+                    float (*__restrict acc)[kPanel]) {
+  float c[R][kPanel] = {};
   for (int64_t k = 0; k < K; ++k) {
     const float* w = panel + k * kPanel;
     for (int r = 0; r < R; ++r) {
       const float a = x[r * ldx + k];
-      for (int64_t j = 0; j < kPanel; ++j) acc[r][j] = std::fma(a, w[j], acc[r][j]);
+      for (int64_t j = 0; j < kPanel; ++j) c[r][j] = std::fma(a, w[j], c[r][j]);
     }
   }
+  for (int r = 0; r < R; ++r) std::copy_n(c[r], kPanel, acc[r]);
 }
 
 #ifdef SMALL_GEMM_X86
@@ -141,6 +147,10 @@ at::Tensor pack_panels(const at::Tensor& w) {
 
 void small_gemm(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                 float* out, bool accumulate) {
+  // Threads write their columns of out while others still read all of x: the two must not overlap.
+  const auto x0 = reinterpret_cast<uintptr_t>(x), out0 = reinterpret_cast<uintptr_t>(out);
+  TORCH_CHECK(M == 0 || x0 + sizeof(float) * M * K <= out0 || out0 + sizeof(float) * M * N <= x0,
+              "small_gemm: x and out overlap");
   const int isa = g_isa.load(std::memory_order_relaxed), rows_per_block = max_rows(isa);
   const int64_t panels = (N + kPanel - 1) / kPanel;
   // Threads split the panels: each reads its share of the weights once, and owns those columns.
@@ -164,7 +174,8 @@ void small_gemm(const float* x, int64_t M, int64_t K, const float* packed, int64
   });
 }
 
-at::Tensor small_gemm_op(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+at::Tensor small_gemm_op(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                         const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "small_gemm: x must be a contiguous float32 CPU matrix");
   check_packed(packed, x.size(1), n, "small_gemm");

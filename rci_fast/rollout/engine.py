@@ -162,7 +162,7 @@ class RolloutEngine:
         try:
             return self._generate(prompts, params, device, dtype)
         finally:
-            self._cpu_step = None  # its transposed weight copies are stale after the next update
+            self._cpu_step = None  # its packed weight copies are stale after the next update
 
     def _generate(self, prompts, params, device, dtype) -> list[Trajectory]:
         """generate's loop: slots refilled from the queue, tool results collected, one step."""
