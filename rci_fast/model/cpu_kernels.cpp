@@ -337,7 +337,9 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
   at::Tensor x = at::embedding(weight(0), ids).contiguous();  // [B, hidden]; the residual stream
   const int64_t hidden = x.size(1), vocab = weight(0).size(0), row_width = q_width + 2 * kv_width;
   const int64_t inter = layers > 0 ? weight(3 + 8).size(1) : 0;  // the down projection's inputs
-  auto bias = [&](int64_t i) { return weights.get(i).has_value() ? weights.get(i)->data_ptr<float>() : nullptr; };
+  auto bias = [&](int64_t i) -> float* {
+    return weights.get(i).has_value() ? weights.get(i)->data_ptr<float>() : nullptr;
+  };
   rci_fast::check_packed(weight(2), hidden, vocab, "cpu_decode.decode_step (lm_head)");
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = 3 + 10 * l;
@@ -345,10 +347,9 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     rci_fast::check_packed(weight(w + 3), q_width, hidden, "cpu_decode.decode_step (o)");
     rci_fast::check_packed(weight(w + 6), hidden, 2 * inter, "cpu_decode.decode_step (gate_up)");
     rci_fast::check_packed(weight(w + 8), inter, hidden, "cpu_decode.decode_step (down)");
-    const int64_t widths[] = {row_width, hidden, 2 * inter, hidden};  // of biases w + 2, 4, 7, 9
-    const int64_t at[] = {w + 2, w + 4, w + 7, w + 9};
+    const int64_t bias_at[] = {w + 2, w + 4, w + 7, w + 9}, widths[] = {row_width, hidden, 2 * inter, hidden};
     for (int i = 0; i < 4; ++i)
-      check(!weights.get(at[i]).has_value() || weights.get(at[i])->numel() == widths[i],
+      check(!weights.get(bias_at[i]).has_value() || weights.get(bias_at[i])->numel() == widths[i],
             "a bias does not match its projection's outputs");
   }
   const auto options = x.options();
@@ -363,7 +364,8 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     const int64_t w = 3 + 10 * l;
     rms_norm(xp, weight(w).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
     float* qkv_p = qkv.data_ptr<float>();  // [B, q | k | v]
-    rci_fast::small_gemm(normed_p, B, hidden, weight(w + 1).data_ptr<float>(), row_width, bias(w + 2), qkv_p, false);
+    rci_fast::small_gemm(normed_p, B, hidden, weight(w + 1).data_ptr<float>(), row_width, bias(w + 2), qkv_p,
+                         false);
     const int64_t layer_base = l * slots * num_kv_heads * max_len * D;
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkv_p + b * row_width;
