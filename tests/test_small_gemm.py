@@ -5,8 +5,9 @@ must not depend on the other rows of the call or on the thread count."""
 import pytest
 import torch
 
-from rci_fast.model import KVCache, ModelConfig, Transformer, native
+from rci_fast.model import KVCache, native
 from rci_fast.model.cpu_decode import CpuDecodeStep
+from test_cpu_decode import CONFIGS, random_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="rci_fast's C++ CPU kernels did not build")
 ops = torch.ops.rci_fast_cpu if native.available() else None
@@ -88,16 +89,11 @@ def test_small_gemm_rejects_what_it_cannot_multiply():
 
 
 def test_decode_step_gives_the_same_bits_on_every_path(paths):
-    """The whole C++ decode step (bias, and the o and down projections added into the residual
-    stream) on each path: the same logits and cache to the bit."""
-    cfg = ModelConfig("qwen2", 131, 48, 80, 2, 6, 2, 8, qkv_bias=True, o_bias=True, mlp_bias=True)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    step = CpuDecodeStep(model)
-    ids, positions = torch.tensor([3, 50, 7, 130, 0, 9, 11]), torch.tensor([0, 4, 9, 2, 5, 5, 1])
+    """The whole C++ decode step (every bias, and the o and down projections added into the
+    residual stream) on each path: the same logits and cache to the bit."""
+    cfg = CONFIGS["llama-mha-tail"]  # q/k/v, o and MLP biases
+    step = CpuDecodeStep(random_model(cfg))
+    ids, positions = torch.tensor([3, 50, 7, 96, 0, 9, 11]), torch.tensor([0, 4, 9, 2, 5, 5, 1])
     results = []
     for path in paths:
         ops.small_gemm_isa(path)
@@ -109,8 +105,7 @@ def test_decode_step_gives_the_same_bits_on_every_path(paths):
 
 
 def test_decode_step_refuses_a_head_of_another_width():
-    cfg = ModelConfig("llama", 97, 36, 64, 1, 3, 3, 12)
-    model = Transformer(cfg).eval()
+    model = random_model(CONFIGS["llama-mha-tail"])  # vocabulary 97, hidden 36, untied head
     model.lm_head.weight = torch.nn.Parameter(torch.randn(98, 36))  # 98 rows: the same 4 panels as 97
     with pytest.raises(ValueError, match="needs 97 outputs for lm_head, got 98"):
         CpuDecodeStep(model)
