@@ -312,6 +312,25 @@ def load_code_calls(out: Path) -> dict:
     return calls
 
 
+def paired_gain(out: Path, name: str) -> tuple[float, float] | None:
+    """Model `name` - SFT on the held-out samples in code mode, one run: the accuracy difference
+    (mean over tasks) and its standard error over questions, from the per-question counts of
+    correct answers (both models answer the same questions, so the difference is paired). The
+    error is the evaluation's own noise (which answers were sampled, which questions were asked),
+    not the run-to-run noise of training. None for evaluations without per-question counts."""
+    reports = [(read_eval(out, n, "samples") or {}).get("modes", {}).get("code", []) for n in (name, "sft")]
+    if not all(reports) or any(not r.get("correct") for r in reports[0] + reports[1]):
+        return None
+    sft = {r["task"]: r for r in reports[1]}
+    means, variances = [], []
+    for r in reports[0]:
+        base = sft[r["task"]]
+        d = np.array([c / r["attempts"] - base["correct"][sid] / base["attempts"] for sid, c in r["correct"].items()])
+        means.append(d.mean())
+        variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
+    return float(np.mean(means)), float(np.sqrt(sum(variances)) / len(means))
+
+
 def results_table(cell) -> list[str]:
     """The results as Markdown lines: a row per model, a column per (evaluation set, mode);
     cell(model, eval_set, mode) gives the text of one cell."""
@@ -346,6 +365,12 @@ def summarize(outs: list[Path]) -> str:
         if gains:
             lines.append(f"\n{MODEL_TITLES[name]} - SFT, held-out samples, code mode: {np.mean(gains):+.3f} "
                          f"± {np.std(gains):.3f} (per run: {', '.join(f'{g:+.3f}' for g in gains)})")
+            paired = [paired_gain(o, name) for o in outs]
+            if all(paired):
+                errors = [se for _, se in paired]
+                lines.append(f"  the evaluation's standard error per run (paired over questions): "
+                             f"{', '.join(f'{se:.3f}' for se in errors)}; of the mean over runs: "
+                             f"{np.sqrt(np.sum(np.square(errors))) / len(errors):.3f}")
     return "\n".join(lines)
 
 

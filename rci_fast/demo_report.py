@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rci_fast.demo import MODEL_TITLES, elapsed_s, load_code_calls, load_results, read_eval, results_table
+from rci_fast.demo import (MODEL_TITLES, elapsed_s, load_code_calls, load_results, paired_gain, read_eval,
+                           results_table)
 from rci_fast.model import ModelConfig, Transformer
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS
 from rci_fast.files import atomic_write_text
@@ -146,6 +147,9 @@ def write_report(plan, rl_cfg, timings: dict, lanes: tuple = ()) -> Path:
                        if m in results.get(name, {}).get(s, {}) else "-"), "",
         "Code calls per episode on held-out samples, code mode: " + "; ".join(
             f"{MODEL_TITLES[n]} {c:.2f}" for n, c in load_code_calls(out).items()) + ".", "",
+        *[f"{MODEL_TITLES[n]} - SFT on held-out samples, code mode: {g[0]:+.3f} ± {g[1]:.3f} (the "
+          f"evaluation's standard error, paired over questions; not the seed-to-seed spread)."
+          for n in ("grpo-uniform", "grpo-curriculum") if (g := paired_gain(out, n)) is not None], "",
         "## Training", "", "![reward and accuracy per step](training.png)", "",
         "![code calls per episode](code_calls.png)", "",
         "## Accuracy per task (held-out samples, code mode)", "", "![accuracy per task](per_task.png)", "",

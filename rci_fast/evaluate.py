@@ -6,7 +6,7 @@ TEXT_ONLY_SYSTEM_PROMPT.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import comb
 
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages
@@ -29,6 +29,7 @@ class TaskReport:
     pass_at_k: float               # k = attempts
     mean_turns: float              # assistant turns per attempt
     mean_code_calls: float
+    correct: dict[str, int] = field(default_factory=dict)  # sample id -> correct attempts: paired comparisons
 
 
 def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMPT,
@@ -57,7 +58,8 @@ def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMP
             task=name, samples=len(results), attempts=attempts,
             accuracy=sum(map(sum, results)) / n_attempts,
             pass_at_k=sum(pass_at_k(attempts, int(sum(r)), attempts) for r in results) / len(results),
-            mean_turns=s["turns"] / n_attempts, mean_code_calls=s["calls"] / n_attempts))
+            mean_turns=s["turns"] / n_attempts, mean_code_calls=s["calls"] / n_attempts,
+            correct={sid: int(sum(v)) for (task, sid), v in per_sample.items() if task == name}))
     return reports
 
 

@@ -51,6 +51,7 @@ def test_quick_demo_writes_report_table_and_plots(quick_demo):
     # after SFT two lanes ran side by side: one bar over their stages, none of their own
     assert "demo: rl and eval" in r.stderr and "rl:   0%" not in r.stderr and "eval (code):" not in r.stderr
     assert "the two lanes after SFT side by side" in report
+    assert "SFT + GRPO (curriculum) - SFT on held-out samples, code mode:" in report  # paired, with its error
 
 
 @pytest.mark.slow
@@ -119,3 +120,39 @@ def test_demo_checks_its_configs_before_any_work(tmp_path):
         r = demo("--out", tmp_path / "x", "--set", bad)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not (tmp_path / "x").exists()
+
+
+def test_paired_gain_and_its_standard_error_over_questions(tmp_path):
+    """GRPO - SFT from per-question counts: the mean over tasks of each task's mean difference,
+    and sqrt(sum over tasks of var(d) / n) / tasks; the summary prints it for every run."""
+    from rci_fast.demo import paired_gain, summarize
+
+    def write(out, name, tasks):
+        path = out / "eval" / f"{name}-samples" / "eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reports = [{"task": t, "attempts": 4, "accuracy": sum(c.values()) / (4 * len(c)), "correct": c,
+                    "mean_code_calls": 1.0} for t, c in tasks.items()]
+        path.write_text(json.dumps({"attempts": 4, "mean_accuracy": {"code": sum(r["accuracy"] for r in reports) / 2},
+                                    "modes": {"code": reports}}))
+
+    for run in ("r0", "r1"):
+        out = tmp_path / run
+        write(out, "sft", {"a": {"q1": 0, "q2": 2, "q3": 4}, "b": {"q1": 1, "q2": 1}})
+        for name in ("base", "grpo-uniform", "grpo-curriculum"):
+            write(out, name, {"a": {"q1": 1, "q2": 2, "q3": 4}, "b": {"q1": 3, "q2": 2}})
+    gain, se = paired_gain(tmp_path / "r0", "grpo-curriculum")
+    d_a, d_b = [0.25, 0.0, 0.0], [0.5, 0.25]  # per question, (correct - sft's) / 4
+    assert gain == pytest.approx((sum(d_a) / 3 + sum(d_b) / 2) / 2)
+    var = lambda d: sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1)  # noqa: E731
+    assert se == pytest.approx((var(d_a) / 3 + var(d_b) / 2) ** 0.5 / 2)
+    text = summarize([tmp_path / "r0", tmp_path / "r1"])
+    assert f"standard error per run (paired over questions): {se:.3f}, {se:.3f}" in text
+    # evaluations written before the per-question counts: no error line, no failure
+    for path in (tmp_path / "r1" / "eval").glob("*/eval.json"):
+        report = json.loads(path.read_text())
+        for r in report["modes"]["code"]:
+            del r["correct"]
+        path.write_text(json.dumps(report))
+    assert paired_gain(tmp_path / "r1", "grpo-curriculum") is None
+    assert "standard error" not in summarize([tmp_path / "r0", tmp_path / "r1"])
+

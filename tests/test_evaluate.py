@@ -1,7 +1,7 @@
 """Evaluation: pass@k, per-task accuracy, turns and code calls from a scripted text policy."""
 import pytest
 
-from rci_fast.evaluate import evaluate, format_table, pass_at_k
+from rci_fast.evaluate import TaskReport, evaluate, format_table, pass_at_k
 from rci_fast.tasks import load_task
 from rci_fast.tasks.prompt import TEXT_ONLY_SYSTEM_PROMPT
 
@@ -42,4 +42,17 @@ def test_evaluate_counts_accuracy_pass_at_k_turns_and_calls():
     assert report.pass_at_k == pytest.approx(1.0)
     assert report.mean_code_calls == pytest.approx(3 / 6)
     assert report.mean_turns == pytest.approx((3 * 2 + 3 * 1) / 6)
+    assert report.correct == {samples[0].id: 1, samples[1].id: 3}  # per question, for paired comparisons
     assert "rg/basic_arithmetic" in format_table([report])
+
+
+def test_merged_shards_keep_every_questions_count():
+    """Ranks evaluate disjoint samples; the merged report weights by samples and keeps each
+    question's count of correct answers (what `rci-fast demo --summary` pairs models on)."""
+    from rci_fast.train.measure import merge_reports
+
+    a = TaskReport("t", 2, 4, 0.5, 0.5, 1.0, 1.0, {"q1": 4, "q2": 0})
+    b = TaskReport("t", 1, 4, 0.25, 1.0, 2.0, 0.0, {"q3": 1})
+    [merged] = merge_reports([[a], [b]])
+    assert merged.samples == 3 and merged.accuracy == pytest.approx((0.5 * 2 + 0.25) / 3)
+    assert merged.correct == {"q1": 4, "q2": 0, "q3": 1}

@@ -105,7 +105,8 @@ def merge_reports(shards: list[list[TaskReport]]) -> list[TaskReport]:
         n = sum(p.samples for p in parts)
         mean = lambda field: sum(getattr(p, field) * p.samples for p in parts) / n  # noqa: E731
         merged.append(TaskReport(task, n, parts[0].attempts, mean("accuracy"), mean("pass_at_k"),
-                                 mean("mean_turns"), mean("mean_code_calls")))
+                                 mean("mean_turns"), mean("mean_code_calls"),
+                                 {sid: c for p in parts for sid, c in p.correct.items()}))
     return merged
 
 
