@@ -318,17 +318,14 @@ def paired_gain(out: Path, name: str) -> tuple[float, float] | None:
     correct answers (both models answer the same questions, so the difference is paired). The
     error is the evaluation's own noise (which answers were sampled, which questions were asked),
     not the run-to-run noise of training. None for evaluations without per-question counts."""
+    from rci_fast.evaluate import mean_over_tasks
+
     reports = [(read_eval(out, n, "samples") or {}).get("modes", {}).get("code", []) for n in (name, "sft")]
     if not all(reports) or any(not r.get("correct") for r in reports[0] + reports[1]):
         return None
     sft = {r["task"]: r for r in reports[1]}
-    means, variances = [], []
-    for r in reports[0]:
-        base = sft[r["task"]]
-        d = np.array([c / r["attempts"] - base["correct"][sid] / base["attempts"] for sid, c in r["correct"].items()])
-        means.append(d.mean())
-        variances.append(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0)
-    return float(np.mean(means)), float(np.sqrt(sum(variances)) / len(means))
+    return mean_over_tasks([[c / r["attempts"] - sft[r["task"]]["correct"][sid] / sft[r["task"]]["attempts"]
+                             for sid, c in r["correct"].items()] for r in reports[0]])
 
 
 def results_table(cell) -> list[str]:

@@ -63,6 +63,17 @@ def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMP
     return reports
 
 
+def mean_over_tasks(per_task: list[list[float]]) -> tuple[float, float]:
+    """The mean over tasks of each task's mean over its questions (a value per question: its
+    accuracy, or a difference in accuracy between two models), and that mean's standard error
+    over questions: how much it would move with other questions and other sampled answers."""
+    if not per_task:
+        return float("nan"), float("nan")
+    means = [sum(v) / len(v) for v in per_task]
+    variance = sum(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v) for v, m in zip(per_task, means) if len(v) > 1)
+    return sum(means) / len(means), variance ** 0.5 / len(means)
+
+
 def format_table(reports: list[TaskReport]) -> str:
     lines = [f"{'task':<48}{'samples':>8}{'acc':>8}{'pass@k':>8}{'turns':>7}{'code':>6}"]
     for r in reports:
@@ -70,5 +81,9 @@ def format_table(reports: list[TaskReport]) -> str:
                      f"{r.mean_turns:>7.2f}{r.mean_code_calls:>6.2f}")
     if reports:
         mean = sum(r.accuracy for r in reports) / len(reports)
-        lines.append(f"{'mean over tasks':<48}{'':>8}{mean:>8.3f}")
+        line = f"{'mean over tasks':<48}{'':>8}{mean:>8.3f}"
+        if all(r.correct for r in reports):
+            _, error = mean_over_tasks([[c / r.attempts for c in r.correct.values()] for r in reports])
+            line += f"  ± {error:.3f} (standard error over questions)"
+        lines.append(line)
     return "\n".join(lines)

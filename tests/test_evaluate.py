@@ -56,3 +56,14 @@ def test_merged_shards_keep_every_questions_count():
     [merged] = merge_reports([[a], [b]])
     assert merged.samples == 3 and merged.accuracy == pytest.approx((0.5 * 2 + 0.25) / 3)
     assert merged.correct == {"q1": 4, "q2": 0, "q3": 1}
+
+
+def test_mean_over_tasks_and_its_standard_error():
+    from rci_fast.evaluate import mean_over_tasks
+
+    mean, error = mean_over_tasks([[1.0, 0.0, 0.5], [0.25, 0.75]])
+    assert mean == pytest.approx((0.5 + 0.5) / 2)
+    assert error == pytest.approx((0.25 / 3 + 0.125 / 2) ** 0.5 / 2)  # sample variances 0.25 and 0.125
+    assert mean_over_tasks([[1.0]]) == (1.0, 0.0)  # one question: no spread to measure
+    report = TaskReport("t", 2, 2, 0.5, 1.0, 1.0, 0.0, {"q1": 2, "q2": 0})
+    assert "0.500  ± 0.500 (standard error over questions)" in format_table([report])
