@@ -43,6 +43,8 @@ def test_bench_rollout():
     if native.available():  # the decode step's own GEMM is measured too
         assert all(r["small_gemm"] > 0 for r in rates)
     assert result["plain"]["floor"]["gemm_gflops"] == max(v for r in rates for k, v in r.items() if k != "shape")
+    floor = result["plain"]["floor"]  # and the rate of a whole step's GEMMs in sequence, with its floor
+    assert floor["step_gemms_gflops"] > 0 and result["plain"]["rci_fast_vs_in_sequence_floor"] > 0
     code = result["with_code"]
     assert code["lockstep_serial_tools_tok_s"] > 0 and code["lockstep_parallel_tools_tok_s"] > 0
     assert 0 <= code["code_time_hidden_fraction"] <= 1
