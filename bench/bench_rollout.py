@@ -120,25 +120,27 @@ def gemm_ways(a: torch.Tensor, b: torch.Tensor) -> dict:
     return ways
 
 
+def best_seconds(call, reps: int, device: str = "cpu", rounds: int = 3) -> float:
+    """Seconds per call of `call`: after 3 warm-up calls, the best of `rounds` rounds of `reps`."""
+    for _ in range(3):
+        call()
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
 def gemm_seconds(m: int, k: int, n: int, device: str = "cpu", rounds: int = 3) -> dict:
-    """Seconds per call of each way (gemm_ways) to multiply [m, k] by [k, n] in float32: after a
-    warm-up, the best of `rounds` rounds of enough calls for ~0.1 GFLOP (~10 on a GPU) each."""
+    """Seconds per call of each way (gemm_ways) to multiply [m, k] by [k, n] in float32
+    (best_seconds, rounds of enough calls for ~0.1 GFLOP, ~10 on a GPU)."""
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
     reps = max(5, int((1e10 if device == "cuda" else 1e8) / (2 * m * k * n)))
-    seconds = {}
-    for name, gemm in gemm_ways(a, b).items():
-        for _ in range(3):
-            gemm()
-        best = float("inf")
-        for _ in range(rounds):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                gemm()
-            sync(device)
-            best = min(best, (time.perf_counter() - t0) / reps)
-        seconds[name] = best
-    return seconds
+    return {name: best_seconds(gemm, reps, device, rounds) for name, gemm in gemm_ways(a, b).items()}
 
 
 def decode_gemm_rates(cfg, batch: int) -> list[dict]:
@@ -162,17 +164,7 @@ def step_gemms_gflops(cfg, rows: int) -> float:
     inputs = {k: torch.randn(rows, k) for k in {k for k, _ in shapes}}
     calls = [gemm_ways(inputs[k], torch.randn(k, n)) for k, n in shapes]
     flops = sum(2 * rows * k * n for k, n in shapes)
-    best = float("inf")
-    for way in calls[0]:
-        for _ in range(3):
-            for c in calls:
-                c[way]()
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(10):
-                for c in calls:
-                    c[way]()
-            best = min(best, (time.perf_counter() - t0) / 10)
+    best = min(best_seconds(lambda way=way: [c[way]() for c in calls], 10) for way in calls[0])
     return flops / best / 1e9
 
 
@@ -242,10 +234,9 @@ def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) 
     else:
         rates = decode_gemm_rates(cfg, batch)
         best = max(r for row in rates for name, r in row.items() if name != "shape")
-        in_sequence = step_gemms_gflops(cfg, batch)
-        floor = {"floor_s": decode_flops(cfg, batch, prompt_len, new) / (best * 1e9), "gemm_gflops": best,
-                 "gemm_rates": rates, "step_gemms_gflops": in_sequence,
-                 "in_sequence_floor_s": decode_flops(cfg, batch, prompt_len, new) / (in_sequence * 1e9)}
+        flops, in_sequence = decode_flops(cfg, batch, prompt_len, new), step_gemms_gflops(cfg, batch)
+        floor = {"floor_s": flops / (best * 1e9), "gemm_gflops": best, "gemm_rates": rates,
+                 "step_gemms_gflops": in_sequence, "in_sequence_floor_s": flops / (in_sequence * 1e9)}
     tokens = batch * new
     result = {"tokens": tokens, "rci_fast_tok_s": tokens / ours_s, "transformers_tok_s": tokens / hf_s,
               "floor_tok_s": tokens / floor["floor_s"], "speedup_vs_transformers": hf_s / ours_s,
