@@ -23,7 +23,8 @@ setup(
     packages=find_packages(include=["rci_fast", "rci_fast.*"]) + ["rci_fast.kernels", "rci_fast.sandbox"],
     package_dir={"rci_fast": "rci_fast", "rci_fast.kernels": "kernels", "rci_fast.sandbox": "sandbox"},
     # The C++ CPU kernels are built on first use (model/native.py); split.json is the tasks' train/test split.
-    package_data={"rci_fast.model": ["cpu_kernels.cpp", "small_gemm.cpp", "small_gemm.h"], "rci_fast.tasks": ["split.json"]},
+    package_data={"rci_fast.model": ["cpu_kernels.cpp", "small_gemm.cpp", "small_gemm.h"],
+                  "rci_fast.rollout": ["sampling.cpp"], "rci_fast.tasks": ["split.json"]},
     ext_modules=[sandbox_core],
     cmdclass={"build_ext": build_ext},
     # The sandbox alone needs only these (it never imports torch); training needs [train].
@@ -31,7 +32,7 @@ setup(
     extras_require={
         "train": ["torch>=2.6", "triton>=3.2", "transformers>=4.45", "safetensors>=0.4",
                   "tokenizers>=0.20", "pyyaml>=6", "tqdm>=4.66", "reasoning-gym>=0.1.25",
-                  "ninja>=1.11"],  # ninja: builds the C++ CPU kernels (model/*.cpp) on first use
+                  "ninja>=1.11"],  # ninja: builds the C++ CPU kernels (model/*.cpp, rollout/sampling.cpp) on first use
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pyflakes>=3", "tensorboard>=2.14"],
         "demo": ["matplotlib>=3.7"],  # the plots of `rci-fast demo`'s report
         "bench": ["trl==1.16.0"],  # bench/bench_vs_trl.py (pulls accelerate, datasets; keeps torch)

@@ -2,7 +2,7 @@
 
 cpu_kernels.cpp holds the rollout engine's decode step for float32 models (cpu_decode.py; its
 GEMMs are small_gemm.cpp's) and fused RMSNorm, SwiGLU, RoPE and packed causal attention, forward
-and backward, for training (cpu_ops.py).
+and backward, for training (cpu_ops.py); rollout/sampling.cpp the engine's sampler on a CPU.
 
 torch.utils.cpp_extension compiles them once (~30 s with 2 cores) into a folder per Python and
 torch version under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR to move it); later processes
@@ -24,7 +24,9 @@ import sys
 import threading
 import warnings
 
-SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("cpu_kernels.cpp", "small_gemm.cpp")]
+_HERE = os.path.dirname(__file__)
+SOURCES = [os.path.join(_HERE, "cpu_kernels.cpp"), os.path.join(_HERE, "small_gemm.cpp"),
+           os.path.join(_HERE, "..", "rollout", "sampling.cpp")]
 log = logging.getLogger("rci_fast.native")
 _lock = threading.Lock()
 _state: dict[str, str | bool] = {}  # "loaded": True, or "error": why the build failed

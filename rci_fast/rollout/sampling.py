@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rci_fast.model import native
+
 
 @dataclass
 class SamplingParams:
@@ -46,10 +48,20 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     # Inverse-CDF sampling: one uniform number per row. torch.multinomial (and any per-logit
     # noise from a seeded generator) costs ~10 ms for 64 x 8k on CPU, more than the model.
-    # Three passes over the logits (max, exp, cumsum); the log-prob needs only the sampled ones.
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device).clamp_(min=1e-12)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and native.available():
+        ids, top, total = torch.ops.rci_fast_cpu.inverse_cdf_sample(logits.contiguous(), u)  # sampling.cpp
+    else:
+        ids, top, total = inverse_cdf_torch(logits, u)
+    return ids.squeeze(-1), (logits.gather(-1, ids) - top - total.log()).squeeze(-1)
+
+
+def inverse_cdf_torch(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V], uniforms u [B, 1] -> (ids [B, 1] sampled with u, each row's max [B, 1], the
+    sum of exp(logits - max) [B, 1]). Three passes over the logits (max, exp, cumsum); on a CPU
+    sampling.cpp gives the same bits in one pass per block of rows."""
     top = logits.amax(-1, keepdim=True)  # not max(): that also finds the indices, 4x the time
     cdf = (logits - top).exp_().cumsum_(-1)
     total = cdf[:, -1:]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device).clamp_(min=1e-12)
     ids = torch.searchsorted(cdf, u * total).clamp_(max=cdf.shape[-1] - 1)
-    return ids.squeeze(-1), (logits.gather(-1, ids) - top - total.log()).squeeze(-1)
+    return ids, top, total
