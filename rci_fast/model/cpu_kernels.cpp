@@ -8,8 +8,8 @@
 // layer at ~10 us each, plus a boolean mask, an index_put for the cache write and a flash kernel
 // built for blocks of queries). Here a layer is four GEMMs (small_gemm.cpp, on weights packed
 // once) and SwiGLU's two ATen calls around three loops: RMSNorm, RoPE + cache write, and attention
-// that reads each key/value row once for each pair of query heads that share it (grouped-query
-// attention), only up to the row's own position.
+// for the query heads that share a key/value head one after another, so that only the first reads
+// its rows from memory (grouped-query attention), only up to the row's own position.
 // The reference is Transformer.forward_cached (transformer.py); tests/test_cpu_decode.py holds
 // the two to each other.
 //
@@ -116,7 +116,7 @@ typedef float float4v __attribute__((vector_size(16), aligned(4)));
 // sum8 of four vectors at once, each added in sum8's order (lanes i and i + 4, then neighbours,
 // then the two halves): the same four floats as four sum8 calls, in ~a third of the instructions.
 inline float4v sum8x4(float8 a, float8 b, float8 c, float8 d) {
-  auto fold = [](float8 v) {  // (v[i] + v[i + 4]) for i < 4
+  auto fold = [](float8 v) {  // v[i] + v[i + 4] for i < 4
     return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   };
   const float4v ta = fold(a), tb = fold(b), tc = fold(c), td = fold(d);
@@ -125,102 +125,70 @@ inline float4v sum8x4(float8 a, float8 b, float8 c, float8 d) {
   return __builtin_shufflevector(ab, cd, 0, 2, 4, 6) + __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
 }
 
-// Scores of H query heads (q rows `dim` floats apart) against `n` key rows (`dim` floats apart),
-// times `scale`, head h's into scores + h * n. Four keys at a time: four independent chains of
-// multiply-adds per head (one chain per dot would wait on itself); the H heads share each key
-// load. Every score is the same chain whatever H and wherever its key falls: 8 lanes over the
-// dimensions, sum8, then the dim % 8 rest one float at a time.
-template <int H>
-inline __attribute__((always_inline)) void key_scores_body(const float* q, const float* keys, float* scores, int64_t n,
-                                                           int64_t dim, float scale) {
+// Scores of one query head against `n` key rows (`dim` floats apart), times `scale`. Four keys
+// at a time: four independent chains of multiply-adds (one chain per dot would wait on itself),
+// summed across lanes together. Every score is the same chain wherever its key falls: 8 lanes
+// over the dimensions, sum8, then the dim % 8 rest one float at a time.
+VECTOR_CLONES
+void key_scores(const float* q, const float* keys, float* scores, int64_t n, int64_t dim, float scale) {
   const int64_t vec = dim - dim % 8;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const float* k = keys + j * dim;
-    float8 a[H][4] = {};
+    float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t i = 0; i < vec; i += 8) {
-      const float8 k0 = load8(k + i), k1 = load8(k + dim + i), k2 = load8(k + 2 * dim + i), k3 = load8(k + 3 * dim + i);
-      for (int h = 0; h < H; ++h) {
-        const float8 qi = load8(q + h * dim + i);
-        a[h][0] += qi * k0;
-        a[h][1] += qi * k1;
-        a[h][2] += qi * k2;
-        a[h][3] += qi * k3;
-      }
+      const float8 qi = load8(q + i);
+      a0 += qi * load8(k + i);
+      a1 += qi * load8(k + dim + i);
+      a2 += qi * load8(k + 2 * dim + i);
+      a3 += qi * load8(k + 3 * dim + i);
     }
-    for (int h = 0; h < H; ++h) {
-      float4v sums = sum8x4(a[h][0], a[h][1], a[h][2], a[h][3]);
-      const float* qh = q + h * dim;
-      for (int64_t i = vec; i < dim; ++i)
-        sums += float4v{qh[i] * k[i], qh[i] * k[dim + i], qh[i] * k[2 * dim + i], qh[i] * k[3 * dim + i]};
-      const float4v scaled = sums * scale;
-      std::memcpy(scores + h * n + j, &scaled, sizeof scaled);
-    }
+    float4v sums = sum8x4(a0, a1, a2, a3);
+    for (int64_t i = vec; i < dim; ++i)
+      sums += float4v{q[i] * k[i], q[i] * k[dim + i], q[i] * k[2 * dim + i], q[i] * k[3 * dim + i]};
+    const float4v scaled = sums * scale;
+    std::memcpy(scores + j, &scaled, sizeof scaled);
   }
   for (; j < n; ++j) {
     const float* k = keys + j * dim;
-    for (int h = 0; h < H; ++h) {
-      const float* qh = q + h * dim;
-      float8 a = {};
-      for (int64_t i = 0; i < vec; i += 8) a += load8(qh + i) * load8(k + i);
-      float sum = sum8(a);
-      for (int64_t i = vec; i < dim; ++i) sum += qh[i] * k[i];
-      scores[h * n + j] = sum * scale;
-    }
+    float8 a = {};
+    for (int64_t i = 0; i < vec; i += 8) a += load8(q + i) * load8(k + i);
+    float sum = sum8(a);
+    for (int64_t i = vec; i < dim; ++i) sum += q[i] * k[i];
+    scores[j] = sum * scale;
   }
 }
 
-// out[h] = sum_j weights[h * n + j] * values[j] over `n` rows (`dim` floats apart) for H heads
-// (outputs `dim` floats apart): 32 output floats at a time in four registers per head, all rows
-// streamed through them once for the H heads.
-template <int H>
-inline __attribute__((always_inline)) void weighted_values_body(const float* weights, const float* values, float* out,
-                                                                int64_t n, int64_t dim) {
+// out = sum_j weights[j] * values[j] over `n` rows (`dim` floats apart): 32 output floats at a
+// time in four registers, all rows streamed through them.
+VECTOR_CLONES
+void weighted_values(const float* weights, const float* values, float* out, int64_t n, int64_t dim) {
   int64_t i = 0;
   for (; i + 32 <= dim; i += 32) {
-    float8 a[H][4] = {};
+    float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t j = 0; j < n; ++j) {
       const float* v = values + j * dim + i;
-      const float8 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
-      for (int h = 0; h < H; ++h) {
-        const float w = weights[h * n + j];
-        a[h][0] += w * v0;
-        a[h][1] += w * v1;
-        a[h][2] += w * v2;
-        a[h][3] += w * v3;
-      }
+      const float w = weights[j];
+      a0 += w * load8(v);
+      a1 += w * load8(v + 8);
+      a2 += w * load8(v + 16);
+      a3 += w * load8(v + 24);
     }
-    for (int h = 0; h < H; ++h)
-      for (int c = 0; c < 4; ++c) store8(out + h * dim + i + 8 * c, a[h][c]);
+    store8(out + i, a0);
+    store8(out + i + 8, a1);
+    store8(out + i + 16, a2);
+    store8(out + i + 24, a3);
   }
   for (; i + 8 <= dim; i += 8) {
-    float8 a[H] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const float8 v = load8(values + j * dim + i);
-      for (int h = 0; h < H; ++h) a[h] += weights[h * n + j] * v;
-    }
-    for (int h = 0; h < H; ++h) store8(out + h * dim + i, a[h]);
+    float8 a = {};
+    for (int64_t j = 0; j < n; ++j) a += weights[j] * load8(values + j * dim + i);
+    store8(out + i, a);
   }
-  for (; i < dim; ++i)
-    for (int h = 0; h < H; ++h) {
-      float a = 0.f;
-      for (int64_t j = 0; j < n; ++j) a += weights[h * n + j] * values[j * dim + i];
-      out[h * dim + i] = a;
-    }
-}
-
-// One head, or two that share each key and value load (grouped-query attention).
-VECTOR_CLONES void key_scores1(const float* q, const float* keys, float* scores, int64_t n, int64_t dim, float scale) {
-  key_scores_body<1>(q, keys, scores, n, dim, scale);
-}
-VECTOR_CLONES void key_scores2(const float* q, const float* keys, float* scores, int64_t n, int64_t dim, float scale) {
-  key_scores_body<2>(q, keys, scores, n, dim, scale);
-}
-VECTOR_CLONES void weighted_values1(const float* weights, const float* values, float* out, int64_t n, int64_t dim) {
-  weighted_values_body<1>(weights, values, out, n, dim);
-}
-VECTOR_CLONES void weighted_values2(const float* weights, const float* values, float* out, int64_t n, int64_t dim) {
-  weighted_values_body<2>(weights, values, out, n, dim);
+  for (; i < dim; ++i) {
+    float a = 0.f;
+    for (int64_t j = 0; j < n; ++j) a += weights[j] * values[j * dim + i];
+    out[i] = a;
+  }
 }
 
 // SwiGLU on [a, b): h = silu(g) * u with sig = sigmoid(g) given.
@@ -296,16 +264,14 @@ float softmax_row(float* s, int64_t n, int64_t width, float scale) {
 }
 
 // out[h] = softmax(q[h] . K[0..n) * scale) V for the `group` query heads that share one key/value
-// head (rows `dim` floats apart), two heads per pass over the keys and values; scores is scratch
-// of 2n floats. The softmax is the training attention's row pass (exp8: a scalar std::exp per
-// score was ~1 ms of a 64-row decode step).
+// head (rows `dim` floats apart); scores is scratch of n floats. The softmax is the training
+// attention's row pass (exp8: a scalar std::exp per score was ~1 ms of a 64-row decode step).
 void gqa_attention(const float* q, const float* keys, const float* values, float* out, float* scores,
                    int64_t group, int64_t n, int64_t dim, float scale) {
-  for (int64_t h = 0; h < group; h += 2) {
-    const bool pair = h + 1 < group;
-    (pair ? key_scores2 : key_scores1)(q + h * dim, keys, scores, n, dim, scale);
-    for (int64_t i = 0; i < (pair ? 2 : 1); ++i) softmax_row(scores + i * n, n, n, 1.f);
-    (pair ? weighted_values2 : weighted_values1)(scores, values, out + h * dim, n, dim);
+  for (int64_t h = 0; h < group; ++h) {
+    key_scores(q + h * dim, keys, scores, n, dim, scale);
+    softmax_row(scores, n, n, 1.f);
+    weighted_values(scores, values, out + h * dim, n, dim);
   }
 }
 
@@ -426,7 +392,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
       std::vector<float> scores;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / num_kv_heads, g = item % num_kv_heads, n = p[b] + 1;
-        scores.resize(2 * n);
+        scores.resize(n);
         const int64_t base = layer_base + ((first_slot + b) * num_kv_heads + g) * max_len * D;
         const int64_t head = b * q_width + g * group * D;
         gqa_attention(qkv_p + b * row_width + g * group * D, kc + base, vc + base, attn_p + head,
