@@ -187,54 +187,65 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0) -> dict:
+def plain_decoding(tok, hf, ours, batch, prompt_len, new, device="cpu", seed=0, rounds=3) -> dict:
+    """Tokens/s of each way to decode the same prompts, each its best of `rounds` timed runs taken
+    in turn, and on a CPU the floor's GEMM rates measured after each round, each its best too (a
+    VM's speed drifts by tens of percent, at times by half, within minutes: one run each could
+    set a fast minute against a slow one)."""
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(5, len(tok), (batch, prompt_len), generator=g)
-    engine = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch)
     params = SamplingParams(temperature=1.0, max_new_tokens=new, stop_at_answer=False, seed=seed)
-    engine.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
-    t0 = time.perf_counter()
-    trajs = engine.generate(prompts.tolist(), params)
-    ours_s = time.perf_counter() - t0
-    assert all(len(t.token_ids) == prompt_len + new for t in trajs)
-    python_step_s = graphs_s = None
-    if engine.stats["cpu_decode"]:  # the same run with the Python decode step it replaced
-        python_step = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cpu_decode=False)
-        python_step.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
-        t0 = time.perf_counter()
-        python_step.generate(prompts.tolist(), params)
-        python_step_s = time.perf_counter() - t0
-    if device == "cuda":  # the same run with decode steps replayed as CUDA graphs
-        graphs = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cuda_graphs=True)
-        graphs.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
+    warm_up = SamplingParams(max_new_tokens=4)
+    engines = {"rci_fast": RolloutEngine(ours, tok, eos_ids=[], max_batch=batch)}
+    engines["rci_fast"].generate(prompts[:2].tolist(), warm_up)
+    if engines["rci_fast"].stats["cpu_decode"]:  # the same runs with the Python decode step it replaced
+        engines["python_step"] = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cpu_decode=False)
+    if device == "cuda":  # the same runs with decode steps replayed as CUDA graphs
         # Each generate captures its own graphs (they hold its cache): the timing includes that.
-        t0 = time.perf_counter()
-        graph_trajs = graphs.generate(prompts.tolist(), params)
-        graphs_s = time.perf_counter() - t0
-        same = sum(a.token_ids == b.token_ids for a, b in zip(trajs, graph_trajs))
+        engines["graphs"] = RolloutEngine(ours, tok, eos_ids=[], max_batch=batch, cuda_graphs=True)
+    for engine in list(engines.values())[1:]:
+        engine.generate(prompts[:2].tolist(), warm_up)
+    on_device = prompts.to(device)
+
+    def hf_generate(ids, n):
+        return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
+                           top_p=1.0, pad_token_id=0)
+
+    hf_generate(on_device[:2], 4)
+    ways = {name: (lambda e=e: e.generate(prompts.tolist(), params)) for name, e in engines.items()}
+    ways["transformers"] = lambda: hf_generate(on_device, new)
+    cfg = hf.config
+    seconds, outputs, cpu_rates = {name: float("inf") for name in ways}, {}, []
+    for _ in range(rounds):
+        for name, run in ways.items():
+            sync(device)
+            t0 = time.perf_counter()
+            outputs[name] = run()
+            sync(device)
+            seconds[name] = min(seconds[name], time.perf_counter() - t0)
+        if device == "cpu":  # the floor's GEMM rates between the runs: in the same minutes as they
+            cpu_rates.append((decode_gemm_rates(cfg, batch), step_gemms_gflops(cfg, batch)))
+    trajs, out = outputs["rci_fast"], outputs["transformers"]
+    assert all(len(t.token_ids) == prompt_len + new for t in trajs)
+    assert out.shape == (batch, prompt_len + new)
+    if "graphs" in outputs:
+        same = sum(a.token_ids == b.token_ids for a, b in zip(trajs, outputs["graphs"]))
         # In bf16 the graphs' padded key length sums attention in another order than the eager
         # step: a near-flat distribution (a random model's) then samples another token sooner or
         # later. How many new tokens agree before the first difference says which.
         agree = [next((i for i, (x, y) in enumerate(zip(a.token_ids[prompt_len:], b.token_ids[prompt_len:]))
-                       if x != y), new) for a, b in zip(trajs, graph_trajs)]
+                       if x != y), new) for a, b in zip(trajs, outputs["graphs"])]
         print(f"CUDA graphs: {same}/{batch} sequences identical to the eager engine's (sampled, same seed); "
               f"new tokens equal before the first difference: mean {sum(agree) / batch:.1f}, min {min(agree)}")
-    prompts = prompts.to(device)
-    hf.generate(prompts[:2], max_new_tokens=4, do_sample=True, pad_token_id=0)
-    sync(device)
-    t0 = time.perf_counter()
-    out = hf.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=True,
-                      temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
-    sync(device)
-    hf_s = time.perf_counter() - t0
-    assert out.shape == (batch, prompt_len + new)
-    cfg = hf.config
+    ours_s, hf_s = seconds["rci_fast"], seconds["transformers"]
+    python_step_s, graphs_s = seconds.get("python_step"), seconds.get("graphs")
     if device == "cuda":
         floor = gpu_floor_s(cfg, sum(p.numel() for p in hf.parameters()), batch, prompt_len, new)
-    else:
-        rates = decode_gemm_rates(cfg, batch)
+    else:  # each shape's and way's best rate over the rounds
+        rates = [{key: row[key] if key == "shape" else max(r[i][key] for r, _ in cpu_rates) for key in row}
+                 for i, row in enumerate(cpu_rates[0][0])]
         best = max(r for row in rates for name, r in row.items() if name != "shape")
-        flops, in_sequence = decode_flops(cfg, batch, prompt_len, new), step_gemms_gflops(cfg, batch)
+        flops, in_sequence = decode_flops(cfg, batch, prompt_len, new), max(r for _, r in cpu_rates)
         floor = {"floor_s": flops / (best * 1e9), "gemm_gflops": best, "gemm_rates": rates,
                  "step_gemms_gflops": in_sequence, "in_sequence_floor_s": flops / (in_sequence * 1e9)}
     tokens = batch * new
