@@ -2,11 +2,12 @@
 (sampling.inverse_cdf_torch): the same ids, maxima and totals bit for bit, so that a rollout
 draws the same tokens with either. Odd shapes: rows that fill no block of 8 or a partial last one,
 vocabularies that are no multiple of the vector width, masked (-inf) logits as top-k and top-p
-leave them, a row of a single finite logit, NaN."""
+leave them, a row of a single finite logit, rows with NaN or +-inf, no rows."""
 import pytest
 import torch
 
 from rci_fast.model import native
+from rci_fast.rollout import sampling
 from rci_fast.rollout.sampling import SamplingParams, inverse_cdf_torch, sample
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"C++ CPU kernels not built: {native.error()}")
@@ -19,8 +20,12 @@ def fused(logits, u):
 def assert_same_bits(logits, u):
     for ours, ref in zip(fused(logits, u), inverse_cdf_torch(logits, u)):
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
-        assert torch.equal(ours, ref) or torch.equal(ours.isnan(), ref.isnan()) and torch.equal(
-            ours.nan_to_num(), ref.nan_to_num())
+        if ours.is_floating_point():  # bit patterns (-0.0 is not 0.0), NaN where the reference has one
+            nan = ref.isnan()
+            assert torch.equal(ours.isnan(), nan)
+            assert torch.equal(ours[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+        else:
+            assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 5), (7, 1000), (9, 1023), (16, 8192), (64, 1031)])
@@ -37,16 +42,20 @@ def test_same_bits_as_the_torch_reference(rows, vocab):
     assert_same_bits(torch.randn(rows, vocab, generator=g), edges.contiguous())
 
 
-def test_nan_and_single_logit_rows():
+def test_rows_with_nan_inf_or_a_single_logit():
     logits = torch.randn(10, 300, generator=torch.Generator().manual_seed(0))
     logits[3, 17] = float("nan")
     logits[5] = float("-inf")
     logits[5, 250] = 2.0
+    logits[6] = float("-inf")  # nothing to draw: NaN sums, the last index
+    logits[8, 40] = float("inf")
     u = torch.rand(10, 1, generator=torch.Generator().manual_seed(1))
     assert_same_bits(logits, u)
     ids, top, total = fused(logits, u)
     assert ids[5, 0] == 250 and top[5, 0] == 2.0 and total[5, 0] == 1.0
-    assert top[3, 0].isnan()
+    assert top[3, 0].isnan() and ids[6, 0] == 299
+    assert_same_bits(torch.full((3, 1), float("-inf")), u[:3].contiguous())
+    assert all(t.shape[0] == 0 for t in fused(torch.zeros(0, 7), torch.zeros(0, 1)))
 
 
 def test_sample_takes_the_same_draws_either_way(monkeypatch):
@@ -58,7 +67,12 @@ def test_sample_takes_the_same_draws_either_way(monkeypatch):
     def draws():
         return [sample(logits.clone(), p, torch.Generator().manual_seed(p.seed)) for p in modes]
 
+    def no_torch_path(*args):
+        raise AssertionError("sample() took the torch path with the C++ kernels built")
+
+    monkeypatch.setattr(sampling, "inverse_cdf_torch", no_torch_path)
     ours = draws()
+    monkeypatch.undo()
     monkeypatch.setattr(native, "available", lambda: False)
     for (ids, logps), (ref_ids, ref_logps) in zip(ours, draws()):
         assert torch.equal(ids, ref_ids) and torch.equal(logps, ref_logps)
@@ -69,5 +83,7 @@ def test_rejects_bad_input():
         fused(torch.zeros(4, 6, dtype=torch.float64), torch.zeros(4, 1))
     with pytest.raises(RuntimeError, match="contiguous float32 CPU matrix"):
         fused(torch.zeros(6, 4).t(), torch.zeros(4, 1))
-    with pytest.raises(RuntimeError, match="one float32 per row"):
-        fused(torch.zeros(4, 6), torch.zeros(3, 1))
+    for u in (torch.zeros(3, 1), torch.zeros(4), torch.zeros(1, 4)):  # the reference would broadcast [4]
+        with pytest.raises(RuntimeError, match="one uniform per row"):
+            fused(torch.zeros(4, 6), u)
+

@@ -87,6 +87,9 @@ def _load() -> None:
             os.remove(stale)
         log.info("loading rci_fast's C++ CPU kernels (built once per machine, ~30 s the first time)")
         # -fopenmp: at::parallel_for is inline code with an OpenMP pragma (torch's own libgomp
-        # serves it at run time: same soname, already loaded).
-        load("rci_fast_cpu", SOURCES, extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"],
+        # serves it at run time: same soname, already loaded). -ffp-contract=off: a * b + c stays
+        # two roundings wherever the target has FMA (aarch64; x86 clones here have none), so a
+        # kernel's bits do not depend on where the compiler chose to fuse (explicit FMAs stay).
+        load("rci_fast_cpu", SOURCES, extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"],
+             extra_ldflags=["-fopenmp"],
              build_directory=folder, is_python_module=False)

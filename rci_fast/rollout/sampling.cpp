@@ -1,7 +1,8 @@
-// Inverse-CDF sampling of the rollout engine (sampling.py) in one pass per block of rows, float32 on
-// a CPU: max, exp(x - max), cumulative sum and the search for u * total. The torch reference
-// (sampling.inverse_cdf_torch) is four operators, each a pass over [rows, vocab] in memory, ~1 ms of
-// a 64 x 8192 decode step's ~7 (bench/RESULTS.md); here each block of rows stays in cache.
+// Inverse-CDF sampling of the rollout engine (sampling.py), float32 on a CPU: max, exp(x - max),
+// cumulative sum and the search for u * total, block of 8 rows by block while the block is in
+// cache. The torch reference (sampling.inverse_cdf_torch) runs each operator (max, subtract, exp,
+// cumsum) over all of [rows, vocab] in turn, ~1 ms of a 64 x 8192 decode step's ~7
+// (bench/RESULTS.md).
 //
 // Same bits as the reference, so that a rollout draws the same tokens either way: the exp is
 // torch's own (at::exp_ on the block: MKL's or Sleef's, whichever this torch build uses), the sum
@@ -74,8 +75,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inverse_cdf_sample(const at::Tens
               "inverse_cdf_sample: logits must be a contiguous float32 CPU matrix [rows, vocab], got ",
               logits.sizes(), " ", logits.scalar_type());
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(u.is_contiguous() && u.scalar_type() == at::kFloat && u.device().is_cpu() && u.numel() == B,
-              "inverse_cdf_sample: u must hold one float32 per row");
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == B && u.size(1) == 1 && u.is_contiguous() &&
+                  u.scalar_type() == at::kFloat && u.device().is_cpu(),
+              "inverse_cdf_sample: u must be [rows, 1] float32 on the CPU, one uniform per row");
   at::Tensor ids = at::empty({B, 1}, logits.options().dtype(at::kLong));
   at::Tensor top = at::empty({B, 1}, logits.options()), total = at::empty({B, 1}, logits.options());
   const float *x = logits.data_ptr<float>(), *up = u.data_ptr<float>();

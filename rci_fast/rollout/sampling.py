@@ -31,7 +31,9 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     """logits [B, V] (float32) -> (token ids [B], their log-probs [B]).
 
     The log-prob is that of the distribution the token was drawn from (after temperature, top-k
-    and top-p); greedy reports the log-prob under temperature 1."""
+    and top-p); greedy reports the log-prob under temperature 1. On a CPU, float32 logits are
+    drawn by sampling.cpp where rci_fast's C++ kernels are built: the same draws, to the bit, as
+    inverse_cdf_torch. Neither gives gradients (both work in place): a sampler, not a loss."""
     if params.temperature == 0:
         ids = logits.argmax(-1)
         return ids, torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
@@ -58,8 +60,8 @@ def sample(logits: torch.Tensor, params: SamplingParams,
 
 def inverse_cdf_torch(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V], uniforms u [B, 1] -> (ids [B, 1] sampled with u, each row's max [B, 1], the
-    sum of exp(logits - max) [B, 1]). Three passes over the logits (max, exp, cumsum); on a CPU
-    sampling.cpp gives the same bits in one pass per block of rows."""
+    sum of exp(logits - max) [B, 1]). Four passes over the logits (max, subtract, exp, cumsum);
+    on a CPU sampling.cpp gives the same bits block of rows by block, in cache."""
     top = logits.amax(-1, keepdim=True)  # not max(): that also finds the indices, 4x the time
     cdf = (logits - top).exp_().cumsum_(-1)
     total = cdf[:, -1:]
