@@ -30,14 +30,17 @@ def paths():
     ops.small_gemm_isa(before)
 
 
-def test_pack_panels_layout():
-    w = torch.arange(5 * 70, dtype=torch.float32).view(5, 70)
-    packed = ops.pack_panels(w.t().contiguous().t())  # any strides
-    assert packed.shape == (3, 5, 32)
-    for p in range(3):
+@pytest.mark.parametrize("n", [70, 64, 7])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_pack_panels_layout(n, transposed):
+    w = torch.arange(1, 5 * n + 1, dtype=torch.float32).view(5, n)
+    packed = ops.pack_panels(w.t().contiguous().t() if transposed else w)  # any strides
+    panels = (n + 31) // 32
+    assert packed.shape == (panels, 5, 32) and packed.is_contiguous()
+    for p in range(panels):
         cols = w[:, 32 * p: 32 * p + 32]
         assert torch.equal(packed[p, :, : cols.shape[1]], cols)
-    assert torch.equal(packed[2, :, 6:], torch.zeros(5, 26))  # the last panel's padding
+    assert torch.equal(packed[-1, :, n - 32 * (panels - 1):], torch.zeros(5, 32 * panels - n))  # padding
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
