@@ -58,6 +58,53 @@ def test_decode_step_matches_python_forward(name):
         torch.testing.assert_close(ours.v, ref.v, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decode_step_reads_a_shared_prefix_from_another_slot(name):
+    """Rows read their positions below prefix lengths[b] from slot prefix slots[b], the rest
+    (their own new key always) from their own slot: the same bits as the same keys and values in
+    the row's own slot."""
+    cfg = CONFIGS[name]
+    step = CpuDecodeStep(random_model(cfg))
+    slots, max_len, shared = 5, 40, 6
+    g = torch.Generator().manual_seed(2)
+    cache = KVCache(cfg, slots, max_len, torch.float32)
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    cache.k[:, 2, :, :shared] = cache.k[:, 0, :, :shared]  # slot 2 holds slot 0's prompt
+    cache.v[:, 2, :, :shared] = cache.v[:, 0, :, :shared]
+    ids, positions = torch.tensor([5, 9, 7]), torch.tensor([shared + 3, 11, shared])
+
+    def logits(cache, prefix=None):
+        work = KVCache(cfg, slots, max_len, torch.float32)
+        work.k.copy_(cache.k)
+        work.v.copy_(cache.v)
+        return step(ids, positions, 0, work, prefix), work
+
+    plain, plain_cache = logits(cache)
+    # Row 2 reads slot 0's copy of its prompt; rows 0 and 1 their own slots: the same bits.
+    same, same_cache = logits(cache, torch.tensor([[0, 1, 0], [shared, 0, shared]]))
+    assert torch.equal(same.view(torch.int32), plain.view(torch.int32))
+    assert torch.equal(same_cache.k, plain_cache.k) and torch.equal(same_cache.v, plain_cache.v)
+    # Row 1 reads slot 4 below position 8 (different values): as if they were in its own slot.
+    # A length past the row's position (100) is cut to it: the row's own new key is its own.
+    moved = KVCache(cfg, slots, max_len, torch.float32)
+    moved.k.copy_(cache.k)
+    moved.v.copy_(cache.v)
+    moved.k[:, 1, :, :8] = cache.k[:, 4, :, :8]
+    moved.v[:, 1, :, :8] = cache.v[:, 4, :, :8]
+    for length, reference in ((8, moved), (100, None)):
+        if reference is None:
+            reference = KVCache(cfg, slots, max_len, torch.float32)
+            reference.k.copy_(cache.k)
+            reference.v.copy_(cache.v)
+            reference.k[:, 1, :, :11] = cache.k[:, 4, :, :11]
+            reference.v[:, 1, :, :11] = cache.v[:, 4, :, :11]
+        got, _ = logits(cache, torch.tensor([[0, 4, 2], [0, length, 0]]))
+        want, _ = logits(reference)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        assert not torch.equal(got[1], plain[1]) and torch.equal(got[0], plain[0])
+
+
 def test_decode_step_rejects_what_it_cannot_run():
     cfg = CONFIGS["qwen2-group3"]
     model = random_model(cfg)
@@ -71,6 +118,14 @@ def test_decode_step_rejects_what_it_cannot_run():
         step(torch.tensor([1, 2]), torch.tensor([0, 1]), 1, cache)
     with pytest.raises(RuntimeError, match="ids and positions must be"):
         step(torch.tensor([1, 2]), torch.tensor([0, 1, 2]), 0, cache)
+    ids, positions = torch.tensor([1, 2]), torch.tensor([3, 1])
+    with pytest.raises(RuntimeError, match="a prefix slot is outside the cache"):
+        step(ids, positions, 0, cache, torch.tensor([[0, 2], [3, 1]]))
+    with pytest.raises(RuntimeError, match=r"prefix_slots and prefix_lens must be \[B\] int64"):
+        step(ids, positions, 0, cache, torch.tensor([[0], [3]]))
+    with pytest.raises(RuntimeError, match="prefix_slots and prefix_lens come together"):
+        torch.ops.rci_fast_cpu.decode_step(ids, positions, 0, cache.k, cache.v, step.inv_freq, step.weights,
+                                           step.heads, step.kv_heads, step.eps, torch.tensor([0, 1]), None)
 
 
 def test_engine_rejects_cpu_decode_for_a_bf16_model():

@@ -97,6 +97,31 @@ def test_repeated_prompts_are_prefilled_once_with_the_same_results(tok, models, 
     assert shared == 2 * (len(ps[0]) - 1)
 
 
+def test_group_rows_read_one_copy_of_their_prompt_to_the_bit(tok, models, monkeypatch):
+    """The C++ step reads a group's prompt from one twin's slot (CpuDecodeStep's prefix). Sampled
+    rollouts with early EOS, slots refilled with other prompts and prompts handed from a finished
+    holder to a twin are the same to the bit as with every row reading its own copy."""
+    from rci_fast.model.cpu_decode import CpuDecodeStep
+    _, ours = models
+    batch = [p * 3 for p in prompts(tok) for _ in range(4)]  # 4 groups of 4
+    params = SamplingParams(temperature=1.0, max_new_tokens=30, stop_at_answer=False, seed=5)
+    real, elsewhere = CpuDecodeStep.__call__, []
+
+    def run(share: bool):
+        def call(self, ids, positions, first_slot, cache, prefix=None):
+            elsewhere.append(bool((prefix[0] != torch.arange(first_slot, first_slot + len(ids))).any()))
+            return real(self, ids, positions, first_slot, cache, prefix if share else None)
+        monkeypatch.setattr(CpuDecodeStep, "__call__", call)
+        engine = RolloutEngine(ours, tok, eos_ids=list(range(3, len(tok), 24)), max_batch=6, cpu_decode=True)
+        return [(t.token_ids, t.logprobs) for t in engine.generate(batch, params)]
+
+    shared = run(True)
+    assert shared == run(False)
+    lengths = [len(ids) - len(p) for (ids, _), p in zip(shared, batch)]
+    assert min(lengths) < 10 and max(lengths) == 30  # early stops: slots refilled mid-run
+    assert sum(elsewhere) > 20  # rows did read another slot's copy
+
+
 def test_engine_falls_back_to_the_python_step_without_the_cpp_build(tok, models, monkeypatch):
     from rci_fast.model import native
     monkeypatch.setattr(native, "_state", {"error": "RuntimeError: no compiler"})  # a failed build

@@ -165,12 +165,20 @@ void key_scores(const float* q, const float* keys, float* scores, int64_t n, int
 }
 
 // out = sum_j weights[j] * values[j] over `n` rows (`dim` floats apart): 32 output floats at a
-// time in four registers, all rows streamed through them.
+// time in four registers, all rows streamed through them. With `more`, the sums go on from out's
+// values: rows given in two calls add in the same order, to the same bits, as in one.
 VECTOR_CLONES
-void weighted_values(const float* weights, const float* values, float* out, int64_t n, int64_t dim) {
+void weighted_values(const float* weights, const float* values, float* out, int64_t n, int64_t dim,
+                     bool more = false) {
   int64_t i = 0;
   for (; i + 32 <= dim; i += 32) {
     float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    if (more) {
+      a0 = load8(out + i);
+      a1 = load8(out + i + 8);
+      a2 = load8(out + i + 16);
+      a3 = load8(out + i + 24);
+    }
     for (int64_t j = 0; j < n; ++j) {
       const float* v = values + j * dim + i;
       const float w = weights[j];
@@ -185,12 +193,12 @@ void weighted_values(const float* weights, const float* values, float* out, int6
     store8(out + i + 24, a3);
   }
   for (; i + 8 <= dim; i += 8) {
-    float8 a = {};
+    float8 a = more ? load8(out + i) : float8{};
     for (int64_t j = 0; j < n; ++j) a += weights[j] * load8(values + j * dim + i);
     store8(out + i, a);
   }
   for (; i < dim; ++i) {
-    float a = 0.f;
+    float a = more ? out[i] : 0.f;
     for (int64_t j = 0; j < n; ++j) a += weights[j] * values[j * dim + i];
     out[i] = a;
   }
@@ -269,14 +277,20 @@ float softmax_row(float* s, int64_t n, int64_t width, float scale) {
 }
 
 // out[h] = softmax(q[h] . K[0..n) * scale) V for the `group` query heads that share one key/value
-// head (rows `dim` floats apart); scores is scratch of n floats. The softmax is the training
-// attention's row pass (exp8: a scalar std::exp per score was ~1 ms of a 64-row decode step).
-void gqa_attention(const float* q, const float* keys, const float* values, float* out, float* scores,
-                   int64_t group, int64_t n, int64_t dim, float scale) {
+// head (rows `dim` floats apart); scores is scratch of n floats. Rows below `shared` come from
+// shared_keys/shared_values (a prompt another row holds: its copy read by several rows stays in
+// cache), the others from keys/values; the same bits as reading them all from one place. The
+// softmax is the training attention's row pass (exp8: a scalar std::exp per score was ~1 ms of a
+// 64-row decode step).
+void gqa_attention(const float* q, const float* shared_keys, const float* shared_values, int64_t shared,
+                   const float* keys, const float* values, float* out, float* scores, int64_t group, int64_t n,
+                   int64_t dim, float scale) {
   for (int64_t h = 0; h < group; ++h) {
-    key_scores(q + h * dim, keys, scores, n, dim, scale);
+    key_scores(q + h * dim, shared_keys, scores, shared, dim, scale);
+    key_scores(q + h * dim, keys + shared * dim, scores + shared, n - shared, dim, scale);
     softmax_row(scores, n, n, 1.f);
-    weighted_values(scores, values, out + h * dim, n, dim);
+    weighted_values(scores, shared_values, out + h * dim, shared, dim);
+    weighted_values(scores + shared, values + shared * dim, out + h * dim, n - shared, dim, /*more=*/true);
   }
 }
 
@@ -309,11 +323,15 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "cpu_decode.decode_step:
 // (small_gemm.cpp), q/k/v and gate/up concatenated as Transformer.fuse_projections does. Every
 // layer has the same MLP width, and the lm_head as many outputs as the embedding has rows
 // (CpuDecodeStep checks the widths exactly; the panels alone tell them only to a multiple of 32).
+// prefix_slots, prefix_lens: [B] int64 or None: row b reads its cache positions below
+// prefix_lens[b] from slot prefix_slots[b], which holds the same keys and values there (a GRPO
+// group's prompt, prefilled once and copied: rows of a group then read one copy, from cache).
 // Returns the next-token logits [B, vocab].
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64_t first_slot,
                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& inv_freq,
                        const c10::List<std::optional<at::Tensor>>& weights, int64_t num_heads,
-                       int64_t num_kv_heads, double eps) {
+                       int64_t num_kv_heads, double eps, const std::optional<at::Tensor>& prefix_slots,
+                       const std::optional<at::Tensor>& prefix_lens) {
   const int64_t B = ids.size(0), layers = k_cache.size(0), slots = k_cache.size(1);
   const int64_t max_len = k_cache.size(3), D = k_cache.size(4), half = D / 2;
   const int64_t group = num_heads / num_kv_heads, q_width = num_heads * D, kv_width = num_kv_heads * D;
@@ -337,6 +355,21 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
   const auto pos = positions.contiguous();
   const int64_t* p = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) check(p[b] >= 0 && p[b] < max_len, "a position is outside the cache");
+  check(prefix_slots.has_value() == prefix_lens.has_value(), "prefix_slots and prefix_lens come together");
+  std::vector<int64_t> src_slot(B), shared(B, 0);  // where row b's first shared[b] positions are read
+  for (int64_t b = 0; b < B; ++b) src_slot[b] = first_slot + b;
+  if (prefix_slots.has_value()) {
+    for (const auto* t : {&*prefix_slots, &*prefix_lens})
+      check(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == B,
+            "prefix_slots and prefix_lens must be [B] int64");
+    const auto slots_c = prefix_slots->contiguous(), lens_c = prefix_lens->contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t from = slots_c.data_ptr<int64_t>()[b], len = lens_c.data_ptr<int64_t>()[b];
+      check(from >= 0 && from < slots && len >= 0, "a prefix slot is outside the cache");
+      src_slot[b] = from;
+      shared[b] = std::min(len, p[b]);  // the row's own new key at p[b] is never shared
+    }
+  }
 
   // cos/sin of each row's position, as rope_cos_sin computes them: float(position) * inv_freq.
   const auto freq = inv_freq.contiguous();
@@ -399,9 +432,10 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
         const int64_t b = item / num_kv_heads, g = item % num_kv_heads, n = p[b] + 1;
         scores.resize(n);
         const int64_t base = layer_base + ((first_slot + b) * num_kv_heads + g) * max_len * D;
+        const int64_t src = layer_base + (src_slot[b] * num_kv_heads + g) * max_len * D;
         const int64_t head = b * q_width + g * group * D;
-        gqa_attention(qkv_p + b * row_width + g * group * D, kc + base, vc + base, attn_p + head,
-                      scores.data(), group, n, D, scale);
+        gqa_attention(qkv_p + b * row_width + g * group * D, kc + src, vc + src, shared[b], kc + base, vc + base,
+                      attn_p + head, scores.data(), group, n, D, scale);
       }
     });
     // x += attn W_o + b_o, written straight into the residual stream.
@@ -701,7 +735,8 @@ std::vector<at::Tensor> varlen_attention_backward(const at::Tensor& dout, const 
 
 TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor positions, int first_slot, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor inv_freq, Tensor?[] weights, int num_heads, int num_kv_heads, float eps) -> Tensor");
+        "Tensor inv_freq, Tensor?[] weights, int num_heads, int num_kv_heads, float eps, "
+        "Tensor? prefix_slots=None, Tensor? prefix_lens=None) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, &decode_step);
   m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> Tensor[]", &rms_norm_forward);
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> Tensor[]", &rms_norm_backward);

@@ -74,6 +74,9 @@ class _Seq:
         self.segments = [Segment("prompt", list(prompt), False)]
         self.logprobs = [0.0] * len(prompt)
         self.length = 0            # tokens whose keys/values are in the cache
+        # The C++ step reads cache positions below prefix_len from slot prefix_slot: a twin's
+        # copy of the same prompt, read by the whole group from cache (CpuDecodeStep).
+        self.prefix_slot, self.prefix_len = slot, 0
         self.next_input: list[int] = []  # tokens to push through the cache at the next step
         self.new_tokens = 0
         self.code_statuses: list[str] = []
@@ -212,6 +215,7 @@ class RolloutEngine:
                         seq.result_step = step + self.result_delay_steps
             for seq in [s for s in active if s.finish_reason]:
                 active.remove(seq)
+                twin = None
                 if holders.get(seq.prompt) is seq:  # hand the prompt to a live twin, if any
                     twin = next((s for s in active if s.prompt == seq.prompt and not s.finish_reason
                                  and s.length >= len(s.prompt)), None)
@@ -219,6 +223,9 @@ class RolloutEngine:
                         del holders[seq.prompt]
                     else:
                         holders[seq.prompt] = twin
+                for reader in active:  # the slot is reused: its readers read the twin's copy or their own
+                    if reader.prefix_slot == seq.slot:
+                        reader.prefix_slot = reader.slot if twin is None else twin.slot
                 free.append(seq.slot)
                 done[seq.index] = self._trajectory(seq)
         stats["total_s"] = time.perf_counter() - t_start
@@ -246,6 +253,7 @@ class RolloutEngine:
                 cache.k[:, seq.slot, :, :n] = cache.k[:, holder.slot, :, :n]
                 cache.v[:, seq.slot, :, :n] = cache.v[:, holder.slot, :, :n]
                 seq.length, seq.next_input = n, seq.next_input[n:]
+                seq.prefix_slot, seq.prefix_len = holder.slot, n
                 stats["shared_prompt_tokens"] += n
                 running.append(seq)
             elif seq.prompt not in starting:  # the first of its prompt: prefilled now, then shared
@@ -281,8 +289,10 @@ class RolloutEngine:
             if self._graphs is not None:
                 outs.append(self._graphs.run([t[0] for t in tokens], [p[0] for p in positions]))
             elif self._cpu_step is not None:
+                prefix = [(s.prefix_slot, s.prefix_len) if s else (lo + j, 0) for j, s in enumerate(rows)]
                 outs.append(self._cpu_step(torch.tensor([t[0] for t in tokens]),
-                                           torch.tensor([p[0] for p in positions]), lo, cache))
+                                           torch.tensor([p[0] for p in positions]), lo, cache,
+                                           torch.tensor(prefix).T))
             else:
                 outs.append(self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows),
                                                cache, device))
