@@ -17,7 +17,9 @@ either side), no activation checkpointing, temperature 1, top-p 1.
    step: the generation FLOPs (prefill + decode, attention included) and the policy forward +
    backward (6 x matmul parameters x tokens + attention) at the fp32 matmul throughput this
    machine reaches on the step's own GEMM shapes, measured in the same run (decode GEMMs at
-   M = 16 rows, update GEMMs at M = all tokens).
+   M = 16 rows, update GEMMs at M = all tokens). That floor, as TRL computes the step, counts
+   each completion's prompt; a second one counts each group's prompt once (rci_fast's engine
+   prefills it once; with --share-prompts its update forwards it once too, train.share_prompts).
 2. SFT: tokens/s of rci_fast's SFTTrainer step vs a plain transformers loop
    (`AutoModelForCausalLM(input_ids, position_ids, attention_mask, labels)` + fused AdamW + grad
    clip) on the same packed micro-batches (sequences back to back, position ids restart per
@@ -39,7 +41,7 @@ fp32 rates.
 
 Prints a table and a final line `JSON {...}`.
 
-    python bench/bench_vs_trl.py [--quick] [--threads N] [--device cuda]
+    python bench/bench_vs_trl.py [--quick] [--threads N] [--device cuda] [--share-prompts]
 
 Needs trl (`pip install -e .[bench]`); exits with status 2 when it is missing. Nothing is
 downloaded: the model and tokenizer are built here, HF_HUB_OFFLINE=1.
@@ -126,7 +128,9 @@ def gemm_rate(cfg, m: int) -> float:
 
 
 def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
-    """FLOPs of one GRPO step without a reference model, and its time at the measured rates."""
+    """FLOPs of one GRPO step without a reference model, and its time at the measured rates; the
+    `shared_` figures count each group's prompt once (prefill, and the update's per-token layers:
+    what the work needs when completions attend to one copy of their prompt)."""
     p, layers, h = matmul_params(cfg), cfg.num_hidden_layers, cfg.hidden_size
     rows = len(prompt_lens)
     prefill = sum(2 * p * n + 2 * layers * h * n * n for n in prompt_lens)  # attention: q.k and p.v, causal
@@ -135,6 +139,13 @@ def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
     update = 6 * p * tokens + 3 * sum(2 * layers * h * (n + new) ** 2 for n in prompt_lens)
     rate_decode, rate_update = gemm_rate(cfg, rows), gemm_rate(cfg, tokens)
     floor_s = decode / rate_decode + (prefill + update) / rate_update
+    group_prompts = prompt_lens[::GROUP]  # rows are prompts x GROUP, a group's rows together
+    shared_prefill = sum(2 * p * n + 2 * layers * h * n * n for n in group_prompts)
+    # Per-token layers on each prompt once; attention: a prompt's own once, each completion's
+    # queries against its prompt and itself (causal).
+    shared_update = (6 * p * (sum(group_prompts) + rows * new) + 3 * sum(2 * layers * h * n * n for n in group_prompts)
+                     + 3 * sum(2 * layers * h * ((n + new) ** 2 - n * n) for n in prompt_lens))
+    shared_floor_s = decode / rate_decode + (shared_prefill + shared_update) / rate_update
     # The decode GEMMs at the rate a step's GEMMs reach in sequence, the model's weights streaming
     # through the caches (bench_rollout.step_gemms_gflops; CPU), instead of one hot weight per shape.
     in_sequence = step_gemms_gflops(cfg, rows) * 1e9 if DEVICE == "cpu" else rate_decode
@@ -143,6 +154,8 @@ def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
             "floor_s_in_sequence": decode / in_sequence + (prefill + update) / rate_update,
             "gemm_gflops_decode_m16": rate_decode / 1e9, "gemm_gflops_update": rate_update / 1e9,
             "floor_s": floor_s, "floor_generation_s": decode / rate_decode + prefill / rate_update,
+            "shared_floor_s": shared_floor_s, "gflop_shared_update": shared_update / 1e9,
+            "gflop_shared_generation": (shared_prefill + decode) / 1e9,
             "floor_update_s": update / rate_update,
             "floor_s_single_best_rate": (prefill + decode + update) / max(rate_decode, rate_update)}
 
@@ -171,6 +184,7 @@ def sync():
 # ---- rci_fast GRPO -------------------------------------------------------------------------
 
 ONE_PASS_LOSS = False  # --one-pass-loss: rci_fast's update with algo.one_pass_loss
+SHARE_PROMPTS = False  # --share-prompts: rci_fast's update with train.share_prompts
 
 
 def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, code=None, workers=2,
@@ -186,7 +200,8 @@ def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, co
                  "algo.aggregation": "token-mean", "train.steps": 10_000, "train.lr": LR,
                  "train.micro_batch_tokens": 16384, "train.schedule": "constant", "train.grad_clip": 1.0,
                  "train.weight_decay": 0.0, "curriculum.mode": "uniform", "checkpoint.export_at_end": False,
-                 "algo.one_pass_loss": ONE_PASS_LOSS, "train.mixed_precision": "fp32"}
+                 "algo.one_pass_loss": ONE_PASS_LOSS, "train.share_prompts": SHARE_PROMPTS,
+                 "train.mixed_precision": "fp32"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()], cls=RLConfig)
     from rci_fast.train import grpo as grpo_module
 
@@ -493,7 +508,7 @@ def positive_int(text: str) -> int:
 
 
 def main() -> int:
-    global DIST, DEVICE, ONE_PASS_LOSS
+    global DIST, DEVICE, ONE_PASS_LOSS, SHARE_PROMPTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps (a sanity run)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -507,8 +522,10 @@ def main() -> int:
                         help="where both sides run (cuda: fp32 on one GPU, rci_fast with CUDA graphs)")
     parser.add_argument("--one-pass-loss", action="store_true",
                         help="rci_fast's update forms the loss gradient in the forward (algo.one_pass_loss)")
+    parser.add_argument("--share-prompts", action="store_true",
+                        help="rci_fast's update forwards each group's prompt once (train.share_prompts)")
     args = parser.parse_args()
-    ONE_PASS_LOSS, DEVICE = args.one_pass_loss, args.device
+    ONE_PASS_LOSS, SHARE_PROMPTS, DEVICE = args.one_pass_loss, args.share_prompts, args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_vs_trl: --device cuda, but CUDA is not available", file=sys.stderr)
         return 2
@@ -599,6 +616,7 @@ def main() -> int:
                 r["completion_tok_s"] = r["generated_tokens_per_step"] / r["step_time_s"]
                 r["of_floor"] = r["step_time_s"] / floor["floor_s"]
                 r["of_floor_in_sequence"] = r["step_time_s"] / floor["floor_s_in_sequence"]
+                r["of_shared_floor"] = r["step_time_s"] / floor["shared_floor_s"]
             result["grpo"] = {"rci_fast": ours, "trl": theirs, "floor": floor,
                               "speedup_vs_trl": theirs["step_time_s"] / ours["step_time_s"],
                               "speedup_per_round": [t["step_time_s"] / o["step_time_s"]
@@ -684,6 +702,11 @@ def report(result: dict, args) -> None:
               f"({f['step_gemms_gflops_decode']:.0f} GFLOP/s: the model's weights streaming through the caches) the "
               f"floor is {f['floor_s_in_sequence']:.3f} s: rci_fast {g['rci_fast']['of_floor_in_sequence']:.2f}x, "
               f"TRL {g['trl']['of_floor_in_sequence']:.2f}x")
+        print(f"counting each group's prompt once ({f['gflop_shared_generation']:.2f} + "
+              f"{f['gflop_shared_update']:.2f} GFLOP: the engine prefills it once"
+              + (", the update forwards it once (--share-prompts)" if SHARE_PROMPTS else "")
+              + f") the floor is {f['shared_floor_s']:.3f} s: rci_fast {g['rci_fast']['of_shared_floor']:.2f}x, "
+              f"TRL {g['trl']['of_shared_floor']:.2f}x")
         if len(g["speedup_per_round"]) > 1:
             print(f"(pooled over {len(g['speedup_per_round'])} rounds, run ours, TRL, TRL, ours, ...; per round: "
                   + ", ".join(f"{x:.2f}x" for x in g["speedup_per_round"]) + ")")

@@ -115,16 +115,21 @@ def test_skip_per_task_leaves_the_sft_questions_out():
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregation):
     """One update on the same trajectories (random advantages) with 1 and with 3+ micro-batches,
-    and with the one-pass loss (gradient formed in the forward): same loss (normalised by the
-    global token or sequence count), grad norm and gradients."""
-    results = []
-    for budget, one_pass in ((4096, False), (1024, False), (1024, True)):
-        cfg = rl_config(tmp_path / f"{budget}-{one_pass}", policy_dir, train__micro_batch_tokens=budget,
-                        algo__aggregation=aggregation, curriculum__mode="uniform", algo__one_pass_loss=one_pass)
+    with the one-pass loss (gradient formed in the forward) and with each group's prompt
+    forwarded once (train.share_prompts): same loss (normalised by the global token or sequence
+    count), grad norm and gradients."""
+    results, shared = [], []
+    for budget, one_pass, share in ((4096, False, False), (1024, False, False), (1024, True, False),
+                                    (4096, False, True), (1024, True, True)):
+        cfg = rl_config(tmp_path / f"{budget}-{one_pass}-{share}", policy_dir, train__micro_batch_tokens=budget,
+                        algo__aggregation=aggregation, curriculum__mode="uniform", algo__one_pass_loss=one_pass,
+                        train__share_prompts=share)
         with trainer_of(cfg) as trainer:
             _, trajectories = trainer.rollout(trainer.curriculum.draw(0, 4))
             advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(1)).tolist()
             mbs = trainer.micro_batches([RolloutSequence.of(t, a) for t, a in zip(trajectories, advantages)])
+            if share:  # each group's prompt is in the input once
+                shared.append(sum(mb.batch.input_ids.shape[1] for mb in mbs) / sum(mb.batch.num_tokens for mb in mbs))
             trainer.prepare(mbs, old_logprobs=False)
             sums, grad_norm, finite = trainer.update(mbs)
             mask = torch.cat([mb.mask for mb in mbs])
@@ -132,7 +137,7 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregati
             grads = [p.grad.detach().clone() for p in trainer.model.parameters()]  # kept after the step
             results.append((len(mbs), float(sums[0]), grad_norm, grads, float((adv * mask).sum() / mask.sum()),
                             float(sums[4] / sums[1])))
-    (n1, loss1, g1, w1, adv1, ent1), (n2, loss2, g2, w2, adv2, ent2), (_, loss3, g3, w3, _, ent3) = results
+    (n1, loss1, g1, w1, adv1, ent1), (n2, loss2, g2, w2, adv2, ent2), (_, loss3, g3, w3, _, ent3) = results[:3]
     assert n1 == 1 and n2 >= 3
     # At the first step the policy is the reference (kl 0) and the ratio is 1, so the loss is
     # -mean(A) - entropy_coef * mean(entropy) over the trained tokens.
@@ -149,6 +154,13 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregati
     assert g3 == pytest.approx(g1, rel=1e-5)
     for a, b in zip(w1, w3):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * g1)
+    # Shared prompts: the same sums, the prompts' share computed once (float rounding differs).
+    assert results[3][0] == 1 and results[4][0] >= 3 and max(shared) < 0.75
+    for _, loss, g, w, _, ent in results[3:]:
+        assert loss == pytest.approx(loss1, rel=1e-5) and ent == pytest.approx(ent1, rel=1e-5)
+        assert g == pytest.approx(g1, rel=1e-5)
+        for a, b in zip(w1, w):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * g1)
 
 
 def test_mini_batches_recompute_old_logprobs(tmp_path, policy_dir):

@@ -1,5 +1,6 @@
 """SFT data: masks on real trajectories (scripted teacher, real sandbox), packing, the seeded
 resumable order, and the loss normalisation (1 vs several micro-batches)."""
+import contextlib
 import copy
 
 import pytest
@@ -10,8 +11,8 @@ from rci_fast.sandbox import Sandbox
 from rci_fast.tasks.prompt import RESULT_HEADER, build_messages, format_result, render_chat
 from rci_fast.tasks.teacher import generate
 from rci_fast.tokenizer import train_bpe_tokenizer
-from rci_fast.train.data import (IGNORE, SFTBatches, pack, split_by_budget, tokenize_conversation,
-                                 tokenize_trajectories)
+from rci_fast.train.data import (IGNORE, SFTBatches, TokenizedSequence, pack, pack_shared_prompts, split_by_budget,
+                                 tokenize_conversation, tokenize_trajectories)
 from rci_fast.train.modeling import TokenLogprobs
 from rci_fast.train.sft import forward_backward, lr_factor
 
@@ -83,6 +84,65 @@ def test_packing_never_predicts_across_sequences(trajectories, tokenizer):
     ends = mb.cu_seqlens[1:].long() - 1
     assert mb.num_tokens == sum(len(s) for s in seqs) and (mb.targets[ends] == IGNORE).all()
     assert mb.num_trained == int((mb.targets != IGNORE).sum()) == sum(s.num_trained for s in seqs)
+
+
+def grpo_like_sequences(vocab: int, seed: int = 0):
+    """Sequences of three prompts (two of one length) in groups of 1-3, completions of 1-13 tokens,
+    with the prompt lengths; and one sequence whose whole prompt is a group's."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (n,), generator=g) for n in (7, 11, 7)]
+    seqs, prompt_lens = [], []
+    for i, which in enumerate([0, 1, 0, 2, 0, 1]):
+        completion = torch.randint(0, vocab, (1 + 2 * i,), generator=g)
+        trainable = torch.cat([torch.zeros(len(prompts[which]), dtype=torch.bool),
+                               torch.ones(len(completion), dtype=torch.bool)])
+        seqs.append(TokenizedSequence(torch.cat([prompts[which], completion]), trainable))
+        prompt_lens.append(len(prompts[which]))
+    return seqs, prompt_lens
+
+
+def test_shared_prompts_pack_each_prompt_once():
+    seqs, prompt_lens = grpo_like_sequences(50)
+    plain, shared = pack(seqs), pack_shared_prompts(seqs, prompt_lens)
+    assert torch.equal(shared.input_ids[0, shared.expand], plain.input_ids[0])  # the same sequences
+    assert torch.equal(shared.targets, plain.targets) and torch.equal(shared.cu_seqlens, plain.cu_seqlens)
+    assert shared.num_tokens == plain.num_tokens and shared.num_trained == plain.num_trained
+    assert shared.input_ids.shape[1] == plain.num_tokens - 2 * 7 - 11  # prompt 0 twice more, prompt 1 once
+    alone = pack_shared_prompts(seqs, [0] * len(seqs))  # no prompt: nothing shared
+    assert torch.equal(alone.input_ids, plain.input_ids) and torch.equal(alone.expand, torch.arange(plain.num_tokens))
+    assert pack_shared_prompts([], []).expand is None
+
+
+@pytest.mark.parametrize("path", ["cpp", "eager"])
+def test_shared_prompts_give_the_same_logprobs_and_gradients(path):
+    """A group's prompt through the per-token layers once: the log-probs and every gradient are
+    those of the plain packing (float32 rounding), on the C++ CPU kernels and on torch's ops."""
+    from rci_fast.model import cpu_ops
+    cfg = ModelConfig("qwen2", 97, 48, 80, 2, 6, 2, 8, qkv_bias=True)
+    torch.manual_seed(0)
+    model = TokenLogprobs(Transformer(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    seqs, prompt_lens = grpo_like_sequences(cfg.vocab_size, seed=1)
+    results = []
+    with cpu_ops.eager() if path == "eager" else contextlib.nullcontext():
+        for mb in (pack(seqs), pack_shared_prompts(seqs, prompt_lens)):
+            model.zero_grad()
+            logp = model(mb.input_ids, mb.targets, mb.cu_seqlens, expand=mb.expand)
+            (logp * torch.linspace(-1, 1, len(logp))).sum().backward()
+            results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logp, grads), (shared_logp, shared_grads) = results
+    torch.testing.assert_close(shared_logp, logp, atol=1e-5, rtol=0)
+    for a, b in zip(shared_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    inner = model.model
+    with pytest.raises(ValueError, match="expand needs cu_seqlens"):
+        inner.hidden_states(torch.tensor([[1, 2]]), expand=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one input index per token of the sequences"):
+        inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]), expand=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="every input token"):
+        inner.hidden_states(torch.tensor([[1, 2, 3]]), cu_seqlens=torch.tensor([0, 2]), expand=torch.tensor([0, 2]))
 
 
 def test_order_is_seeded_sharded_and_resumable(trajectories, tokenizer):

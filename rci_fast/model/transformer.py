@@ -9,7 +9,10 @@ Three ways to run attention:
     bf16/fp16 flash-attn's varlen kernel when installed, else torch's (torch.nn.attention.varlen);
     on a CPU in float32 rci_fast's C++ kernel (cpu_ops.varlen_attention); otherwise (fp32 on a
     GPU, no varlen kernel, no C++ build) sequences of similar length padded into one SDPA call
-    each (padded_groups_attention);
+    each (padded_groups_attention). With `expand`, sequences that begin with the same prompt
+    (a GRPO group) hold it once in the input: every per-token layer runs on it once, and only
+    attention sees the sequences whole (its q/k/v gathered into them, each input token's output
+    taken from its first place);
   - cached [B, T] with a KVCache: the rollout engine's decode and extend steps.
 """
 from __future__ import annotations
@@ -134,6 +137,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
     def _packed(self, q, k, v, packed: "PackedLayout"):
+        if packed.expand is None:
+            return self._varlen(q, k, v, packed)
+        # Shared prompts: the sequences' own layout for attention (the index_select backward sums
+        # a shared prompt's key/value gradients over its sequences), then back to the input's.
+        q, k, v = (t.index_select(2, packed.expand) for t in (q, k, v))
+        return self._varlen(q, k, v, packed).index_select(2, packed.first)
+
+    def _varlen(self, q, k, v, packed: "PackedLayout"):
         varlen = flash_attn_varlen_func or torch_varlen_attn
         if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             max_len, cu = packed.max_len, packed.cu_seqlens_int32()
@@ -201,7 +212,7 @@ class PackedLayout:
     forward: the bounds come to the host once (on a GPU each read is a sync that stalls the host,
     once per layer before), and the padded-groups plan is built once, not per layer."""
 
-    def __init__(self, cu_seqlens: torch.Tensor):
+    def __init__(self, cu_seqlens: torch.Tensor, expand: torch.Tensor | None = None):
         self.cu_seqlens = cu_seqlens
         bounds = cu_seqlens.tolist()
         if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
@@ -213,6 +224,19 @@ class PackedLayout:
         self.max_len = max(self.lengths, default=0)
         self._int32: torch.Tensor | None = None
         self._plans: dict[tuple, tuple] = {}
+        # expand [total]: token j of the sequences is input token expand[j] (shared prompts held
+        # once in the input); first [inputs]: each input token's first place in the sequences.
+        self.expand, self.first = expand, None
+        if expand is not None:
+            if expand.shape != (self.total,):
+                raise ValueError(f"expand must hold one input index per token of the sequences ({self.total}), "
+                                 f"got shape {tuple(expand.shape)}")
+            inputs = int(expand.max()) + 1 if self.total else 0
+            places = torch.arange(self.total, device=expand.device)
+            self.first = torch.full((inputs,), self.total, dtype=torch.long, device=expand.device).scatter_reduce_(
+                0, expand, places, reduce="amin")
+            if bool((self.first == self.total).any()):
+                raise ValueError("expand must place every input token in the sequences at least once")
 
     def cu_seqlens_int32(self) -> torch.Tensor:
         if self._int32 is None:
@@ -225,6 +249,11 @@ class PackedLayout:
         device = self.cu_seqlens.device
         starts = torch.repeat_interleave(self.cu_seqlens[:-1], self.cu_seqlens.diff(), output_size=self.total)
         return torch.arange(self.total, device=device) - starts
+
+    def input_positions(self) -> torch.Tensor:
+        """Each input token's position: positions() itself, or with expand its first place's
+        (a shared prompt's tokens sit at the same positions in every sequence)."""
+        return self.positions() if self.expand is None else self.positions().index_select(0, self.first)
 
     def padded_plan(self, max_waste_per_merge: float, device: torch.device):
         """(gather, back, shapes) for padded_groups_attention, the indices on `device`: stream ->
@@ -375,16 +404,20 @@ class Transformer(nn.Module):
                         "gate_up": cat(l.mlp.gate_proj, l.mlp.up_proj)} for l in self.model.layers]
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                      cu_seqlens: torch.Tensor | None = None, expand: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states (after the final norm), [B, T, hidden]. For packed input pass
-        input_ids [1, N] and cu_seqlens [num_seqs + 1]; positions restart in each sequence."""
+        input_ids [1, N] and cu_seqlens [num_seqs + 1]; positions restart in each sequence. With
+        expand (PackedLayout) the sequences are input_ids[0, expand], their shared prompts held
+        once in input_ids, and the hidden states come out per input token."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         B, T = input_ids.shape
-        packed = None if cu_seqlens is None else PackedLayout(cu_seqlens)
+        if expand is not None and cu_seqlens is None:
+            raise ValueError("expand needs cu_seqlens: it lays packed sequences out")
+        packed = None if cu_seqlens is None else PackedLayout(cu_seqlens, expand)
         if position_ids is None:
             if packed is not None:
-                position_ids = packed.positions().unsqueeze(0)
+                position_ids = packed.input_positions().unsqueeze(0)
             else:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)

@@ -106,19 +106,23 @@ def tokenize_trajectories(trajectories: list[SFTTrajectory], tokenizer, *, max_s
 @dataclasses.dataclass
 class MicroBatch:
     """Sequences packed back to back: input_ids [1, N], targets [N] (IGNORE where not trained,
-    and at each sequence's last token so nothing is predicted across a boundary), cu_seqlens."""
+    and at each sequence's last token so nothing is predicted across a boundary), cu_seqlens.
+    With shared prompts (pack_shared_prompts) input_ids holds each distinct prompt once and the
+    sequences are input_ids[0, expand]: targets and cu_seqlens describe them."""
     input_ids: torch.Tensor
     targets: torch.Tensor
     cu_seqlens: torch.Tensor
     num_trained: int
+    expand: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
+        return self.targets.shape[0]
 
     def to(self, device) -> "MicroBatch":
-        return MicroBatch(self.input_ids.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                          self.cu_seqlens.to(device, non_blocking=True), self.num_trained)
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.input_ids), move(self.targets), move(self.cu_seqlens), self.num_trained,
+                          move(self.expand))
 
 
 def shifted_targets(seq: TokenizedSequence) -> torch.Tensor:
@@ -136,6 +140,28 @@ def pack(sequences: list[TokenizedSequence]) -> MicroBatch:
     return MicroBatch(torch.cat([s.input_ids for s in sequences]).unsqueeze(0),
                       torch.cat([shifted_targets(s) for s in sequences]),
                       lengths.cumsum(0).to(torch.int32), sum(s.num_trained for s in sequences))
+
+
+def pack_shared_prompts(sequences: list[TokenizedSequence], prompt_lens: list[int]) -> MicroBatch:
+    """pack(), with each distinct prompt (the first prompt_lens[i] tokens of sequence i) held once
+    in input_ids: a GRPO group's prompt then goes through the model's per-token layers once
+    (Transformer.hidden_states with expand), not once per completion."""
+    batch = pack(sequences)
+    if not sequences:
+        return batch
+    pieces, places, held, offset = [], [], {}, 0
+    for seq, n in zip(sequences, prompt_lens):
+        key = tuple(seq.input_ids[:n].tolist())
+        own = seq.input_ids
+        if n > 0 and key in held:
+            places.append(torch.arange(held[key], held[key] + n))
+            own = seq.input_ids[n:]
+        elif n > 0:
+            held[key] = offset
+        pieces.append(own)
+        places.append(torch.arange(offset, offset + len(own)))
+        offset += len(own)
+    return dataclasses.replace(batch, input_ids=torch.cat(pieces).unsqueeze(0), expand=torch.cat(places))
 
 
 def split_by_budget(sequences: list[TokenizedSequence], budget: int) -> list[list[TokenizedSequence]]:

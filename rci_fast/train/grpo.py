@@ -42,7 +42,7 @@ from rci_fast.rl import Curriculum, CurriculumConfig, group_advantages
 from rci_fast.rl.potential import read_potential
 from rci_fast.rollout import Trajectory
 from rci_fast.train.checkpoint import export_hf, save_checkpoint
-from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, split_by_budget
+from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, pack_shared_prompts, split_by_budget
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.parallelize import compute_dtype, load_sharded
 from rci_fast.train.rollouts import (make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
@@ -71,10 +71,11 @@ class RLMicroBatch:
 
 @dataclasses.dataclass
 class RolloutSequence(TokenizedSequence):
-    """A trajectory's ids and trainable mask (token contract: as sampled), its advantage and the
-    engine's log-prob of each token."""
+    """A trajectory's ids and trainable mask (token contract: as sampled), its advantage, the
+    engine's log-prob of each token and the length of its prompt."""
     advantage: float = 0.0
     sample_logp: torch.Tensor | None = None
+    prompt_len: int = 0
 
     @classmethod
     def of(cls, trajectory: Trajectory, advantage: float) -> "RolloutSequence":
@@ -84,13 +85,15 @@ class RolloutSequence(TokenizedSequence):
         ids = np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in segments])
         mask = torch.tensor([s.trainable for s in segments]).repeat_interleave(
             torch.tensor([len(s.ids) for s in segments]))
+        prompt_len = len(segments[0].ids) if segments and segments[0].kind == "prompt" else 0
         return cls(torch.from_numpy(ids), mask, advantage,
-                   torch.from_numpy(np.asarray(trajectory.logprobs, dtype=np.float32)))
+                   torch.from_numpy(np.asarray(trajectory.logprobs, dtype=np.float32)), prompt_len)
 
 
-def pack_rollouts(sequences: list[RolloutSequence]) -> RLMicroBatch:
-    """Sequences back to back (train/data.pack), with per-token values aligned with the targets."""
-    batch = pack(sequences)
+def pack_rollouts(sequences: list[RolloutSequence], share_prompts: bool = False) -> RLMicroBatch:
+    """Sequences back to back (train/data.pack), with per-token values aligned with the targets;
+    with share_prompts each distinct prompt goes through the model once (pack_shared_prompts)."""
+    batch = pack_shared_prompts(sequences, [s.prompt_len for s in sequences]) if share_prompts else pack(sequences)
     if not sequences:  # the one-token filler of an idle rank
         zeros = torch.zeros(batch.num_tokens)
         return RLMicroBatch(batch, zeros, torch.zeros(batch.num_tokens, dtype=torch.long), zeros, 0)
@@ -224,7 +227,8 @@ class GRPOTrainer:
         """Packed under the token budget; every rank gets the same number (FSDP forwards are collective)."""
         groups = split_by_budget(sequences, self.cfg.train.micro_batch_tokens)
         count = max(1, _max_over_ranks(len(groups), self.dist.device))
-        return [pack_rollouts(groups[k] if k < len(groups) else []) for k in range(count)]
+        share = self.cfg.train.share_prompts
+        return [pack_rollouts(groups[k] if k < len(groups) else [], share) for k in range(count)]
 
     @torch.no_grad()
     def prepare(self, micro_batches: list[RLMicroBatch], old_logprobs: bool) -> None:
@@ -235,9 +239,11 @@ class GRPOTrainer:
         for mb in micro_batches:
             b = mb.batch.to(self.dist.device)
             if self.ref is not None:
-                mb.ref_logp = self.ref(b.input_ids, b.targets, b.cu_seqlens, temperature=temperature).cpu()
+                mb.ref_logp = self.ref(b.input_ids, b.targets, b.cu_seqlens, temperature=temperature,
+                                       expand=b.expand).cpu()
             if old_logprobs:
-                mb.old_logp = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=temperature).cpu()
+                mb.old_logp = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=temperature,
+                                         expand=b.expand).cpu()
 
     def update(self, micro_batches: list[RLMicroBatch]) -> tuple[torch.Tensor, float, bool]:
         """Forward/backward over this rank's micro-batches and one optimizer step (collective).
@@ -263,10 +269,10 @@ class GRPOTrainer:
                 norm=self.cfg.rollout.max_new_tokens * max(global_seqs, 1.0))
             if a.one_pass_loss:  # old_logp None: this forward's own log-probs, detached
                 loss, stats = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=self.cfg.rollout.temperature,
-                                         one_pass_loss=dict(loss_kwargs, old_logp=mb.old_logp))
+                                         expand=b.expand, one_pass_loss=dict(loss_kwargs, old_logp=mb.old_logp))
                 logp, entropy = stats["logp"], stats["entropy"]
             else:
-                logp, entropy = self.model(b.input_ids, b.targets, b.cu_seqlens,
+                logp, entropy = self.model(b.input_ids, b.targets, b.cu_seqlens, expand=b.expand,
                                            temperature=self.cfg.rollout.temperature, return_entropy=True)
                 old = mb.old_logp if mb.old_logp is not None else logp.detach()
                 loss, stats = policy_loss(logp, old, entropy=entropy, **loss_kwargs)

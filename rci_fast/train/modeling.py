@@ -20,13 +20,17 @@ class TokenLogprobs(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                temperature: float = 1.0, return_entropy: bool = False, one_pass_loss: dict | None = None):
+                temperature: float = 1.0, return_entropy: bool = False, one_pass_loss: dict | None = None,
+                expand: torch.Tensor | None = None):
         """log p(targets[t] | tokens <= t) as fp32 [N] for packed input_ids [1, N] (0 where the
         target is IGNORE); with return_entropy also the entropy of each token's distribution.
         With one_pass_loss (linear_policy_loss's arguments from old_logp on) it returns that loss
         and its stats instead, the gradient formed in the forward (inside this forward, so FSDP
-        has lm_head gathered)."""
-        hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens)[0]
+        has lm_head gathered). With expand (shared prompts, data.pack_shared_prompts) targets
+        follow the sequences laid out from input_ids: the hidden states are laid out the same way."""
+        hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, expand=expand)[0]
+        if expand is not None:
+            hidden = hidden.index_select(0, expand)
         if one_pass_loss is not None:
             return linear_policy_loss(hidden, self.model.lm_head.weight, targets, temperature=temperature,
                                       one_pass=True, **one_pass_loss)
