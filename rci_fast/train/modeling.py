@@ -12,6 +12,7 @@ from torch import nn
 
 from rci_fast.kernels import fused_linear_logprob, linear_policy_loss
 from rci_fast.model import Transformer
+from rci_fast.train.data import IGNORE
 
 
 class TokenLogprobs(nn.Module):
@@ -27,8 +28,18 @@ class TokenLogprobs(nn.Module):
         With one_pass_loss (linear_policy_loss's arguments from old_logp on) it returns that loss
         and its stats instead, the gradient formed in the forward (inside this forward, so FSDP
         has lm_head gathered). With expand (shared prompts, data.pack_shared_prompts) targets
-        follow the sequences laid out from input_ids: the hidden states are laid out the same way."""
+        follow the sequences laid out from input_ids: the hidden states are laid out the same way
+        (without one_pass_loss only the rows that have a target)."""
         hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, expand=expand)[0]
+        if expand is not None and one_pass_loss is None:
+            # Shared prompts: the head runs on the tokens that have a target only (of a prompt,
+            # its last), their rows gathered straight from the input's.
+            keep = (targets != IGNORE).nonzero().squeeze(1)
+            out = fused_linear_logprob(hidden.index_select(0, expand.index_select(0, keep)), self.model.lm_head.weight,
+                                       targets.index_select(0, keep), temperature=temperature,
+                                       return_entropy=return_entropy)
+            spread = lambda x: x.new_zeros(targets.shape).index_copy(0, keep, x)  # noqa: E731
+            return tuple(map(spread, out)) if return_entropy else spread(out)
         if expand is not None:
             hidden = hidden.index_select(0, expand)
         if one_pass_loss is not None:
