@@ -19,7 +19,8 @@ either side), no activation checkpointing, temperature 1, top-p 1.
    machine reaches on the step's own GEMM shapes, measured in the same run (decode GEMMs at
    M = 16 rows, update GEMMs at M = all tokens). That floor, as TRL computes the step, counts
    each completion's prompt; a second one counts each group's prompt once (rci_fast's engine
-   prefills it once; with --share-prompts its update forwards it once too, train.share_prompts).
+   prefills it once and its update forwards it once, train.share_prompts; --no-share-prompts
+   forwards it with every completion, as TRL does).
 2. SFT: tokens/s of rci_fast's SFTTrainer step vs a plain transformers loop
    (`AutoModelForCausalLM(input_ids, position_ids, attention_mask, labels)` + fused AdamW + grad
    clip) on the same packed micro-batches (sequences back to back, position ids restart per
@@ -41,7 +42,7 @@ fp32 rates.
 
 Prints a table and a final line `JSON {...}`.
 
-    python bench/bench_vs_trl.py [--quick] [--threads N] [--device cuda] [--share-prompts]
+    python bench/bench_vs_trl.py [--quick] [--threads N] [--device cuda] [--no-share-prompts]
 
 Needs trl (`pip install -e .[bench]`); exits with status 2 when it is missing. Nothing is
 downloaded: the model and tokenizer are built here, HF_HUB_OFFLINE=1.
@@ -184,7 +185,7 @@ def sync():
 # ---- rci_fast GRPO -------------------------------------------------------------------------
 
 ONE_PASS_LOSS = False  # --one-pass-loss: rci_fast's update with algo.one_pass_loss
-SHARE_PROMPTS = False  # --share-prompts: rci_fast's update with train.share_prompts
+SHARE_PROMPTS = True  # --no-share-prompts: rci_fast's update with train.share_prompts false
 
 
 def rci_fast_grpo(model_dir, out_dir, per_task, steps, warmup, *, new_tokens, code=None, workers=2,
@@ -522,10 +523,10 @@ def main() -> int:
                         help="where both sides run (cuda: fp32 on one GPU, rci_fast with CUDA graphs)")
     parser.add_argument("--one-pass-loss", action="store_true",
                         help="rci_fast's update forms the loss gradient in the forward (algo.one_pass_loss)")
-    parser.add_argument("--share-prompts", action="store_true",
-                        help="rci_fast's update forwards each group's prompt once (train.share_prompts)")
+    parser.add_argument("--no-share-prompts", action="store_true",
+                        help="rci_fast's update forwards the prompt with every completion (train.share_prompts false)")
     args = parser.parse_args()
-    ONE_PASS_LOSS, SHARE_PROMPTS, DEVICE = args.one_pass_loss, args.share_prompts, args.device
+    ONE_PASS_LOSS, SHARE_PROMPTS, DEVICE = args.one_pass_loss, not args.no_share_prompts, args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench_vs_trl: --device cuda, but CUDA is not available", file=sys.stderr)
         return 2
@@ -704,7 +705,7 @@ def report(result: dict, args) -> None:
               f"TRL {g['trl']['of_floor_in_sequence']:.2f}x")
         print(f"counting each group's prompt once ({f['gflop_shared_generation']:.2f} + "
               f"{f['gflop_shared_update']:.2f} GFLOP: the engine prefills it once"
-              + (", the update forwards it once (--share-prompts)" if SHARE_PROMPTS else "")
+              + (", the update forwards it once" if SHARE_PROMPTS else "; with --no-share-prompts not the update")
               + f") the floor is {f['shared_floor_s']:.3f} s: rci_fast {g['rci_fast']['of_shared_floor']:.2f}x, "
               f"TRL {g['trl']['of_shared_floor']:.2f}x")
         if len(g["speedup_per_round"]) > 1:

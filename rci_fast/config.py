@@ -292,7 +292,7 @@ class RLTrainSection:
     steps: int = 600                 # optimizer steps (one rollout batch each, split in mini_batches)
     mini_batches: int = 1            # optimizer steps per rollout batch (old log-probs then differ)
     micro_batch_tokens: int = 16384  # packed tokens per micro-batch per rank
-    share_prompts: bool = False      # a group's prompt through the per-token layers once per micro-batch
+    share_prompts: bool = True       # a group's prompt through the per-token layers once per micro-batch
     lr: float = 1e-6
     schedule: str = "constant"       # cosine | constant (after warmup)
     warmup_steps: int = 0

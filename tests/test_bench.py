@@ -88,6 +88,6 @@ def test_bench_vs_trl_patches_what_the_trainer_calls(monkeypatch):
 @pytest.mark.slow
 def test_bench_vs_trl():
     pytest.importorskip("trl", reason="bench_vs_trl needs `pip install -e .[bench]`")
-    result = run_quick("bench_vs_trl.py", "--threads", "2", "--share-prompts")
+    result = run_quick("bench_vs_trl.py", "--threads", "2")
     assert result["grpo"]["speedup_vs_trl"] > 0
     assert 0 < result["grpo"]["floor"]["shared_floor_s"] < result["grpo"]["floor"]["floor_s"]

@@ -179,7 +179,7 @@ def test_mini_batches_recompute_old_logprobs(tmp_path, policy_dir):
             loss = 0.0
             for mb in mbs:  # the loss of the update, without its optimizer step
                 b = mb.batch
-                logp = trainer.model(b.input_ids, b.targets, b.cu_seqlens).detach()
+                logp = trainer.model(b.input_ids, b.targets, b.cu_seqlens, expand=b.expand).detach()
                 old = mb.old_logp if recompute else logp
                 if recompute:
                     torch.testing.assert_close(mb.old_logp[mb.mask], logp[mb.mask], rtol=0, atol=1e-6)

@@ -141,6 +141,8 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(path):
         inner.hidden_states(torch.tensor([[1, 2]]), expand=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="one input index per token of the sequences"):
         inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]), expand=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cu_seqlens covers 3 tokens, input_ids holds 2.*needs its expand"):
+        inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="every input token"):
         inner.hidden_states(torch.tensor([[1, 2, 3]]), cu_seqlens=torch.tensor([0, 2]), expand=torch.tensor([0, 2]))
 

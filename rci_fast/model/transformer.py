@@ -415,6 +415,9 @@ class Transformer(nn.Module):
         if expand is not None and cu_seqlens is None:
             raise ValueError("expand needs cu_seqlens: it lays packed sequences out")
         packed = None if cu_seqlens is None else PackedLayout(cu_seqlens, expand)
+        if packed is not None and expand is None and packed.total != T:
+            raise ValueError(f"cu_seqlens covers {packed.total} tokens, input_ids holds {T}: a batch packed with "
+                             "shared prompts (data.pack_shared_prompts) needs its expand")
         if position_ids is None:
             if packed is not None:
                 position_ids = packed.input_positions().unsqueeze(0)
