@@ -87,8 +87,9 @@ def test_packing_never_predicts_across_sequences(trajectories, tokenizer):
 
 
 def grpo_like_sequences(vocab: int, seed: int = 0):
-    """Sequences of three prompts (two of one length) in groups of 1-3, completions of 1-13 tokens,
-    with the prompt lengths; and one sequence whose whole prompt is a group's."""
+    """Sequences of three prompts (two of one length) in groups of 1-3, completions of 1-11 tokens,
+    and one without a prompt (prompt length 0, as a trajectory without a prompt segment), with
+    the prompt lengths."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (n,), generator=g) for n in (7, 11, 7)]
     seqs, prompt_lens = [], []
@@ -98,6 +99,8 @@ def grpo_like_sequences(vocab: int, seed: int = 0):
                                torch.ones(len(completion), dtype=torch.bool)])
         seqs.append(TokenizedSequence(torch.cat([prompts[which], completion]), trainable))
         prompt_lens.append(len(prompts[which]))
+    seqs.insert(3, TokenizedSequence(prompts[0].clone(), torch.ones(len(prompts[0]), dtype=torch.bool)))
+    prompt_lens.insert(3, 0)  # the same tokens as prompt 0, but not a prompt: not shared
     return seqs, prompt_lens
 
 
@@ -143,8 +146,10 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(path):
         inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]), expand=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="cu_seqlens covers 3 tokens, input_ids holds 2.*needs its expand"):
         inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="every input token"):
+    with pytest.raises(ValueError, match="each of the 3 input tokens in the sequences, and nothing else"):
         inner.hidden_states(torch.tensor([[1, 2, 3]]), cu_seqlens=torch.tensor([0, 2]), expand=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="each of the 2 input tokens in the sequences, and nothing else"):
+        inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]), expand=torch.tensor([0, 1, 2]))
 
 
 def test_order_is_seeded_sharded_and_resumable(trajectories, tokenizer):

@@ -140,9 +140,12 @@ class Attention(nn.Module):
         if packed.expand is None:
             return self._varlen(q, k, v, packed)
         # Shared prompts: the sequences' own layout for attention (the index_select backward sums
-        # a shared prompt's key/value gradients over its sequences), then back to the input's.
-        q, k, v = (t.index_select(2, packed.expand) for t in (q, k, v))
-        return self._varlen(q, k, v, packed).index_select(2, packed.first)
+        # a shared prompt's key/value gradients over its sequences), then back to the input's;
+        # gathered token by token, so the kernels see the memory layout of the plain path.
+        def gather(t, index):
+            return t.transpose(1, 2).index_select(1, index).transpose(1, 2)
+        q, k, v = (gather(t, packed.expand) for t in (q, k, v))
+        return gather(self._varlen(q, k, v, packed), packed.first)
 
     def _varlen(self, q, k, v, packed: "PackedLayout"):
         varlen = flash_attn_varlen_func or torch_varlen_attn
@@ -212,7 +215,7 @@ class PackedLayout:
     forward: the bounds come to the host once (on a GPU each read is a sync that stalls the host,
     once per layer before), and the padded-groups plan is built once, not per layer."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, expand: torch.Tensor | None = None):
+    def __init__(self, cu_seqlens: torch.Tensor, expand: torch.Tensor | None = None, inputs: int = 0):
         self.cu_seqlens = cu_seqlens
         bounds = cu_seqlens.tolist()
         if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
@@ -224,19 +227,24 @@ class PackedLayout:
         self.max_len = max(self.lengths, default=0)
         self._int32: torch.Tensor | None = None
         self._plans: dict[tuple, tuple] = {}
-        # expand [total]: token j of the sequences is input token expand[j] (shared prompts held
-        # once in the input); first [inputs]: each input token's first place in the sequences.
+        # expand [total]: token j of the sequences is input token expand[j] of `inputs` (shared
+        # prompts held once in the input); first [inputs]: each input token's first place in the
+        # sequences. Checked where it lives on the host (on a GPU a check would be a sync).
         self.expand, self.first = expand, None
         if expand is not None:
             if expand.shape != (self.total,):
                 raise ValueError(f"expand must hold one input index per token of the sequences ({self.total}), "
                                  f"got shape {tuple(expand.shape)}")
-            inputs = int(expand.max()) + 1 if self.total else 0
+            on_host = expand.device.type == "cpu"
+            wrong = ValueError(f"expand must place each of the {inputs} input tokens in the sequences, "
+                               "and nothing else")
+            if on_host and self.total and not 0 <= int(expand.min()) <= int(expand.max()) < inputs:
+                raise wrong
             places = torch.arange(self.total, device=expand.device)
             self.first = torch.full((inputs,), self.total, dtype=torch.long, device=expand.device).scatter_reduce_(
                 0, expand, places, reduce="amin")
-            if bool((self.first == self.total).any()):
-                raise ValueError("expand must place every input token in the sequences at least once")
+            if on_host and bool((self.first == self.total).any()):
+                raise wrong
 
     def cu_seqlens_int32(self) -> torch.Tensor:
         if self._int32 is None:
@@ -414,7 +422,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if expand is not None and cu_seqlens is None:
             raise ValueError("expand needs cu_seqlens: it lays packed sequences out")
-        packed = None if cu_seqlens is None else PackedLayout(cu_seqlens, expand)
+        packed = None if cu_seqlens is None else PackedLayout(cu_seqlens, expand, T)
         if packed is not None and expand is None and packed.total != T:
             raise ValueError(f"cu_seqlens covers {packed.total} tokens, input_ids holds {T}: a batch packed with "
                              "shared prompts (data.pack_shared_prompts) needs its expand")
