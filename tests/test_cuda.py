@@ -65,6 +65,29 @@ def test_bf16_packed_attention_matches_one_sequence_at_a_time(pair):
             assert rel_err(packed[cu[i]:cu[i] + len(s)], model(s[None])[0]) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_prompts_on_cuda(pair, dtype):
+    """train.share_prompts on a GPU (bf16: the varlen flash kernel; fp32: padded SDPA groups):
+    log-probs and gradients as with every completion's prompt packed (relative error within
+    bf16's 1e-2; fp32 1e-5)."""
+    from test_train_data import grpo_like_sequences
+    from rci_fast.train.data import pack, pack_shared_prompts
+    from rci_fast.train.modeling import TokenLogprobs
+    _, _, path = pair
+    model = TokenLogprobs(load_pretrained(path, dtype=dtype, device="cuda"))
+    seqs, prompt_lens = grpo_like_sequences(131, seed=2)
+    results = []
+    for mb in (pack(seqs), pack_shared_prompts(seqs, prompt_lens)):
+        mb = mb.to("cuda")
+        model.zero_grad()
+        logp = model(mb.input_ids, mb.targets, mb.cu_seqlens, expand=mb.expand)
+        logp.sum().backward()
+        results.append([logp.detach()] + [p.grad.clone() for p in model.parameters()])
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want in zip(results[1], results[0]):
+        assert rel_err(got, want) < tol
+
+
 def test_bf16_model_error_is_that_of_transformers_bf16(pair):
     hf, _, path = pair
     ids = torch.randint(0, 131, (4, 64), generator=torch.Generator().manual_seed(3)).cuda()
