@@ -215,7 +215,7 @@ class PackedLayout:
     forward: the bounds come to the host once (on a GPU each read is a sync that stalls the host,
     once per layer before), and the padded-groups plan is built once, not per layer."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, expand: torch.Tensor | None = None, inputs: int = 0):
+    def __init__(self, cu_seqlens: torch.Tensor, expand: torch.Tensor | None = None, inputs: int | None = None):
         self.cu_seqlens = cu_seqlens
         bounds = cu_seqlens.tolist()
         if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
@@ -230,8 +230,14 @@ class PackedLayout:
         # expand [total]: token j of the sequences is input token expand[j] of `inputs` (shared
         # prompts held once in the input); first [inputs]: each input token's first place in the
         # sequences. Checked where it lives on the host (on a GPU a check would be a sync).
+        # Without expand the sequences are the input itself: `inputs`, when given, is total.
         self.expand, self.first = expand, None
+        if expand is None and inputs is not None and inputs != self.total:
+            raise ValueError(f"cu_seqlens covers {self.total} tokens, input_ids holds {inputs}: a batch packed with "
+                             "shared prompts (data.pack_shared_prompts) needs its expand")
         if expand is not None:
+            if inputs is None:
+                raise ValueError("expand needs the number of input tokens (inputs)")
             if expand.shape != (self.total,):
                 raise ValueError(f"expand must hold one input index per token of the sequences ({self.total}), "
                                  f"got shape {tuple(expand.shape)}")
@@ -423,9 +429,6 @@ class Transformer(nn.Module):
         if expand is not None and cu_seqlens is None:
             raise ValueError("expand needs cu_seqlens: it lays packed sequences out")
         packed = None if cu_seqlens is None else PackedLayout(cu_seqlens, expand, T)
-        if packed is not None and expand is None and packed.total != T:
-            raise ValueError(f"cu_seqlens covers {packed.total} tokens, input_ids holds {T}: a batch packed with "
-                             "shared prompts (data.pack_shared_prompts) needs its expand")
         if position_ids is None:
             if packed is not None:
                 position_ids = packed.input_positions().unsqueeze(0)

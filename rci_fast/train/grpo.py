@@ -105,6 +105,11 @@ def pack_rollouts(sequences: list[RolloutSequence], share_prompts: bool = False)
                         torch.repeat_interleave(torch.arange(len(sequences)), lengths), sample_logp, len(sequences))
 
 
+def _logprobs(model, b: MicroBatch, **kwargs):
+    """model (TokenLogprobs, sharded or not) on a packed micro-batch, shared prompts included."""
+    return model(b.input_ids, b.targets, b.cu_seqlens, expand=b.expand, **kwargs)
+
+
 def _to(mb: RLMicroBatch, device) -> RLMicroBatch:
     move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return RLMicroBatch(mb.batch.to(device), move(mb.advantages), move(mb.seq_ids), move(mb.sample_logp),
@@ -239,11 +244,9 @@ class GRPOTrainer:
         for mb in micro_batches:
             b = mb.batch.to(self.dist.device)
             if self.ref is not None:
-                mb.ref_logp = self.ref(b.input_ids, b.targets, b.cu_seqlens, temperature=temperature,
-                                       expand=b.expand).cpu()
+                mb.ref_logp = _logprobs(self.ref, b, temperature=temperature).cpu()
             if old_logprobs:
-                mb.old_logp = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=temperature,
-                                         expand=b.expand).cpu()
+                mb.old_logp = _logprobs(self.model, b, temperature=temperature).cpu()
 
     def update(self, micro_batches: list[RLMicroBatch]) -> tuple[torch.Tensor, float, bool]:
         """Forward/backward over this rank's micro-batches and one optimizer step (collective).
@@ -268,12 +271,12 @@ class GRPOTrainer:
                 aggregation=a.aggregation, global_tokens=global_tokens, seq_ids=mb.seq_ids, global_seqs=global_seqs,
                 norm=self.cfg.rollout.max_new_tokens * max(global_seqs, 1.0))
             if a.one_pass_loss:  # old_logp None: this forward's own log-probs, detached
-                loss, stats = self.model(b.input_ids, b.targets, b.cu_seqlens, temperature=self.cfg.rollout.temperature,
-                                         expand=b.expand, one_pass_loss=dict(loss_kwargs, old_logp=mb.old_logp))
+                loss, stats = _logprobs(self.model, b, temperature=self.cfg.rollout.temperature,
+                                        one_pass_loss=dict(loss_kwargs, old_logp=mb.old_logp))
                 logp, entropy = stats["logp"], stats["entropy"]
             else:
-                logp, entropy = self.model(b.input_ids, b.targets, b.cu_seqlens, expand=b.expand,
-                                           temperature=self.cfg.rollout.temperature, return_entropy=True)
+                logp, entropy = _logprobs(self.model, b, temperature=self.cfg.rollout.temperature,
+                                          return_entropy=True)
                 old = mb.old_logp if mb.old_logp is not None else logp.detach()
                 loss, stats = policy_loss(logp, old, entropy=entropy, **loss_kwargs)
             (loss * world).backward()  # FSDP averages gradients over ranks; this makes it a sum

@@ -31,19 +31,17 @@ class TokenLogprobs(nn.Module):
         follow the sequences laid out from input_ids: the hidden states are laid out the same way
         (without one_pass_loss only the rows that have a target)."""
         hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, expand=expand)[0]
-        if expand is not None and one_pass_loss is None:
-            # Shared prompts: the head runs on the tokens that have a target only (of a prompt,
-            # its last), their rows gathered straight from the input's.
-            keep = (targets != IGNORE).nonzero().squeeze(1)
-            out = fused_linear_logprob(hidden.index_select(0, expand.index_select(0, keep)), self.model.lm_head.weight,
-                                       targets.index_select(0, keep), temperature=temperature,
-                                       return_entropy=return_entropy)
-            spread = lambda x: x.new_zeros(targets.shape).index_copy(0, keep, x)  # noqa: E731
-            return tuple(map(spread, out)) if return_entropy else spread(out)
-        if expand is not None:
-            hidden = hidden.index_select(0, expand)
+        weight = self.model.lm_head.weight
         if one_pass_loss is not None:
-            return linear_policy_loss(hidden, self.model.lm_head.weight, targets, temperature=temperature,
-                                      one_pass=True, **one_pass_loss)
-        return fused_linear_logprob(hidden, self.model.lm_head.weight, targets, temperature=temperature,
-                                    return_entropy=return_entropy)
+            rows = hidden if expand is None else hidden.index_select(0, expand)
+            return linear_policy_loss(rows, weight, targets, temperature=temperature, one_pass=True, **one_pass_loss)
+        if expand is None:
+            return fused_linear_logprob(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
+        # Shared prompts: the head runs on the tokens that have a target only (of a prompt, its
+        # last), their rows gathered straight from the input's, the results spread back.
+        keep = (targets != IGNORE).nonzero().squeeze(1)
+        out = fused_linear_logprob(hidden.index_select(0, expand.index_select(0, keep)), weight,
+                                   targets.index_select(0, keep), temperature=temperature,
+                                   return_entropy=return_entropy)
+        spread = lambda x: x.new_zeros(targets.shape).index_copy(0, keep, x)  # noqa: E731
+        return tuple(map(spread, out)) if return_entropy else spread(out)
