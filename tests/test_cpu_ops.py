@@ -270,6 +270,33 @@ def test_varlen_attention_is_the_same_on_any_thread_count():
     assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
 
 
+def test_varlen_attention_leaves_out_rows_the_caller_does_not_read(attention_gemm):
+    """query_from: a sequence's rows below it, in whole 64-row query blocks, come back 0 (their dq
+    too); where the caller gives those rows no gradient, every other output row and every
+    gradient is the full run's to the bit (what the rows left out add is exactly 0)."""
+    lengths, query_from = [200, 7, 130, 64, 70, 0], [150, 0, 70, 64, 63, 0]
+    q, k, v = (t.float() for t in _packed_qkv(lengths, 4, 2, 16, seed=3))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    read = torch.cat([torch.arange(n) >= f for n, f in zip(lengths, query_from)])  # rows the caller reads
+    left_out = torch.cat([torch.arange(n) < f - f % 64 for n, f in zip(lengths, query_from)])
+
+    def attention(query_from):
+        return lambda a, b, c: cpu_ops.varlen_attention(a, b, c, cu, query_from) * read[:, None]
+
+    full, full_grads = _grads(attention(None), q, k, v)
+    part, part_grads = _grads(attention(torch.tensor(query_from)), q, k, v)
+    assert torch.equal(part, full)
+    assert all(torch.equal(a, b) for a, b in zip(part_grads, full_grads))
+    raw = cpu_ops.varlen_attention(q, k, v, cu, torch.tensor(query_from))
+    assert left_out.sum() == 128 + 64 + 64 and (raw[:, :, left_out] == 0).all()
+    torch.testing.assert_close(raw[:, :, ~left_out], _per_sequence_reference(q, k, v, cu)[:, :, ~left_out],
+                               **ATTENTION_TOL)
+    for wrong, match in (([0, 0], "one entry per sequence"), ([0, 8, 0, 0, 0, 0], r"query_from\[1\] = 8 lies outside"),
+                         ([-1, 0, 0, 0, 0, 0], r"query_from\[0\] = -1")):
+        with pytest.raises(RuntimeError, match=match):
+            cpu_ops.varlen_attention(q, k, v, cu, torch.tensor(wrong))
+
+
 def test_varlen_attention_edges_and_errors():
     q, k, v = (t.float() for t in _packed_qkv([0, 0], 2, 1, 8, seed=1))
     assert cpu_ops.varlen_attention(q, k, v, torch.tensor([0, 0, 0])).shape == (1, 2, 0, 8)

@@ -152,6 +152,35 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(path):
         inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]), expand=torch.tensor([0, 1, 2]))
 
 
+def test_shared_prompts_skip_later_copies_prompt_queries_to_the_bit(monkeypatch):
+    """The C++ attention leaves out a shared prompt's query rows in all but its first copy (whole
+    64-row blocks: PackedLayout.query_from): log-probs and gradients are those of computing every
+    row, to the bit."""
+    from rci_fast.model.transformer import PackedLayout
+    cfg = ModelConfig("qwen2", 97, 48, 80, 2, 6, 2, 8, qkv_bias=True)
+    torch.manual_seed(0)
+    model = TokenLogprobs(Transformer(cfg))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (70, 130)]
+    seqs, prompt_lens = [], []
+    for which, n in [(0, 5), (0, 9), (1, 3), (0, 1), (1, 12)]:
+        ids = torch.cat([prompts[which], torch.randint(0, cfg.vocab_size, (n,), generator=g)])
+        seqs.append(TokenizedSequence(ids, torch.arange(len(ids)) >= len(prompts[which])))
+        prompt_lens.append(len(prompts[which]))
+    mb = pack_shared_prompts(seqs, prompt_lens)
+    layout = PackedLayout(mb.cu_seqlens, mb.expand, mb.input_ids.shape[1])
+    assert layout.query_from().tolist() == [0, 70, 0, 70, 130]
+    results = []
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(PackedLayout, "query_from", lambda self: torch.zeros(len(self.lengths), dtype=torch.long))
+        model.zero_grad()
+        logp = model(mb.input_ids, mb.targets, mb.cu_seqlens, expand=mb.expand)
+        (logp * torch.linspace(-1, 1, len(logp))).sum().backward()
+        results.append([logp.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_order_is_seeded_sharded_and_resumable(trajectories, tokenizer):
     seqs = tokenize_trajectories(trajectories, tokenizer)
     budget = max(len(s) for s in seqs) + 10

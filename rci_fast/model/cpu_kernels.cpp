@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -613,9 +614,12 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int
 
 struct Packed {
   int64_t heads, kv_heads, dim, group;
-  std::vector<int64_t> starts, lengths, order;  // order: (sequence, kv head) tasks, longest first
+  // skipped[i]: the query rows of sequence i below it, whole query blocks, are not computed (the
+  // caller reads neither their output nor gives them a gradient: query_from below).
+  std::vector<int64_t> starts, lengths, skipped, order;  // order: (sequence, kv head) tasks, most work first
 
-  Packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens) {
+  Packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+         const std::optional<at::Tensor>& query_from) {
     TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                     v.scalar_type() == at::kFloat && k.device().is_cpu() && v.device().is_cpu(),
                 "cpu_ops: varlen attention needs float32 CPU tensors");
@@ -634,10 +638,26 @@ struct Packed {
       starts.push_back(c[i]);
       lengths.push_back(c[i + 1] - c[i]);
     }
+    skipped.assign(count, 0);
+    if (query_from.has_value()) {
+      const auto from = query_from->to(at::kLong).contiguous();
+      TORCH_CHECK(from.dim() == 1 && from.numel() == count, "cpu_ops: query_from needs one entry per sequence (",
+                  count, "), got shape ", from.sizes());
+      const int64_t* f = from.data_ptr<int64_t>();
+      for (int64_t i = 0; i < count; ++i) {
+        TORCH_CHECK(f[i] >= 0 && f[i] <= lengths[i], "cpu_ops: query_from[", i, "] = ", f[i],
+                    " lies outside its sequence of ", lengths[i], " tokens");
+        // Whole blocks only: the blocks computed are those of the full run, so their bits are too.
+        skipped[i] = f[i] - f[i] % kQueryBlock;
+      }
+    }
+    auto work = [&](int64_t task) {  // score cells of the blocks computed
+      const int64_t L = lengths[task / kv_heads], s = skipped[task / kv_heads];
+      return L * L - s * s;
+    };
     for (int64_t i = 0; i < count * kv_heads; ++i)
       if (lengths[i / kv_heads] > 0) order.push_back(i);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return lengths[a / kv_heads] > lengths[b / kv_heads]; });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work(a) > work(b); });
   }
 
   // Runs task(sequence, kv head) for every task, spread over the intra-op threads. Always inside
@@ -669,20 +689,27 @@ bool varlen_attention_blas(bool on) {
 }
 
 // -> (out [N, heads, D] memory, returned as its [heads, N, D] view; lse [heads, N]).
+// query_from [S] (optional): sequence i's query rows below query_from[i] may be left out, in
+// whole blocks of kQueryBlock (their out and lse rows are 0): rows whose output the caller does
+// not read and whose gradient is therefore 0 (a shared prompt's rows in all but its first copy,
+// Attention._packed). The rows computed get the same bits as without it.
 std::vector<at::Tensor> varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const at::Tensor& cu_seqlens, double scale) {
-  const Packed pk(q, k, v, cu_seqlens);
+                                                 const at::Tensor& cu_seqlens, double scale,
+                                                 const std::optional<at::Tensor>& query_from) {
+  const Packed pk(q, k, v, cu_seqlens, query_from);
   const int64_t N = q.size(1), D = pk.dim;
-  // Every row belongs to one sequence, so every output row is written.
+  // Every row belongs to one sequence, so every output row is written (skipped ones with 0).
   at::Tensor out = at::empty({N, pk.heads, D}, q.options()).permute({1, 0, 2});
   at::Tensor lse = at::empty({pk.heads, N}, q.options());
   pk.for_each_task([&](int64_t seq, int64_t g) {
-    const int64_t start = pk.starts[seq], L = pk.lengths[seq];
+    const int64_t start = pk.starts[seq], L = pk.lengths[seq], skip = pk.skipped[seq];
     std::vector<float> scores(std::min(L, kQueryBlock) * L);
     const float *keys = row(k, g, start), *values = row(v, g, start);
     for (int64_t h = g * pk.group; h < (g + 1) * pk.group; ++h) {
       float* lse_h = lse.data_ptr<float>() + h * N + start;
-      for (int64_t b0 = 0; b0 < L; b0 += kQueryBlock) {
+      std::fill(lse_h, lse_h + skip, 0.f);
+      for (int64_t i = 0; i < skip; ++i) std::fill_n(row(out, h, start + i), D, 0.f);
+      for (int64_t b0 = skip; b0 < L; b0 += kQueryBlock) {
         const int64_t rows = std::min(kQueryBlock, L - b0), width = b0 + rows;  // keys up to the last row
         float* s = scores.data();
         gemm(false, true, rows, width, D, row(q, h, start + b0), q.stride(1), keys, k.stride(1), false, s, width);
@@ -695,10 +722,13 @@ std::vector<at::Tensor> varlen_attention_forward(const at::Tensor& q, const at::
 }
 
 // -> (dq [N, heads, D], dk, dv [N, kv_heads, D] memory, returned as [heads or kv_heads, N, D] views).
+// With query_from, the rows left out in the forward get dq = 0 and add nothing to dk, dv (the
+// caller gives them no gradient: what they would add is exactly 0).
 std::vector<at::Tensor> varlen_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                                  const at::Tensor& cu_seqlens, double scale) {
-  const Packed pk(q, k, v, cu_seqlens);
+                                                  const at::Tensor& cu_seqlens, double scale,
+                                                  const std::optional<at::Tensor>& query_from) {
+  const Packed pk(q, k, v, cu_seqlens, query_from);
   const int64_t N = q.size(1), D = pk.dim;
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.stride(2) == 1 && out.stride(2) == 1 &&
                   dout.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
@@ -709,14 +739,15 @@ std::vector<at::Tensor> varlen_attention_backward(const at::Tensor& dout, const 
   at::Tensor dk = at::zeros({N, pk.kv_heads, D}, q.options()).permute({1, 0, 2});  // accumulated
   at::Tensor dv = at::zeros({N, pk.kv_heads, D}, q.options()).permute({1, 0, 2});
   pk.for_each_task([&](int64_t seq, int64_t g) {
-    const int64_t start = pk.starts[seq], L = pk.lengths[seq];
+    const int64_t start = pk.starts[seq], L = pk.lengths[seq], skip = pk.skipped[seq];
     std::vector<float> probs(std::min(L, kQueryBlock) * L), grads(probs.size()), delta(L);
     const float *keys = row(k, g, start), *values = row(v, g, start);
     float *dkeys = row(dk, g, start), *dvalues = row(dv, g, start);
     for (int64_t h = g * pk.group; h < (g + 1) * pk.group; ++h) {
       const float* lse_h = lse.data_ptr<float>() + h * N + start;
-      for (int64_t i = 0; i < L; ++i) delta[i] = dot(row(dout, h, start + i), row(out, h, start + i), D);
-      for (int64_t b0 = 0; b0 < L; b0 += kQueryBlock) {
+      for (int64_t i = 0; i < skip; ++i) std::fill_n(row(dq, h, start + i), D, 0.f);
+      for (int64_t i = skip; i < L; ++i) delta[i] = dot(row(dout, h, start + i), row(out, h, start + i), D);
+      for (int64_t b0 = skip; b0 < L; b0 += kQueryBlock) {
         const int64_t rows = std::min(kQueryBlock, L - b0), width = b0 + rows;
         const float *q_b = row(q, h, start + b0), *dout_b = row(dout, h, start + b0);
         float *p = probs.data(), *dp = grads.data();
@@ -743,9 +774,9 @@ TORCH_LIBRARY(rci_fast_cpu, m) {
   m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor[]", &swiglu_forward);
   m.def("swiglu_backward(Tensor dh, Tensor gate, Tensor up, Tensor sig) -> Tensor[]", &swiglu_backward);
   m.def("rope_forward(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor", &rope_forward);
-  m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor[]",
-        &varlen_attention_forward);
+  m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, "
+        "Tensor? query_from=None) -> Tensor[]", &varlen_attention_forward);
   m.def("varlen_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor cu_seqlens, float scale) -> Tensor[]", &varlen_attention_backward);
+        "Tensor cu_seqlens, float scale, Tensor? query_from=None) -> Tensor[]", &varlen_attention_backward);
   m.def("varlen_attention_blas(bool on) -> bool", &varlen_attention_blas);
 }

@@ -79,11 +79,15 @@ def varlen_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return _fused(q, k, v) and q.dim() == 4 and q.shape[0] == 1 and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     query_from: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence: q [1, heads, N, D], k/v [1, kv_heads, N, D],
     sequence bounds cu_seqlens [S + 1] -> [1, heads, N, D] (its memory laid out [N, heads, D], so
-    the caller's transpose back to tokens is free). Float32 CPU tensors (varlen_attention_applies)."""
-    return _VarlenAttention.apply(q, k, v, cu_seqlens)
+    the caller's transpose back to tokens is free). Float32 CPU tensors (varlen_attention_applies).
+    query_from [S] (optional, on the host): the caller neither reads sequence i's output rows
+    below query_from[i] nor gives them a gradient, so the kernel may leave them out (in whole
+    query blocks; those rows come back 0); the others are the same to the bit."""
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, query_from)
 
 
 def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -137,11 +141,11 @@ class _Rope(torch.autograd.Function):
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens):
+    def forward(ctx, q, k, v, cu_seqlens, query_from):
         q, k, v = (_head_dim_contiguous(t.detach()[0]) for t in (q, k, v))
         cu = cu_seqlens.to(device="cpu", dtype=torch.int64)
-        ctx.scale = q.shape[-1] ** -0.5
-        out, lse = torch.ops.rci_fast_cpu.varlen_attention_forward(q, k, v, cu, ctx.scale)
+        ctx.scale, ctx.query_from = q.shape[-1] ** -0.5, query_from
+        out, lse = torch.ops.rci_fast_cpu.varlen_attention_forward(q, k, v, cu, ctx.scale, query_from)
         ctx.save_for_backward(q, k, v, out, lse, cu)
         return out.unsqueeze(0)
 
@@ -150,5 +154,5 @@ class _VarlenAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, cu = ctx.saved_tensors
         dq, dk, dv = torch.ops.rci_fast_cpu.varlen_attention_backward(
-            _head_dim_contiguous(dout[0]), q, k, v, out, lse, cu, ctx.scale)
-        return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0), None
+            _head_dim_contiguous(dout[0]), q, k, v, out, lse, cu, ctx.scale, ctx.query_from)
+        return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0), None, None

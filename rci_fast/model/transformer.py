@@ -145,9 +145,11 @@ class Attention(nn.Module):
         def gather(t, index):
             return t.transpose(1, 2).index_select(1, index).transpose(1, 2)
         q, k, v = (gather(t, packed.expand) for t in (q, k, v))
-        return gather(self._varlen(q, k, v, packed), packed.first)
+        return gather(self._varlen(q, k, v, packed, only_first=True), packed.first)
 
-    def _varlen(self, q, k, v, packed: "PackedLayout"):
+    def _varlen(self, q, k, v, packed: "PackedLayout", only_first: bool = False):
+        """only_first: the caller reads each input token's output at its first place only, so the
+        C++ kernel may leave out a shared prompt's query rows in its later copies."""
         varlen = flash_attn_varlen_func or torch_varlen_attn
         if varlen is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
             max_len, cu = packed.max_len, packed.cu_seqlens_int32()
@@ -158,7 +160,7 @@ class Attention(nn.Module):
                 out = torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=True)
             return out.transpose(0, 1).unsqueeze(0)
         if varlen_attention_applies(q, k, v):  # float32 on a CPU: C++, no padding
-            return varlen_attention(q, k, v, packed.cu_seqlens)
+            return varlen_attention(q, k, v, packed.cu_seqlens, packed.query_from() if only_first else None)
         return padded_groups_attention(q, k, v, packed)
 
     def _cached(self, q, k, v, step: "CachedStep"):
@@ -227,6 +229,7 @@ class PackedLayout:
         self.max_len = max(self.lengths, default=0)
         self._int32: torch.Tensor | None = None
         self._plans: dict[tuple, tuple] = {}
+        self._query_from: torch.Tensor | None = None
         # expand [total]: token j of the sequences is input token expand[j] of `inputs` (shared
         # prompts held once in the input); first [inputs]: each input token's first place in the
         # sequences. Checked where it lives on the host (on a GPU a check would be a sync).
@@ -263,6 +266,20 @@ class PackedLayout:
         device = self.cu_seqlens.device
         starts = torch.repeat_interleave(self.cu_seqlens[:-1], self.cu_seqlens.diff(), output_size=self.total)
         return torch.arange(self.total, device=device) - starts
+
+    def query_from(self) -> torch.Tensor:
+        """[S] with expand: in each sequence the place of its first token that is some input
+        token's first place (0 for a prompt's first copy, the prompt's length for its others);
+        the sequence's length where it has none. On the host (the C++ attention reads it)."""
+        if self._query_from is None:
+            lengths, starts = (torch.tensor(x, dtype=torch.long) for x in (self.lengths, self.starts))
+            places = torch.arange(self.total)
+            is_first = torch.zeros(self.total, dtype=torch.bool).index_fill_(0, self.first.cpu(), True)
+            seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=self.total)
+            first = torch.full((len(lengths),), self.total).scatter_reduce_(
+                0, seq, torch.where(is_first, places, self.total), reduce="amin")
+            self._query_from = torch.minimum(first - starts, lengths)
+        return self._query_from
 
     def input_positions(self) -> torch.Tensor:
         """Each input token's position: positions() itself, or with expand its first place's
