@@ -152,6 +152,41 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(path):
         inner.hidden_states(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 3]), expand=torch.tensor([0, 1, 2]))
 
 
+def test_shared_prompts_one_pass_loss_runs_the_head_on_target_rows_only(monkeypatch):
+    """With the one-pass loss and shared prompts the head sees the rows that have a target (not
+    every copy of every prompt token); its per-token arguments are kept alike and its per-token
+    stats spread back: loss, stats and gradients those of the plain packing (fp32 rounding)."""
+    from rci_fast.train import modeling
+    cfg = ModelConfig("qwen2", 97, 48, 80, 2, 6, 2, 8, qkv_bias=True)
+    torch.manual_seed(0)
+    model = TokenLogprobs(Transformer(cfg))
+    seqs, prompt_lens = grpo_like_sequences(cfg.vocab_size, seed=3)
+    head_rows, real = [], modeling.linear_policy_loss
+    monkeypatch.setattr(modeling, "linear_policy_loss", lambda h, *a, **k: head_rows.append(len(h)) or real(h, *a, **k))
+    results = []
+    for mb in (pack(seqs), pack_shared_prompts(seqs, prompt_lens)):
+        n = mb.targets.shape[0]
+        g = torch.Generator().manual_seed(4)
+        mask = (mb.targets != IGNORE).float()
+        args = dict(old_logp=None, advantages=torch.randn(n, generator=g), mask=mask, ref_logp=-torch.rand(n, generator=g),
+                    kl_coef=0.1, seq_ids=torch.repeat_interleave(torch.arange(len(seqs)), mb.cu_seqlens.diff()),
+                    aggregation="seq-mean-token-mean", global_seqs=len(seqs))
+        model.zero_grad()
+        loss, stats = model(mb.input_ids, mb.targets, mb.cu_seqlens, expand=mb.expand, one_pass_loss=args)
+        loss.backward()
+        results.append((loss.detach(), {k: v * mask if v.dim() else v for k, v in stats.items()},
+                        [p.grad.clone() for p in model.parameters()]))
+    with_target = int((pack(seqs).targets != IGNORE).sum())
+    assert head_rows == [sum(len(s) for s in seqs), with_target] and with_target < head_rows[0]
+    (loss, stats, grads), (shared_loss, shared_stats, shared_grads) = results
+    torch.testing.assert_close(shared_loss, loss, atol=1e-6, rtol=1e-5)
+    assert shared_stats.keys() == stats.keys()
+    for k in stats:
+        torch.testing.assert_close(shared_stats[k].float(), stats[k].float(), atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_shared_prompts_skip_later_copies_prompt_queries_to_the_bit(monkeypatch):
     """The C++ attention leaves out a shared prompt's query rows in all but its first copy (whole
     64-row blocks: PackedLayout.query_from): log-probs and gradients are those of computing every

@@ -28,20 +28,28 @@ class TokenLogprobs(nn.Module):
         With one_pass_loss (linear_policy_loss's arguments from old_logp on) it returns that loss
         and its stats instead, the gradient formed in the forward (inside this forward, so FSDP
         has lm_head gathered). With expand (shared prompts, data.pack_shared_prompts) targets
-        follow the sequences laid out from input_ids: the hidden states are laid out the same way
-        (without one_pass_loss only the rows that have a target)."""
+        follow the sequences laid out from input_ids, and the head runs on the rows that have a
+        target only."""
         hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, expand=expand)[0]
         weight = self.model.lm_head.weight
-        if one_pass_loss is not None:
-            rows = hidden if expand is None else hidden.index_select(0, expand)
-            return linear_policy_loss(rows, weight, targets, temperature=temperature, one_pass=True, **one_pass_loss)
         if expand is None:
+            if one_pass_loss is not None:
+                return linear_policy_loss(hidden, weight, targets, temperature=temperature, one_pass=True,
+                                          **one_pass_loss)
             return fused_linear_logprob(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
         # Shared prompts: the head runs on the tokens that have a target only (of a prompt, its
         # last), their rows gathered straight from the input's, the results spread back.
         keep = (targets != IGNORE).nonzero().squeeze(1)
-        out = fused_linear_logprob(hidden.index_select(0, expand.index_select(0, keep)), weight,
-                                   targets.index_select(0, keep), temperature=temperature,
-                                   return_entropy=return_entropy)
+        rows, kept_targets = hidden.index_select(0, expand.index_select(0, keep)), targets.index_select(0, keep)
         spread = lambda x: x.new_zeros(targets.shape).index_copy(0, keep, x)  # noqa: E731
+        if one_pass_loss is not None:  # its per-token arguments and stats kept and spread alike
+            args = {k: v.index_select(0, keep) if k in PER_TOKEN_LOSS_ARGS and v is not None else v
+                    for k, v in one_pass_loss.items()}
+            loss, stats = linear_policy_loss(rows, weight, kept_targets, temperature=temperature, one_pass=True, **args)
+            return loss, {k: spread(v) if v.dim() == 1 else v for k, v in stats.items()}
+        out = fused_linear_logprob(rows, weight, kept_targets, temperature=temperature, return_entropy=return_entropy)
         return tuple(map(spread, out)) if return_entropy else spread(out)
+
+
+# linear_policy_loss's arguments that hold one value per token (the others are settings or totals).
+PER_TOKEN_LOSS_ARGS = frozenset({"old_logp", "advantages", "mask", "ref_logp", "seq_ids"})
