@@ -404,6 +404,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
   const auto options = x.options();
   at::Tensor normed = at::empty_like(x), attn = at::empty({B, q_width}, options);
   at::Tensor qkv = at::empty({B, row_width}, options), gate_up = at::empty({B, 2 * inter}, options);
+  at::Tensor act = at::empty({B, inter}, options);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
@@ -444,7 +445,14 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     rms_norm(xp, weight(w + 5).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
     rci_fast::small_gemm(normed_p, B, hidden, weight(w + 6).data_ptr<float>(), 2 * inter, bias(w + 7),
                          gate_up.data_ptr<float>(), false);
-    at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter)).contiguous();
+    // silu(gate) * up by ATen's own elementwise kernels (what this step has always computed), its
+    // rows split over the threads: alone it ran on one thread (under ATen's grain size) while
+    // the other waited.
+    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      const at::Tensor rows = gate_up.narrow(0, r0, r1 - r0);
+      at::Tensor out = act.narrow(0, r0, r1 - r0);
+      at::silu_out(out, rows.narrow(1, 0, inter)).mul_(rows.narrow(1, inter, inter));
+    });
     rci_fast::small_gemm(act.data_ptr<float>(), B, inter, weight(w + 8).data_ptr<float>(), hidden, bias(w + 9), xp,
                          true);
   }
