@@ -172,6 +172,29 @@ def test_sampling_is_seeded(tok, models):
     assert [t.token_ids for t in greedy] == [t.token_ids for t in top1]
 
 
+@pytest.mark.parametrize("cpu_decode", [False, True], ids=["python-step", "cpp-step"])
+def test_a_cpu_engine_reuses_its_cache_with_the_same_results(tok, models, cpu_decode):
+    """A CPU engine keeps its KV cache for the next call of the same shape (its pages stay
+    resident): the next call, on other prompts, gives a fresh engine's trajectories to the bit,
+    even after a call that left NaN in the cache (stale cells are zeroed again before use); a
+    call with another shape gets a new cache."""
+    _, ours = models
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, stop_at_answer=False, seed=3)
+
+    def run(engine, batch):
+        return [(t.token_ids, t.logprobs) for t in engine.generate(batch, params)]
+
+    engine = RolloutEngine(ours, tok, eos_ids=[], max_batch=4, cpu_decode=cpu_decode)
+    run(engine, prompts(tok)[::-1])
+    kept = engine._kept_cache
+    kept.k.fill_(float("nan"))
+    kept.v.fill_(float("nan"))
+    fresh = run(RolloutEngine(ours, tok, eos_ids=[], max_batch=4, cpu_decode=cpu_decode), prompts(tok))
+    assert run(engine, prompts(tok)) == fresh and engine._kept_cache is kept
+    run(engine, prompts(tok)[:2])  # two slots: another shape
+    assert engine._kept_cache is not kept and engine._kept_cache.k.shape[1] == 2
+
+
 def test_logprobs_are_those_of_the_sampled_tokens(tok, models):
     _, ours = models
     [traj] = RolloutEngine(ours, tok).generate([tok.encode("The answer")],
