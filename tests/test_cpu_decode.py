@@ -128,6 +128,21 @@ def test_decode_step_rejects_what_it_cannot_run():
                                            step.heads, step.kv_heads, step.eps, torch.tensor([0, 1]), None)
 
 
+def test_decode_step_runs_under_inference_mode_with_the_same_bits():
+    """Under torch.inference_mode (a caller's choice) the step's tensors are inference tensors,
+    which its worker threads, outside that mode, may not write through views: it runs and gives
+    the logits and cache of a no_grad call to the bit, with enough rows for both threads."""
+    cfg = CONFIGS["qwen2-group3"]
+    step = CpuDecodeStep(random_model(cfg))
+    ids, positions = torch.arange(1, 17), torch.arange(16) % 5
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        cache = KVCache(cfg, 16, 8, torch.float32)
+        with mode():
+            results.append((step(ids, positions, 0, cache), cache.k.clone(), cache.v.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_engine_rejects_cpu_decode_for_a_bf16_model():
     from rci_fast.rollout import RolloutEngine
     model = random_model(CONFIGS["qwen2-group3"]).to(torch.bfloat16)

@@ -191,7 +191,9 @@ def test_shared_prompts_skip_later_copies_prompt_queries_to_the_bit(monkeypatch)
     """The C++ attention leaves out a shared prompt's query rows in all but its first copy (whole
     64-row blocks: PackedLayout.query_from): log-probs and gradients are those of computing every
     row, to the bit."""
+    from rci_fast.model import native
     from rci_fast.model.transformer import PackedLayout
+    assert native.available()  # else attention takes padded_groups_attention, which has no skip
     cfg = ModelConfig("qwen2", 97, 48, 80, 2, 6, 2, 8, qkv_bias=True)
     torch.manual_seed(0)
     model = TokenLogprobs(Transformer(cfg))
@@ -205,6 +207,8 @@ def test_shared_prompts_skip_later_copies_prompt_queries_to_the_bit(monkeypatch)
     mb = pack_shared_prompts(seqs, prompt_lens)
     layout = PackedLayout(mb.cu_seqlens, mb.expand, mb.input_ids.shape[1])
     assert layout.query_from().tolist() == [0, 70, 0, 70, 130]
+    with pytest.raises(ValueError, match="needs a layout with expand"):
+        PackedLayout(mb.cu_seqlens).query_from()
     results = []
     for skip in (True, False):
         if not skip:

@@ -445,13 +445,19 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, int64
     rms_norm(xp, weight(w + 5).data_ptr<float>(), normed_p, nullptr, 0, B, hidden, eps);
     rci_fast::small_gemm(normed_p, B, hidden, weight(w + 6).data_ptr<float>(), 2 * inter, bias(w + 7),
                          gate_up.data_ptr<float>(), false);
-    // silu(gate) * up by ATen's own elementwise kernels (what this step has always computed), its
-    // rows split over the threads: alone it ran on one thread (under ATen's grain size) while
-    // the other waited.
+    // silu(gate) * up by ATen's own elementwise kernels (what this step has always computed), in
+    // whole rows per thread: at a few rows ATen kept it on one thread (under its grain size)
+    // while the other waited. The views are made in each thread from raw pointers: ordinary
+    // tensors there, where a view of `act` made under the caller's torch.inference_mode would be
+    // an inference tensor that a worker thread (outside that mode) may not write.
+    float *gate_up_p = gate_up.data_ptr<float>(), *act_p = act.data_ptr<float>();
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-      const at::Tensor rows = gate_up.narrow(0, r0, r1 - r0);
-      at::Tensor out = act.narrow(0, r0, r1 - r0);
-      at::silu_out(out, rows.narrow(1, 0, inter)).mul_(rows.narrow(1, inter, inter));
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      const int64_t rows = r1 - r0;
+      float* gate = gate_up_p + r0 * 2 * inter;
+      at::Tensor out = at::from_blob(act_p + r0 * inter, {rows, inter}, f32);
+      at::silu_out(out, at::from_blob(gate, {rows, inter}, {2 * inter, 1}, f32))
+          .mul_(at::from_blob(gate + inter, {rows, inter}, {2 * inter, 1}, f32));
     });
     rci_fast::small_gemm(act.data_ptr<float>(), B, inter, weight(w + 8).data_ptr<float>(), hidden, bias(w + 9), xp,
                          true);
@@ -578,7 +584,7 @@ at::Tensor rope_forward(const at::Tensor& x, const at::Tensor& cos, const at::Te
 // saved log-sum-exp, as flash attention does: nothing of size length^2 is kept. A task owns its
 // rows of every output, so tasks need no locks, and each runs on one thread (its GEMMs too): the
 // result is the same for any thread count.
-// Tasks are handed out longest first, one at a time (the cost of one grows with its length
+// Tasks are handed out most work first, one at a time (the cost of one grows with its length
 // squared). The reference is padded_groups_attention (transformer.py); tests/test_cpu_ops.py.
 
 // BLAS's own sgemm (MKL or OpenBLAS inside libtorch_cpu), where the library exports it: the

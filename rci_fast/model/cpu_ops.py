@@ -144,6 +144,7 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, query_from):
         q, k, v = (_head_dim_contiguous(t.detach()[0]) for t in (q, k, v))
         cu = cu_seqlens.to(device="cpu", dtype=torch.int64)
+        query_from = None if query_from is None else query_from.to(device="cpu", dtype=torch.int64)
         ctx.scale, ctx.query_from = q.shape[-1] ** -0.5, query_from
         out, lse = torch.ops.rci_fast_cpu.varlen_attention_forward(q, k, v, cu, ctx.scale, query_from)
         ctx.save_for_backward(q, k, v, out, lse, cu)

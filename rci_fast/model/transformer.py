@@ -268,9 +268,11 @@ class PackedLayout:
         return torch.arange(self.total, device=device) - starts
 
     def query_from(self) -> torch.Tensor:
-        """[S] with expand: in each sequence the place of its first token that is some input
-        token's first place (0 for a prompt's first copy, the prompt's length for its others);
-        the sequence's length where it has none. On the host (the C++ attention reads it)."""
+        """[S], for a layout with expand: in each sequence the place of its first token that is
+        some input token's first place (0 for a prompt's first copy, the prompt's length for its
+        others); the sequence's length where it has none. On the host (the C++ attention reads it)."""
+        if self.expand is None:
+            raise ValueError("query_from needs a layout with expand (shared prompts)")
         if self._query_from is None:
             lengths, starts = (torch.tensor(x, dtype=torch.long) for x in (self.lengths, self.starts))
             places = torch.arange(self.total)

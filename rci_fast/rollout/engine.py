@@ -111,7 +111,9 @@ class RolloutEngine:
     (model/cpu_decode.py): None uses it where it applies and builds, True insists, False never;
     result_delay_steps: 0 feeds a code result back at the first step after it arrives; k > 0
     exactly k decode steps after its block closed (waiting for it if it is late), which makes
-    runs with code calls repeatable to the bit (module doc)."""
+    runs with code calls repeatable to the bit (module doc).
+    One generate call at a time per engine (it keeps per-call state, and on a CPU its KV cache
+    between calls): threads that roll out at once need an engine each."""
 
     def __init__(self, model: Transformer, tokenizer, sandbox=None, *, max_batch: int = 64,
                  max_code_calls: int = 8, code_timeout_s: float = 10.0,
@@ -240,10 +242,11 @@ class RolloutEngine:
         zero_all = self.cuda_graphs is True
         if torch.device(device).type != "cpu" or zero_all:
             return KVCache(self.model.config, slots, max_len, dtype, device, zero_all=zero_all)
-        kept = self._kept_cache
-        if kept is None or kept.k.shape[1] != slots or kept.max_len != max_len or kept.k.dtype != dtype:
-            kept = self._kept_cache = None  # free the old one before the new one is allocated
-            kept = self._kept_cache = KVCache(self.model.config, slots, max_len, dtype, device, zero_all=False)
+        cfg, kept = self.model.config, self._kept_cache
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        if kept is None or kept.k.shape != shape or kept.k.dtype != dtype:
+            self._kept_cache = None  # free the old one before the new one is allocated
+            kept = self._kept_cache = KVCache(cfg, slots, max_len, dtype, device, zero_all=False)
         kept.zeroed = 0  # stale keys and values may be NaN (a diverged model's): zeroed before use
         return kept
 

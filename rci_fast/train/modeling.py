@@ -29,7 +29,8 @@ class TokenLogprobs(nn.Module):
         and its stats instead, the gradient formed in the forward (inside this forward, so FSDP
         has lm_head gathered). With expand (shared prompts, data.pack_shared_prompts) targets
         follow the sequences laid out from input_ids, and the head runs on the rows that have a
-        target only."""
+        target only: the one-pass loss's mask must then be 0 where the target is IGNORE (as
+        RLMicroBatch.mask is), and its per-sequence count come as global_seqs."""
         hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, expand=expand)[0]
         weight = self.model.lm_head.weight
         if expand is None:
