@@ -65,6 +65,25 @@ def test_bf16_packed_attention_matches_one_sequence_at_a_time(pair):
             assert rel_err(packed[cu[i]:cu[i] + len(s)], model(s[None])[0]) < 1e-2
 
 
+def test_sdpa_keeps_cudnn_attention_out(pair):
+    """SDPA calls on CUDA exclude cuDNN's attention (transformer.CUDA_SDPA_BACKENDS: it plans a
+    graph for every new shape): none in an fp32 packed forward + backward (padded SDPA groups) or
+    a bf16 dense forward."""
+    from torch.profiler import ProfilerActivity, profile
+    _, _, path = pair
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 131, (1, 40), generator=g).cuda()
+    cu = torch.tensor([0, 7, 29, 40]).cuda()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model = load_pretrained(path, device="cuda")
+        model(ids, cu_seqlens=cu).float().sum().backward()
+        with torch.no_grad():
+            load_pretrained(path, dtype=torch.bfloat16, device="cuda")(ids.view(4, 10))
+    names = {e.name for e in prof.events()}
+    assert not [n for n in names if "cudnn_attention" in n.lower()], sorted(names)[:50]
+    assert any("scaled_dot_product" in n for n in names)  # SDPA ran
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_shared_prompts_on_cuda(pair, dtype):
     """train.share_prompts on a GPU (bf16: the varlen flash kernel; fp32: padded SDPA groups):

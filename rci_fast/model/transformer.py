@@ -17,7 +17,6 @@ Three ways to run attention:
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 
@@ -79,7 +78,19 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-CUDA_DECODE_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# SDPA on CUDA without cuDNN's backend: it plans a new graph for every new shape, ~2 ms of CPU per
+# call and layer (measured on an H200 in decoding, 20x the GPU time of a whole decode step), and
+# decode steps bring a new key length each, packed training batches new padded shapes per
+# micro-batch. On a CPU the default choice is the fastest.
+CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention, on CUDA from CUDA_SDPA_BACKENDS."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(CUDA_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 class KVCache:
@@ -133,7 +144,7 @@ class Attention(nn.Module):
         elif packed is not None:
             out = self._packed(q, k, v, packed)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
     def _packed(self, q, k, v, packed: "PackedLayout"):
@@ -168,11 +179,7 @@ class Attention(nn.Module):
         k_all[step.rows, :, step.positions] = k.transpose(1, 2)
         v_all[step.rows, :, step.positions] = v.transpose(1, 2)
         keys, values = step.view(k_all), step.view(v_all)
-        # On CUDA not cuDNN: it plans a new graph for every new key length, ~2 ms of CPU per call
-        # and layer (measured on an H200), 20x the GPU time of a whole decode step. On CPU the
-        # default choice is the fastest.
-        with sdpa_kernel(CUDA_DECODE_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+        return sdpa(q, keys, values, attn_mask=step.mask, enable_gqa=True)
 
 
 # Measured on 2 CPU threads, causal SDPA forward + backward at 4 heads of 32: a call costs ~120 us
@@ -338,8 +345,8 @@ def padded_groups_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sizes = [count * width for count, width in shapes]
     # index_select, not t[idx]: its backward (index_add_) is ~5x faster on CPU than indexing's.
     parts = [t[0].transpose(0, 1).index_select(0, gather).split(sizes) for t in (q, k, v)]  # [P, heads, D]
-    outs = [F.scaled_dot_product_attention(*(p.view(count, width, -1, d).transpose(1, 2) for p in group_parts),
-                                           is_causal=True, enable_gqa=True).transpose(1, 2).reshape(-1, heads, d)
+    outs = [sdpa(*(p.view(count, width, -1, d).transpose(1, 2) for p in group_parts),
+                 is_causal=True, enable_gqa=True).transpose(1, 2).reshape(-1, heads, d)
             for (count, width), group_parts in zip(shapes, zip(*parts))]
     padded_out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return padded_out.index_select(0, back).transpose(0, 1).unsqueeze(0)
