@@ -161,6 +161,21 @@ def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
             "floor_s_single_best_rate": (prefill + decode + update) / max(rate_decode, rate_update)}
 
 
+def sft_floor(cfg, batches, steps: range) -> dict:
+    """FLOPs of the SFT steps `steps` (forward and backward of every Linear and the head on every
+    token, causal attention within each packed sequence) and their median time at the measured
+    GEMM rate for the micro-batches' token count."""
+    p, layers, h = matmul_params(cfg), cfg.num_hidden_layers, cfg.hidden_size
+    flops, tokens = [], []
+    for step in steps:
+        mbs = batches.micro_batches(*divmod(step, batches.steps_per_epoch))
+        lengths = [n for mb in mbs for n in mb.cu_seqlens.diff().tolist()]
+        flops.append(6 * p * sum(lengths) + 3 * sum(2 * layers * h * n * n for n in lengths))
+        tokens.extend(mb.num_tokens for mb in mbs)
+    rate = gemm_rate(cfg, int(median(tokens)))
+    return {"gflop_per_step": median(flops) / 1e9, "gemm_gflops": rate / 1e9, "floor_s": median(flops) / rate}
+
+
 def reward_of(items, config=RewardConfig()):
     """TRL reward function: rci_fast's reward of each completion (its assistant turns)."""
     def rci_fast_reward(prompts, completions, item, **kwargs):
@@ -628,7 +643,10 @@ def main() -> int:
             ours_sft, batches = rci_fast_sft(str(model_dir), str(work / "sft.jsonl"), str(work / "sft"),
                                              sft_steps, 1, batch)
             hf_sft = transformers_sft(str(model_dir), batches, sft_steps, 1)
-            result["sft"] = {"rci_fast": ours_sft, "transformers": hf_sft, "batch_size": batch,
+            floor = sft_floor(cfg, batches, range(1, 1 + sft_steps))  # the timed steps (one warm-up)
+            for r in (ours_sft, hf_sft):
+                r["of_floor"] = r["step_time_s"] / floor["floor_s"]
+            result["sft"] = {"rci_fast": ours_sft, "transformers": hf_sft, "batch_size": batch, "floor": floor,
                              "speedup": ours_sft["tokens_per_s"] / hf_sft["tokens_per_s"]}
 
         if "code" not in skip:
@@ -717,7 +735,9 @@ def report(result: dict, args) -> None:
         for name in ("rci_fast", "transformers"):
             r = s[name]
             print(f"  {name:13} {r['tokens_per_s']:8.0f} tok/s   {r['step_time_s']:.3f} s/step   "
-                  f"first-step loss {r['first_loss']:.5f}")
+                  f"first-step loss {r['first_loss']:.5f}   {r['of_floor']:.2f}x the floor")
+        f = s["floor"]
+        print(f"  floor          {f['floor_s']:.3f} s/step ({f['gflop_per_step']:.2f} GFLOP at {f['gemm_gflops']:.0f} GFLOP/s)")
         print(f"  rci_fast {s['speedup']:.2f}x the plain transformers loop")
     if "with_code" in result:
         c = result["with_code"]

@@ -91,3 +91,5 @@ def test_bench_vs_trl():
     result = run_quick("bench_vs_trl.py", "--threads", "2")
     assert result["grpo"]["speedup_vs_trl"] > 0
     assert 0 < result["grpo"]["floor"]["shared_floor_s"] < result["grpo"]["floor"]["floor_s"]
+    sft = result["sft"]
+    assert sft["floor"]["floor_s"] > 0 and sft["rci_fast"]["of_floor"] > 0 and sft["transformers"]["of_floor"] > 0
