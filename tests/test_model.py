@@ -252,3 +252,16 @@ def test_lazily_zeroed_cache_ignores_stale_memory(pair):
     with torch.no_grad():
         full = ours.hidden_states(ids)
     torch.testing.assert_close(outs[1][-1][:, 0], full[[0, 1, 2], [8, 8, 4]], atol=1e-5, rtol=0)
+
+
+def test_repeat_kv_pairs_heads_as_enable_gqa_does():
+    """transformer.sdpa repeats grouped key/value heads for float32 on CUDA (the efficient kernel
+    there may refuse enable_gqa): the same attention as enable_gqa, checked here on the CPU."""
+    from rci_fast.model.transformer import repeat_kv
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 9, 8, generator=g) for h in (6, 2, 2))
+    mask = torch.rand(9, 9, generator=g) > 0.3
+    for kwargs in (dict(is_causal=True), dict(attn_mask=mask | torch.eye(9, dtype=torch.bool))):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+        got = torch.nn.functional.scaled_dot_product_attention(q, *repeat_kv(k, v, 3), **kwargs)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -86,11 +86,23 @@ CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention, on CUDA from CUDA_SDPA_BACKENDS."""
+    """F.scaled_dot_product_attention, on CUDA from CUDA_SDPA_BACKENDS. There float32 with grouped
+    key/value heads gets them repeated (repeat_kv): flash refuses float32, and the efficient
+    kernel takes enable_gqa only in torch builds from 2026-07 on, which left the MATH backend
+    (a full score tensor, ~25 kernels a call)."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if kwargs.get("enable_gqa") and q.dtype == torch.float32 and k.shape[-3] != q.shape[-3]:
+        k, v = repeat_kv(k, v, q.shape[-3] // k.shape[-3])
+        kwargs["enable_gqa"] = False
     with sdpa_kernel(CUDA_SDPA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key/value heads [..., kv_heads, T, D] repeated for `group` query heads each, as SDPA's
+    enable_gqa pairs them (query head h reads key/value head h // group)."""
+    return k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
 
 
 class KVCache:
