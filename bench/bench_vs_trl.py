@@ -128,6 +128,13 @@ def gemm_rate(cfg, m: int) -> float:
     return flops / sum(min(gemm_seconds(mm, k, n, DEVICE).values()) for mm, k, n in shapes)
 
 
+def training_flops(cfg, lengths: list[int]) -> int:
+    """FLOPs of a forward and backward over packed sequences of these lengths: every Linear and
+    the head on every token, causal attention (q.k and p.v) within each sequence."""
+    p, layers, h = matmul_params(cfg), cfg.num_hidden_layers, cfg.hidden_size
+    return 6 * p * sum(lengths) + 3 * sum(2 * layers * h * n * n for n in lengths)
+
+
 def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
     """FLOPs of one GRPO step without a reference model, and its time at the measured rates; the
     `shared_` figures count each group's prompt once (prefill, and the update's per-token layers:
@@ -137,7 +144,7 @@ def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
     prefill = sum(2 * p * n + 2 * layers * h * n * n for n in prompt_lens)  # attention: q.k and p.v, causal
     decode = sum(2 * p + 4 * layers * h * (n + t) for n in prompt_lens for t in range(new - 1))
     tokens = sum(n + new for n in prompt_lens)
-    update = 6 * p * tokens + 3 * sum(2 * layers * h * (n + new) ** 2 for n in prompt_lens)
+    update = training_flops(cfg, [n + new for n in prompt_lens])
     rate_decode, rate_update = gemm_rate(cfg, rows), gemm_rate(cfg, tokens)
     floor_s = decode / rate_decode + (prefill + update) / rate_update
     group_prompts = prompt_lens[::GROUP]  # rows are prompts x GROUP, a group's rows together
@@ -162,15 +169,12 @@ def grpo_floor(cfg, prompt_lens: list[int], new: int) -> dict:
 
 
 def sft_floor(cfg, batches, steps: range) -> dict:
-    """FLOPs of the SFT steps `steps` (forward and backward of every Linear and the head on every
-    token, causal attention within each packed sequence) and their median time at the measured
-    GEMM rate for the micro-batches' token count."""
-    p, layers, h = matmul_params(cfg), cfg.num_hidden_layers, cfg.hidden_size
+    """FLOPs of the SFT steps `steps` (training_flops of their sequences) and their median time at
+    the measured GEMM rate for the micro-batches' token count."""
     flops, tokens = [], []
     for step in steps:
         mbs = batches.micro_batches(*divmod(step, batches.steps_per_epoch))
-        lengths = [n for mb in mbs for n in mb.cu_seqlens.diff().tolist()]
-        flops.append(6 * p * sum(lengths) + 3 * sum(2 * layers * h * n * n for n in lengths))
+        flops.append(training_flops(cfg, [n for mb in mbs for n in mb.cu_seqlens.diff().tolist()]))
         tokens.extend(mb.num_tokens for mb in mbs)
     rate = gemm_rate(cfg, int(median(tokens)))
     return {"gflop_per_step": median(flops) / 1e9, "gemm_gflops": rate / 1e9, "floor_s": median(flops) / rate}

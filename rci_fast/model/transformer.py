@@ -293,13 +293,10 @@ class PackedLayout:
         if self.expand is None:
             raise ValueError("query_from needs a layout with expand (shared prompts)")
         if self._query_from is None:
-            lengths, starts = (torch.tensor(x, dtype=torch.long) for x in (self.lengths, self.starts))
-            places = torch.arange(self.total)
-            is_first = torch.zeros(self.total, dtype=torch.bool).index_fill_(0, self.first.cpu(), True)
-            seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=self.total)
-            first = torch.full((len(lengths),), self.total).scatter_reduce_(
-                0, seq, torch.where(is_first, places, self.total), reduce="amin")
-            self._query_from = torch.minimum(first - starts, lengths)
+            bounds, first = torch.tensor(self.starts + [self.total]), self.first.cpu()
+            seq = torch.searchsorted(bounds, first, right=True) - 1  # each first place's sequence
+            self._query_from = torch.tensor(self.lengths).scatter_reduce_(
+                0, seq, first - bounds[seq], reduce="amin")
         return self._query_from
 
     def input_positions(self) -> torch.Tensor:
