@@ -1,6 +1,6 @@
 """The C++ sampler (rci_fast/rollout/sampling.cpp) against its torch reference
-(sampling.inverse_cdf_torch): the same ids, maxima and totals bit for bit, so that a rollout
-draws the same tokens with either. Odd shapes: rows that fill no block of 8 or a partial last one,
+(sampling.inverse_cdf_torch): the same ids, maxima, totals and log-probs bit for bit, so that a
+rollout draws the same tokens with either. Odd shapes: rows that fill no block of 8 or a partial last one,
 vocabularies that are no multiple of the vector width, masked (-inf) logits as top-k and top-p
 leave them, a row of a single finite logit, rows with NaN or +-inf, no rows."""
 import pytest
@@ -17,15 +17,26 @@ def fused(logits, u):
     return torch.ops.rci_fast_cpu.inverse_cdf_sample(logits, u)
 
 
+def assert_bits_equal(ours, ref):
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    if ours.is_floating_point():  # bit patterns (-0.0 is not 0.0), NaN where the reference has one
+        nan = ref.isnan()
+        assert torch.equal(ours.isnan(), nan)
+        assert torch.equal(ours[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+    else:
+        assert torch.equal(ours, ref)
+
+
 def assert_same_bits(logits, u):
-    for ours, ref in zip(fused(logits, u), inverse_cdf_torch(logits, u)):
-        assert ours.dtype == ref.dtype and ours.shape == ref.shape
-        if ours.is_floating_point():  # bit patterns (-0.0 is not 0.0), NaN where the reference has one
-            nan = ref.isnan()
-            assert torch.equal(ours.isnan(), nan)
-            assert torch.equal(ours[~nan].view(torch.int32), ref[~nan].view(torch.int32))
-        else:
-            assert torch.equal(ours, ref)
+    """inverse_cdf_sample against inverse_cdf_torch, and inverse_cdf_sample_logprob against the
+    log-prob sample() forms from the reference's outputs in torch."""
+    ref = inverse_cdf_torch(logits, u)
+    for ours, expected in zip(fused(logits, u), ref):
+        assert_bits_equal(ours, expected)
+    ids, top, total = ref
+    ref_logp = (logits.gather(-1, ids) - top - total.log()).squeeze(-1)
+    for ours, expected in zip(torch.ops.rci_fast_cpu.inverse_cdf_sample_logprob(logits, u), (ids.squeeze(-1), ref_logp)):
+        assert_bits_equal(ours, expected)
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 5), (7, 1000), (9, 1023), (16, 8192), (64, 1031)])

@@ -109,6 +109,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inverse_cdf_sample(const at::Tens
   return {ids, top, total};
 }
 
+// inverse_cdf_sample and each sampled token's log-prob in one call: (ids [B] int64, logp [B]) with
+// logp = (logits[id] - max) - log(total), as sampling.sample computes it in torch (gather, two
+// float subtractions, and torch's own log on the totals: the same bits). A decode step then calls
+// one operator to sample instead of five.
+std::tuple<at::Tensor, at::Tensor> inverse_cdf_sample_logprob(const at::Tensor& logits, const at::Tensor& u) {
+  auto [ids, top, total] = inverse_cdf_sample(logits, u);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor log_total = at::log(total);
+  at::Tensor logp = at::empty({B}, logits.options());
+  const float *x = logits.data_ptr<float>(), *top_p = top.data_ptr<float>(), *lt = log_total.data_ptr<float>();
+  const int64_t* ids_p = ids.data_ptr<int64_t>();
+  float* out = logp.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r) out[r] = (x[r * V + ids_p[r]] - top_p[r]) - lt[r];
+  return {ids.view({B}), logp};
+}
+
 TORCH_LIBRARY_FRAGMENT(rci_fast_cpu, m) {
   m.def("inverse_cdf_sample(Tensor logits, Tensor u) -> (Tensor, Tensor, Tensor)", &inverse_cdf_sample);
+  m.def("inverse_cdf_sample_logprob(Tensor logits, Tensor u) -> (Tensor, Tensor)", &inverse_cdf_sample_logprob);
 }

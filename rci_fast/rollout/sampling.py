@@ -52,9 +52,9 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     # noise from a seeded generator) costs ~10 ms for 64 x 8k on CPU, more than the model.
     u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device).clamp_(min=1e-12)
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and native.available():
-        ids, top, total = torch.ops.rci_fast_cpu.inverse_cdf_sample(logits.contiguous(), u)  # sampling.cpp
-    else:
-        ids, top, total = inverse_cdf_torch(logits, u)
+        # sampling.cpp: the draw and the log-prob below in one call, the same bits
+        return torch.ops.rci_fast_cpu.inverse_cdf_sample_logprob(logits.contiguous(), u)
+    ids, top, total = inverse_cdf_torch(logits, u)
     return ids.squeeze(-1), (logits.gather(-1, ids) - top - total.log()).squeeze(-1)
 
 
