@@ -11,6 +11,7 @@
 #include "seccomp_filter.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/sched.h>
@@ -20,6 +21,7 @@
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
@@ -52,10 +54,10 @@ constexpr uint32_t arg_hi(int i) { return arg_lo(i) + 4; }
 const long kAllowed[] = {
     SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64, SYS_preadv,
     SYS_pwritev, SYS_lseek, SYS_close, SYS_fstat, SYS_newfstatat, SYS_statx, SYS_statfs,
-    SYS_fstatfs, SYS_openat, SYS_faccessat, SYS_faccessat2, SYS_readlinkat, SYS_getdents64,
+    SYS_fstatfs, SYS_faccessat, SYS_faccessat2, SYS_readlinkat, SYS_getdents64,
     SYS_getcwd, SYS_chdir, SYS_fchdir, SYS_mkdirat, SYS_unlinkat, SYS_renameat, SYS_renameat2,
-    SYS_linkat, SYS_symlinkat, SYS_fchmod, SYS_fchmodat, SYS_utimensat, SYS_truncate,
-    SYS_ftruncate, SYS_fsync, SYS_fdatasync, SYS_flock, SYS_fcntl, SYS_dup, SYS_dup3, SYS_pipe2,
+    SYS_linkat, SYS_symlinkat, SYS_utimensat, SYS_truncate,
+    SYS_ftruncate, SYS_fsync, SYS_fdatasync, SYS_flock, SYS_dup, SYS_dup3, SYS_pipe2,
     SYS_umask, SYS_sendfile, SYS_copy_file_range, SYS_splice, SYS_tee, SYS_fadvise64,
     SYS_close_range,
     SYS_mmap, SYS_munmap, SYS_mprotect, SYS_mremap, SYS_madvise, SYS_brk, SYS_msync, SYS_mincore,
@@ -72,8 +74,8 @@ const long kAllowed[] = {
     SYS_waitid, SYS_ppoll, SYS_pselect6, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait,
     SYS_eventfd2,
 #if defined(__x86_64__)
-    SYS_open, SYS_stat, SYS_lstat, SYS_access, SYS_readlink, SYS_getdents, SYS_mkdir, SYS_rmdir,
-    SYS_unlink, SYS_rename, SYS_link, SYS_symlink, SYS_chmod, SYS_creat, SYS_dup2, SYS_pipe,
+    SYS_stat, SYS_lstat, SYS_access, SYS_readlink, SYS_getdents, SYS_mkdir, SYS_rmdir,
+    SYS_unlink, SYS_rename, SYS_link, SYS_symlink, SYS_dup2, SYS_pipe,
     SYS_poll, SYS_select, SYS_alarm, SYS_time, SYS_getpgrp, SYS_arch_prctl, SYS_epoll_wait,
     SYS_epoll_create, SYS_eventfd, SYS_utimes, SYS_futimesat, SYS_getrlimit,
 #endif
@@ -135,6 +137,14 @@ class Program {
     ret(otherwise);
     ret(kAllow);
   }
+  // if (nr == syscall) return (low word of argument `arg` & bits) ? refused : allow;
+  void allow_unless_arg_has(long nr, int arg, uint32_t bits, uint32_t refused) {
+    block(nr, 4);
+    load(arg_lo(arg));
+    jump(BPF_JMP | BPF_JSET | BPF_K, bits, 0, 1);
+    ret(refused);
+    ret(kAllow);
+  }
   std::vector<sock_filter>& code() { return p_; }
 
  private:
@@ -151,6 +161,19 @@ std::vector<sock_filter> build(pid_t self_pid) {
 #if defined(__x86_64__)
   p.jump(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, 0, 1);  // x32 ABI numbers: never allowed
   p.ret(kKill);
+#endif
+
+  // Files: any mode but set-uid/set-gid (a run as uid 0 could leave a set-uid-root program where
+  // another user may run it, when scratch is not on the sandbox's nosuid tmpfs). openat first:
+  // the most frequent of all.
+  constexpr uint32_t kSetId = S_ISUID | S_ISGID;
+  p.allow_unless_arg_has(SYS_openat, 3, kSetId, ret_errno(EPERM));
+  p.allow_unless_arg_has(SYS_fchmod, 1, kSetId, ret_errno(EPERM));
+  p.allow_unless_arg_has(SYS_fchmodat, 2, kSetId, ret_errno(EPERM));
+#if defined(__x86_64__)
+  p.allow_unless_arg_has(SYS_open, 2, kSetId, ret_errno(EPERM));
+  p.allow_unless_arg_has(SYS_chmod, 1, kSetId, ret_errno(EPERM));
+  p.allow_unless_arg_has(SYS_creat, 1, kSetId, ret_errno(EPERM));
 #endif
 
   // clone: threads only. Namespace flags are an escape attempt; fork/vfork/posix_spawn get EPERM.
@@ -207,6 +230,14 @@ std::vector<sock_filter> build(pid_t self_pid) {
   // ioctl: the terminal/fd queries Python's io layer makes; anything else is "not a tty".
   p.allow_if_arg_in(SYS_ioctl, 1, {TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIOCLEX, FIONCLEX},
                     ret_errno(ENOTTY));
+  // fcntl: descriptor flags, status flags, locks, duplicates. Not F_SETOWN(_EX)/F_SETSIG: a
+  // descriptor's SIGIO goes to the owner it names, a signal the kernel lets a uid-0 run send to
+  // any process (kill() is filtered, this path is not; Landlock scopes signals only from ABI 6,
+  // Linux 6.12); nor leases, dnotify or resizing a pipe (the worker's control pipe among them).
+  p.allow_if_arg_in(SYS_fcntl, 1, {F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL,
+                                   F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK,
+                                   F_OFD_SETLKW, F_GETOWN, F_GETSIG, F_GETPIPE_SZ},
+                    ret_errno(EPERM));
   // prctl: thread names (threading sets them) and read-only queries.
   p.allow_if_arg_in(SYS_prctl, 0, {PR_SET_NAME, PR_GET_NAME, PR_GET_DUMPABLE, PR_GET_SECCOMP,
                                    PR_GET_NO_NEW_PRIVS, PR_CAPBSET_READ},

@@ -72,6 +72,27 @@ bool write_full(int fd, const void* buf, size_t n) {
   return true;
 }
 
+// Writes all of buf to the non-blocking `fd`, waiting for room until deadline_ms (now_ms's clock):
+// 1 when written, 0 when the deadline passed first, -1 when the pipe broke.
+int write_until(int fd, const void* buf, size_t n, double deadline_ms) {
+  const char* p = static_cast<const char*>(buf);
+  while (n > 0) {
+    const ssize_t r = write(fd, p, n);
+    if (r > 0) {
+      p += r;
+      n -= static_cast<size_t>(r);
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0 || errno != EAGAIN) return -1;
+    const double left = deadline_ms - now_ms();
+    if (left <= 0) return 0;
+    pollfd w{fd, POLLOUT, 0};
+    if (poll(&w, 1, static_cast<int>(std::ceil(left))) < 0 && errno != EINTR) return -1;
+  }
+  return 1;
+}
+
 // Appends what a non-blocking `fd` holds now (up to EOF or EAGAIN), up to `cap` bytes in all.
 void drain_into(int fd, std::string& dst, size_t cap) {
   char buf[4096];
@@ -170,7 +191,7 @@ void drop_capabilities() {
 struct SpareState {
   int run_uid, run_gid;
   bool has_ruleset;
-  pid_t self;
+  pid_t self, worker;
 };
 SpareState g_spare{};
 constexpr char kReadyByte = 'R';
@@ -203,7 +224,7 @@ void spare_child(const ChildSetup& s, const std::string& scratch, int control_r,
     if (high[i] >= 0 && dup2(high[i], i) < 0) die_in_child("dup2", errno);
   syscall(SYS_close_range, 6, ~0u, 0);
   if (chdir(scratch.c_str()) != 0) die_in_child("chdir scratch", errno);
-  g_spare = SpareState{s.config->run_uid, s.config->run_gid, ruleset >= 0, self};
+  g_spare = SpareState{s.config->run_uid, s.config->run_gid, ruleset >= 0, self, s.worker_pid};
 }
 
 // ---- the worker -------------------------------------------------------------------------------
@@ -308,7 +329,9 @@ class Worker {
     c.out_r = out[0];
     c.err_r = err[0];
     c.report_r = report[0];
-    for (int fd : {c.out_r, c.err_r, c.report_r}) fcntl(fd, F_SETFL, O_NONBLOCK);
+    // The control pipe too: a session's code may stop reading it (by pointing descriptor 3
+    // elsewhere), and a blocking write of the next code would then hold the worker forever.
+    for (int fd : {c.control_w, c.out_r, c.err_r, c.report_r}) fcntl(fd, F_SETFL, O_NONBLOCK);
     c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));  // -1 before Linux 5.3
     if (c.pidfd >= 0) fcntl(c.pidfd, F_SETFD, FD_CLOEXEC);
     return c;
@@ -375,13 +398,16 @@ class Worker {
     const double t0 = now_ms();
     ChildMessage m{kChildMagic, static_cast<uint32_t>(code.size()), session ? CHILD_SESSION : 0u, 0,
                    limits, 0};
+    const double deadline = t0 + limits.timeout_s * 1e3;
     std::string failed;
+    int sent = 1;  // write_until's answer for the message and code
     if (c.pid <= 0) failed = c.spawn_error.empty() ? "no run process" : c.spawn_error;
     else if (fresh_child && !wait_ready(c)) failed = "the run process died or hung while locking itself down";
     else if (fresh_child && (m.address_space_bytes = address_space_limit(c.pid, limits)) == 0)
       failed = "reading the run process's size (/proc/PID/statm) failed";
-    else if (!write_full(c.control_w, &m, sizeof m) || !write_full(c.control_w, code.data(), code.size()))
-      failed = "the pipe to the run process broke (the session ended)";
+    else if ((sent = write_until(c.control_w, &m, sizeof m, deadline)) == 1)
+      sent = write_until(c.control_w, code.data(), code.size(), deadline);
+    if (failed.empty() && sent < 0) failed = "the pipe to the run process broke (the session ended)";
     if (!failed.empty()) {
       o.h.status = ST_ERROR;
       o.err = std::string("rci_fast sandbox: could not start a run: ") + failed + "\n";
@@ -393,10 +419,9 @@ class Worker {
       o.h.flags |= RF_SESSION_ENDED;
       return o;
     }
-    const double deadline = t0 + limits.timeout_s * 1e3;
     const size_t cap = limits.max_output_bytes;
     bool out_open = true, err_open = true, report_open = true, reported = false, exited = false;
-    int killed_for = -1;
+    int killed_for = sent == 0 ? ST_TIMEOUT : -1;  // it did not take its code in time
     ChildReport rep{};
     size_t rep_have = 0;
     char buf[65536];
@@ -668,6 +693,10 @@ bool child_start(std::string* code, bool* session) {
     if (setresuid(uid, uid, uid) != 0) die_in_child("setresuid", errno);
   }
   drop_capabilities();
+  // The uid change cleared the parent-death signal set at the fork: without it again, a run
+  // would outlive a killed worker (orphaned, out of Sandbox.close()'s reach).
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != g_spare.worker) _exit(0);
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die_in_child("no_new_privs", errno);
   prctl(PR_SET_DUMPABLE, 0);  // other processes of the same uid cannot open its /proc files
   if (g_spare.has_ruleset) {

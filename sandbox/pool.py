@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -143,10 +144,15 @@ def _readable_by_others(path: str) -> bool:
 
 def _python_read_paths() -> list[str]:
     """Folders a run may read: the interpreter, its libraries and the import path; no home, /tmp
-    or /proc. The current folder ('' in sys.path) is left out on purpose."""
+    or /proc. The current folder and the folder Python started from are left out on purpose
+    (sys.path[0]: '' in a shell, but the absolute current folder under `python -m` and the
+    script's folder for a script): a run must not read the project, its runs or its data."""
+    started_from = {os.path.realpath(os.getcwd())}
+    if sys.path and sys.path[0]:
+        started_from.add(os.path.realpath(sys.path[0]))
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
-    paths.update(p for p in sys.path if p and os.path.isabs(p))
+    paths.update(p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) not in started_from)
     paths.update(["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo",
                   "/etc/localtime", "/dev/urandom", "/dev/zero"])
     resolved = set()
@@ -271,6 +277,10 @@ class Sandbox:
             "run_uid": uid if uid >= 0 else os.geteuid(),
             "capabilities": "none",
         }
+        if self.isolation["landlock_abi"] == 0:
+            warnings.warn("rci_fast sandbox: this kernel has no Landlock (Linux before 5.13, or turned off): runs "
+                          "are held by seccomp, rlimits and their uid only, and may read and write whatever that "
+                          "uid may", RuntimeWarning, stacklevel=3)
         config = {
             "sys_path": [p for p in sys.path if p],
             "preload": self._preload,

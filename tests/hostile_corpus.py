@@ -86,6 +86,12 @@ def attacks(outside: str, readable: str, secret_file: str, bystander: int, port:
         Attack("kill process group of parent", "import os\nos.killpg(os.getpgid(os.getppid()), 9)", ("error",)),
         Attack("tgkill other process", f"import ctypes\nprint(ctypes.CDLL(None).syscall(234, {bystander}, {bystander}, 9))\n"
                "import sys; sys.exit(1)", ("error",)),
+        Attack("SIGIO to bystander via F_SETOWN", "import fcntl, os, signal\nr, w = os.pipe()\n"
+               f"fcntl.fcntl(r, fcntl.F_SETOWN, {bystander})\nfcntl.fcntl(r, 10, signal.SIGKILL)\n"
+               "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')", ("error",)),
+        Attack("SIGIO with F_SETOWN_EX", "import fcntl, os, struct\nr, w = os.pipe()\n"
+               f"fcntl.fcntl(r, 15, struct.pack('ii', 1, {bystander}))", ("error",)),
+        Attack("resize a pipe", "import fcntl, os\nr, w = os.pipe()\nfcntl.fcntl(r, 1031, 4096)", ("error",)),
         Attack("kill own process group", "import os\nos.kill(0, 9)", ("violation",)),
         Attack("kill itself", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", ("violation",)),
         Attack("abort", "import os\nos.abort()", ("violation",)),
@@ -114,6 +120,8 @@ def attacks(outside: str, readable: str, secret_file: str, bystander: int, port:
         Attack("symlink escape", f"import os\nos.symlink('{outside}', 'link')\nopen('link/pwned', 'w').write('x')", ("error",)),
         Attack("hard link the secret in", f"import os\nos.link('{secret_file}', 'copy')\nprint(open('copy').read())", ("error",)),
         Attack("rename outside", f"import os\nopen('x', 'w').write('pwned')\nos.rename('x', '{pwn}')", ("error",)),
+        Attack("set-uid file by chmod", "import os\nopen('f', 'w').close()\nos.chmod('f', 0o4755)", ("error",)),
+        Attack("set-gid file by open", "import os\nos.open('g', os.O_CREAT | os.O_WRONLY, 0o2755)", ("error",)),
         Attack("read secret file", f"print(open('{secret_file}').read())", ("error",)),
         Attack("list the root folder", "import os\nprint(os.listdir('/'))", ("error",)),
         Attack("read parent environment", "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())", ("error",)),

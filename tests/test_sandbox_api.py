@@ -159,6 +159,19 @@ def test_code_can_import_a_module_it_wrote(sb):
     assert r.status == "ok" and r.stdout == "42\n", r.stderr
 
 
+def test_files_take_any_mode_but_set_uid_and_set_gid(sb):
+    r = sb.run("import os, stat\n"
+               "fd = os.open('a', os.O_CREAT | os.O_WRONLY, 0o640)\nos.close(fd)\n"
+               "os.chmod('a', 0o1755)\nopen('b', 'w').close()\nos.chmod('b', 0o600)\n"
+               "print(oct(stat.S_IMODE(os.stat('a').st_mode)), oct(stat.S_IMODE(os.stat('b').st_mode)))\n"
+               "for mode in (0o4755, 0o2755):\n"
+               "    try:\n"
+               "        os.chmod('a', mode)\n"
+               "    except PermissionError:\n"
+               "        print('refused')\n")
+    assert r.status == "ok" and r.stdout.split() == ["0o1755", "0o600", "refused", "refused"], r
+
+
 def test_scratch_folder_is_private_and_writable(sb):
     r = sb.run("import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
                "with tempfile.NamedTemporaryFile('w', delete=False) as f: f.write('t')\n"
@@ -224,6 +237,89 @@ def test_many_sessions_share_workers(sb):
     assert [s.run("print(v)").stdout for s in sessions] == [f"{i}\n" for i in range(6)]
     for s in sessions:
         s.close()
+
+
+def test_a_session_that_stops_reading_its_code_times_out_alone():
+    """A session's code points its control descriptor (3) at a pipe of its own: the worker's
+    write of the next code, larger than the control pipe holds, waits only until that run's
+    deadline (it blocked the worker for good before), and another session on the same worker
+    lives on."""
+    with Sandbox(workers=1, timeout_s=5.0) as box:
+        victim = box.session()
+        assert victim.run("x = 1").status == "ok"
+        s = box.session()
+        assert s.run("import os\nkeep = os.dup(3)\nr, w = os.pipe()\nos.dup2(r, 3)").status == "ok"
+        t0 = time.monotonic()
+        r = s.run("#" + "x" * (256 << 10), timeout_s=1.0)
+        assert r.status == "timeout" and time.monotonic() - t0 < 3.0 and s.closed
+        assert victim.run("print(x)").stdout == "1\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs under another uid need root")
+def test_runs_under_another_uid_die_with_their_worker():
+    """The uid change clears the parent-death signal set at the fork: the run child sets it
+    again, or a run outlives its killed worker as an orphan."""
+    with Sandbox(workers=1, timeout_s=20.0, run_uid=65534) as box:
+        assert box.run("import os\nprint(os.getuid())").stdout == "65534\n"
+        box.submit("import time\ntime.sleep(15)")
+        time.sleep(0.5)
+        worker = box.worker_pids[0]
+        children = [pid for pid in _children(worker) if _uid(pid) == 65534]
+        assert children
+        os.kill(worker, 9)
+        deadline = time.monotonic() + 3.0
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in children if _alive(pid)]
+        for pid in left:
+            os.kill(pid, 9)
+        assert not left
+
+
+def _children(pid):
+    found = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(p))
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def _uid(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(f.read().split("Uid:")[1].split()[0])
+    except (OSError, IndexError):
+        return -1
+
+
+def _alive(pid):
+    return os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)
+
+
+def test_runs_cannot_read_the_folder_python_started_from(tmp_path):
+    """Under `python -m` sys.path[0] is the current folder (absolute): it is not granted to runs,
+    nor is the current folder (a project's runs and data must stay out of a run's reach)."""
+    (tmp_path / "secret.txt").write_text("project-secret")
+    (tmp_path / "probe_read.py").write_text(
+        "from rci_fast.sandbox import Sandbox\n"
+        "with Sandbox(workers=1) as sb:\n"
+        f"    r = sb.run({'print(open(%r).read())' % str(tmp_path / 'secret.txt')!r})\n"
+        "    print(r.status, 'project-secret' in r.stdout)\n")
+    r = subprocess.run([sys.executable, "-m", "probe_read"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.split() == ["error", "False"], r.stdout + r.stderr
+
+
+def test_a_kernel_without_landlock_gets_a_warning(monkeypatch):
+    from rci_fast.sandbox import pool
+    monkeypatch.setattr(pool._core, "landlock_abi", lambda: 0)
+    with pytest.warns(RuntimeWarning, match="no Landlock"):
+        with Sandbox(workers=1) as box:
+            assert box.isolation["landlock_abi"] == 0
 
 
 def test_bad_arguments_fail_clearly(sb):
