@@ -393,6 +393,8 @@ class RLConfig:
                               f"({r.prompts_per_step})")
         if not t.lr > 0:
             raise ConfigError(f"train.lr: must be > 0 (got {t.lr})")
+        if not self.curriculum.online_floor > 0:  # online draws weight Π + floor: p = 0 or 1 weighs 0 without it
+            raise ConfigError(f"curriculum.online_floor: must be > 0 (got {self.curriculum.online_floor})")
         choices = {"algo.advantage": (a.advantage, ("grpo", "drgrpo")),
                    "algo.aggregation": (a.aggregation, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
                    "algo.kl_estimator": (a.kl_estimator, ("k1", "k3", "low_var_kl")),

@@ -17,6 +17,20 @@ def test_potential_and_paper_groups():
         potential_groups(pi, thresholds=(0.3, 0.5))
 
 
+def test_pass_rates_p_and_1_minus_p_share_their_group():
+    """Π(p) = Π(1 - p): with the paper's k = 20 attempts, 4/20 and 16/20 (and every other pair)
+    land in one group; in plain floating point Π(0.8) fell just below 0.64."""
+    k = np.arange(21) / 20
+    groups = potential_groups(improvement_potential(k))
+    assert groups.tolist() == groups[::-1].tolist()
+    assert potential_groups(improvement_potential([0.2, 0.8])).tolist() == [0, 0]
+
+
+def test_online_mode_needs_a_positive_floor():
+    with pytest.raises(ValueError, match="online_floor"):
+        CurriculumConfig(mode="online", online_floor=0.0)
+
+
 def test_staged_pools_grow_cumulatively_from_the_highest_group():
     p = np.array([0.5, 0.25, 0.15, 0.05, 0.0])  # Π = 1, 0.75, 0.51, 0.19, 0
     cur = Curriculum(p, CurriculumConfig(steps_per_stage=10))
