@@ -108,9 +108,10 @@ def test_group_rows_read_one_copy_of_their_prompt_to_the_bit(tok, models, monkey
     real, elsewhere = CpuDecodeStep.__call__, []
 
     def run(share: bool):
-        def call(self, ids, positions, first_slot, cache, prefix=None):
+        def call(self, ids, positions, first_slot, cache, prefix=None, max_position=None):
+            assert max_position == int(positions.max())  # the engine's, from its lists
             elsewhere.append(bool((prefix[0] != torch.arange(first_slot, first_slot + len(ids))).any()))
-            return real(self, ids, positions, first_slot, cache, prefix if share else None)
+            return real(self, ids, positions, first_slot, cache, prefix if share else None, max_position)
         monkeypatch.setattr(CpuDecodeStep, "__call__", call)
         engine = RolloutEngine(ours, tok, eos_ids=list(range(3, len(tok), 24)), max_batch=6, cpu_decode=True)
         return [(t.token_ids, t.logprobs) for t in engine.generate(batch, params)]

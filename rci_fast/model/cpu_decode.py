@@ -64,12 +64,15 @@ class CpuDecodeStep:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int, cache: KVCache,
-                 prefix: torch.Tensor | None = None) -> torch.Tensor:
+                 prefix: torch.Tensor | None = None, max_position: int | None = None) -> torch.Tensor:
         """Logits [B, vocab] for tokens ids [B] at positions [B] of cache slots first_slot.. in order,
         writing their keys and values into the cache. prefix [2, B] (slots, lengths), optional:
         row b reads its positions below lengths[b] from slot slots[b], which must hold the same
-        keys and values there (a shared prompt: one copy read by many rows stays in cache)."""
-        cache.zero_upto(int(positions.max()) + 1)  # the Python path may read this cache later
+        keys and values there (a shared prompt: one copy read by many rows stays in cache).
+        max_position: the largest of positions, when the caller knows it (else read from them)."""
+        if max_position is None:
+            max_position = int(positions.max())
+        cache.zero_upto(max_position + 1)  # the Python path may read this cache later
         slots, lengths = (None, None) if prefix is None else prefix
         return torch.ops.rci_fast_cpu.decode_step(
             ids, positions, first_slot, cache.k, cache.v, self.inv_freq, self.weights,

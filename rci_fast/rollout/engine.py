@@ -179,6 +179,7 @@ class RolloutEngine:
                         if self.cuda_graphs else None)
         generator = torch.Generator(device=device).manual_seed(params.seed)
         self._trigger_chars = set("`>") | {s[-1] for s in params.stop if s}
+        self._trigger_of: dict[int, bool] = {}  # token -> _is_trigger, for this call's stops
         queue = deque(enumerate(prompts))
         free = list(range(n_slots - 1, -1, -1))
         active: list[_Seq] = []
@@ -291,43 +292,49 @@ class RolloutEngine:
         view instead of gathering rows: slots in the range that wait for the interpreter (or are
         free) ride along as dummy rows, writing at their next position (or 0), the same way.
         """
-        outs, row_of = [], {}  # row_of: id(seq) -> its row in torch.cat(outs)
+        # Runs once per decode step: plain lists and one tensor per call (per-row Python and
+        # tensor ops here cost as much as a small model's step on a CPU, and stall a GPU's).
+        outs = []
         single = [s for s in ready if len(s.next_input) == 1]
         multi = [s for s in ready if len(s.next_input) > 1]
+        lo = n_single = 0
         if single:
-            by_slot = {s.slot: s for s in active}
             if self._graphs is not None:  # static shapes: every slot, every step
                 lo, hi = 0, self._graphs.ids.shape[0] - 1
             else:
-                lo, hi = min(s.slot for s in single), max(s.slot for s in single)
+                slots = [s.slot for s in single]
+                lo, hi = min(slots), max(slots)
+            n_single = hi - lo + 1
+            by_slot = {s.slot: s for s in active}
             rows = [by_slot.get(slot) for slot in range(lo, hi + 1)]
-            decoding = {id(s) for s in single}
-            tokens = [[s.next_input[0] if id(s) in decoding else 0] if s else [0] for s in rows]
-            positions = [[s.length] if s else [0] for s in rows]
+            tokens = [0] * n_single
+            for s in single:
+                tokens[s.slot - lo] = s.next_input[0]
+            positions = [s.length if s else 0 for s in rows]
             if self._graphs is not None:
-                outs.append(self._graphs.run([t[0] for t in tokens], [p[0] for p in positions]))
+                outs.append(self._graphs.run(tokens, positions))
             elif self._cpu_step is not None:
-                prefix = [(s.prefix_slot, s.prefix_len) if s else (lo + j, 0) for j, s in enumerate(rows)]
-                outs.append(self._cpu_step(torch.tensor([t[0] for t in tokens]),
-                                           torch.tensor([p[0] for p in positions]), lo, cache,
-                                           torch.tensor(prefix).T))
+                prefix_slots = [s.prefix_slot if s else lo + j for j, s in enumerate(rows)]
+                prefix_lens = [s.prefix_len if s else 0 for s in rows]
+                step = torch.tensor([tokens, positions, prefix_slots, prefix_lens])
+                outs.append(self._cpu_step(step[0], step[1], lo, cache, step[2:], max(positions)))
             else:
-                outs.append(self._forward_rows(tokens, positions, list(range(lo, hi + 1)), [0] * len(rows),
-                                               cache, device))
-            row_of.update((id(s), j) for j, s in enumerate(rows) if s is not None and id(s) in decoding)
+                outs.append(self._forward_rows([[t] for t in tokens], [[p] for p in positions],
+                                               list(range(lo, hi + 1)), [0] * n_single, cache, device))
         if multi:
             width = max(len(s.next_input) for s in multi)
             tokens = [s.next_input + [0] * (width - len(s.next_input)) for s in multi]
             positions = [[min(s.length + t, cache.max_len - 1) for t in range(width)] for s in multi]
-            offset = len(outs[0]) if outs else 0
             outs.append(self._forward_rows(tokens, positions, [s.slot for s in multi],
                                            [len(s.next_input) - 1 for s in multi], cache, device))
-            row_of.update((id(s), offset + j) for j, s in enumerate(multi))
+        # Each ready sequence's row in torch.cat(outs): its slot's in the decoding call, then the
+        # longer inputs in order.
+        multi_row = {id(s): n_single + j for j, s in enumerate(multi)}
+        order = [multi_row[id(s)] if len(s.next_input) > 1 else s.slot - lo for s in ready]
         for s in ready:
             s.length += len(s.next_input)
             s.next_input = []
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        order = [row_of[id(s)] for s in ready]
         if self._graphs is None and order == list(range(len(out))):
             return out  # plain decoding of slots in order: the rows are already the ready ones
         # One gather (a copy: a CUDA graph's output buffer is overwritten by the next replay).
@@ -350,6 +357,14 @@ class RolloutEngine:
             piece = self._piece_cache[token] = self.tokenizer.decode([token])
         return piece
 
+    def _is_trigger(self, token: int) -> bool:
+        """Whether the token's text holds a character that may end a code block, an answer or a
+        stop string (then the segment's text is looked at)."""
+        hit = self._trigger_of.get(token)
+        if hit is None:
+            hit = self._trigger_of[token] = not self._trigger_chars.isdisjoint(self._piece(token))
+        return hit
+
     def _after_token(self, seq: _Seq, token: int, params: SamplingParams) -> None:
         if token in self.eos_ids:
             seq.finish_reason = "eos"
@@ -357,7 +372,7 @@ class RolloutEngine:
             seq.finish_reason = "length"
         elif seq.total >= params.max_total_tokens:
             seq.finish_reason = "max_total"
-        elif self._trigger_chars & set(self._piece(token)):
+        elif self._is_trigger(token):
             # Only now is the segment's text needed: decoding it every step would cost O(n^2).
             text = self.tokenizer.decode(seq.segments[-1].ids)
             block = CODE_BLOCK.search(text)
