@@ -307,6 +307,37 @@ def test_result_delay_steps_makes_runs_with_code_repeatable(tok, models, sandbox
         RolloutEngine(ours, tok, sandbox, result_delay_steps=-1)
 
 
+def forced(tok, ids):
+    """A logits processor that makes every row emit the token ids `ids`, then EOS."""
+    def force(segments_per_row, logits):
+        out = torch.full_like(logits, -1e9)
+        for row, segments in enumerate(segments_per_row):
+            done = sum(len(s.ids) for s in segments if s.kind == "model")
+            out[row, ids[done] if done < len(ids) else tok.eos_token_id] = 0.0
+        return out
+    return force
+
+
+def test_the_episode_ends_at_the_answer_as_the_reward_reads_it(tok, models):
+    """A Dyck answer ends in '>' (BBH dyck_languages: '<<<] ) >>>>' is '] ) >'). Written '>' by
+    '>', the text ends in '>>>' one token before its last '>': the episode ends only once a
+    token follows the answer's '>>>' (or at EOS), and the reward reads the whole answer."""
+    from rci_fast.tasks.answer import extract_answer
+    _, ours = models
+    [gt] = tok.encode(">")
+    prompt = tok.encode("Close the brackets.")
+    dyck, number, more = tok.encode("<<<] ) ") + [gt] * 4, tok.encode("<<<42") + [gt] * 3, tok.encode(" and more")
+    # (forced ids, the answer read, how the episode ends, the ids it holds: up to the first
+    # token after the answer)
+    cases = [(dyck + more, "] ) >", "answer", dyck + more[:1]),
+             (number + more, "42", "answer", number + more[:1]),
+             (number, "42", "eos", number + [tok.eos_token_id])]
+    for ids, answer, reason, kept in cases:
+        engine = RolloutEngine(ours, tok, logits_processor=forced(tok, ids))
+        [traj] = engine.generate([prompt], SamplingParams(max_new_tokens=64))
+        assert (extract_answer(traj.text), traj.finish_reason, traj.segments[1].ids) == (answer, reason, kept)
+
+
 def test_bad_prompts_fail_clearly(tok, models):
     _, ours = models
     engine = RolloutEngine(ours, tok)

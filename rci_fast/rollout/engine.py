@@ -30,10 +30,10 @@ from rci_fast.model import KVCache, Transformer
 from rci_fast.model.cpu_decode import CpuDecodeStep
 from rci_fast.rollout.decode_graphs import DecodeGraphs
 from rci_fast.rollout.sampling import SamplingParams, sample
+from rci_fast.tasks.answer import ANSWER_RE
 from rci_fast.tasks.prompt import DEFAULT_MAX_RESULT_CHARS, format_result
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
-ANSWER = re.compile(r"<<<.*?>>>", re.S)
 DEFAULT_TOOL_TEMPLATE = "\n{result}\n"  # around tasks.prompt.format_result: the SFT data's format
 
 
@@ -83,6 +83,7 @@ class _Seq:
         self.code_wall_ms: list[float] = []
         self.future: concurrent.futures.Future | None = None
         self.result_step = 0       # with result_delay_steps: the decode step its result rejoins at
+        self.answer_at_end = False  # the text ends with an answer's '>>>': a next '>' still belongs to it
         self.finish_reason = ""
 
     @property
@@ -372,14 +373,22 @@ class RolloutEngine:
             seq.finish_reason = "length"
         elif seq.total >= params.max_total_tokens:
             seq.finish_reason = "max_total"
-        elif self._is_trigger(token):
+        elif seq.answer_at_end or self._is_trigger(token):
             # Only now is the segment's text needed: decoding it every step would cost O(n^2).
             text = self.tokenizer.decode(seq.segments[-1].ids)
             block = CODE_BLOCK.search(text)
+            answer = ANSWER_RE.search(text) if params.stop_at_answer else None
+            seq.answer_at_end = False
             if block and self.sandbox is not None and len(seq.code_statuses) < self.max_code_calls:
                 seq.future = self.sandbox.submit(block.group(1), timeout_s=self.code_timeout_s)
-            elif params.stop_at_answer and ANSWER.search(text):
-                seq.finish_reason = "answer"
+            elif answer:
+                # The answer as the reward reads it (tasks.answer: '<<<] >>>>' is '] >'): one that
+                # ends the text may still take a '>' from the next token, so it ends the episode
+                # once a token follows (or at EOS).
+                if answer.end() < len(text):
+                    seq.finish_reason = "answer"
+                else:
+                    seq.answer_at_end = True
             elif any(s and s in text for s in params.stop):
                 seq.finish_reason = "stop"
 

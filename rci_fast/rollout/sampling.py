@@ -16,7 +16,7 @@ class SamplingParams:
     max_new_tokens: int = 512       # model tokens per episode (forced tool tokens not counted)
     max_total_tokens: int = 4096    # prompt + everything appended
     stop: list[str] = field(default_factory=list)
-    stop_at_answer: bool = True     # end the episode once the text holds <<<...>>>
+    stop_at_answer: bool = True     # end the episode at the first token after a <<<...>>> answer
     seed: int = 0
 
     def __post_init__(self):

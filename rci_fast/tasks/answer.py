@@ -11,14 +11,14 @@ from fractions import Fraction
 
 # The lazy body stops at the first '>>>' that is not followed by another '>', so answers that
 # end in '>' (Dyck words such as "] >") keep their last character: "<<<] >>>>" -> "] >".
-_ANSWER_RE = re.compile(r"<<<(.*?)>>>(?!>)", re.DOTALL)
+ANSWER_RE = re.compile(r"<<<(.*?)>>>(?!>)", re.DOTALL)
 
 
 def extract_answer(text: str | None) -> str | None:
     """The stripped text inside the last <<<...>>> in `text`, or None when there is none."""
     if not text:
         return None
-    matches = _ANSWER_RE.findall(text)
+    matches = ANSWER_RE.findall(text)
     return matches[-1].strip() if matches else None
 
 
