@@ -116,8 +116,16 @@ class SFTConfig:
         if not self.data.train_file:
             raise ConfigError("data.train_file: required (an SFT trajectory JSONL file)")
         m = self.model.tiny
-        if self.model.path is None and m.hidden_size % m.num_attention_heads:
-            raise ConfigError("model.tiny.hidden_size: must be a multiple of num_attention_heads")
+        if self.model.path is None:
+            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads"):
+                if getattr(m, key) < 1:
+                    raise ConfigError(f"model.tiny.{key}: must be >= 1 (got {getattr(m, key)})")
+            if m.hidden_size % m.num_attention_heads:
+                raise ConfigError("model.tiny.hidden_size: must be a multiple of num_attention_heads")
+            if m.num_attention_heads % m.num_key_value_heads:
+                raise ConfigError(f"model.tiny.num_key_value_heads: must divide num_attention_heads "
+                                  f"({m.num_attention_heads}), got {m.num_key_value_heads}")
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -395,6 +403,8 @@ class RLConfig:
             raise ConfigError(f"train.lr: must be > 0 (got {t.lr})")
         if not self.curriculum.online_floor > 0:  # online draws weight Π + floor: p = 0 or 1 weighs 0 without it
             raise ConfigError(f"curriculum.online_floor: must be > 0 (got {self.curriculum.online_floor})")
+        if not self.curriculum.prior_trials > 0:  # online p starts as successes / trials: 0/0 without it
+            raise ConfigError(f"curriculum.prior_trials: must be > 0 (got {self.curriculum.prior_trials})")
         choices = {"algo.advantage": (a.advantage, ("grpo", "drgrpo")),
                    "algo.aggregation": (a.aggregation, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")),
                    "algo.kl_estimator": (a.kl_estimator, ("k1", "k3", "low_var_kl")),

@@ -73,6 +73,39 @@ class DemoPlan:
                                             f"tasks.skip_per_task={self.per_family}",  # not the SFT questions
                                             *extra], cls=RLConfig)
 
+    def settings(self) -> dict:
+        """Everything that decides the demo's results (the resolved configs less the paths the
+        plan derives from its folder): one folder holds the stages of one set of settings."""
+        from rci_fast.config import config_to_dict
+
+        sft, rl = config_to_dict(self.sft_cfg()), config_to_dict(self.rl_cfg(self.out / "rl"))
+        for cfg, keys in ((sft, ("model.path", "data.train_file")), (rl, ("model.path", "curriculum.potential_file"))):
+            del cfg["out_dir"]
+            for key in keys:
+                section, name = key.split(".")
+                del cfg[section][name]
+        return {"seed": self.seed, "per_family": self.per_family, "direct_share": self.direct_share,
+                "warmup_steps": self.warmup_steps, "sft": sft, "rl": rl}
+
+    def claim_folder(self) -> None:
+        """Writes the settings into out/plan.json, or checks a rerun's against those there: a
+        stage already done is skipped, so a run with other settings would report the old results
+        as its own. Other eval.* settings are taken once no evaluation is left (README: delete
+        eval/ to evaluate again). A folder from before plan.json is taken as it is."""
+        from rci_fast.files import atomic_write_text
+
+        file, mine = self.out / "plan.json", self.settings()
+        if file.exists():
+            changed = diff_keys(json.loads(file.read_text()), mine)
+            evaluated = any((self.out / "eval").glob("*/eval.json"))
+            if changed and (evaluated or not all(key.startswith("rl.eval.") for key in changed)):
+                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(changed)}): give "
+                                 f"this one another --out, or delete {self.out} to start over (to evaluate "
+                                 f"with other eval.* settings, delete {self.out / 'eval'})")
+        elif any(self.out.iterdir()):
+            log.info("demo: %s holds a run from before plan.json; continuing it", self.out)
+        atomic_write_text(file, json.dumps(mine, indent=1))
+
     @property
     def timings_file(self) -> Path:  # seconds per stage, written by run_stage
         return self.out / "timings.json"
@@ -81,6 +114,18 @@ class DemoPlan:
         return {"base": self.out / "base", "sft": self.out / "sft" / "hf",
                 "grpo-uniform": self.out / "rl-uniform" / "hf",
                 "grpo-curriculum": self.out / "rl-curriculum" / "hf"}[name]
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += diff_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def teacher_families(task_names: list[str]) -> list[str]:
@@ -266,6 +311,7 @@ def run_demo(plan: DemoPlan, device: str | None = None) -> Path:
     from rci_fast.train import init_distributed
 
     plan.out.mkdir(parents=True, exist_ok=True)
+    plan.claim_folder()
     info = init_distributed(device)
     if info.world_size != 1:
         raise RuntimeError("rci-fast demo runs as one process (use the sft/rl commands under torchrun)")
@@ -379,7 +425,9 @@ def add_parser(subparsers) -> None:
         "  rci-fast demo                          # runs/demo/report.md\n"
         "  rci-fast demo --seed 1 --out runs/demo-seed1 --set eval.attempts=4\n"
         "  rci-fast demo --summary runs/demo runs/demo-seed1 runs/demo-seed2")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a rerun continues it")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/demo, with --quick runs/demo-quick); a rerun with the "
+                        "same settings continues it, one with other settings is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of data styles, init, SFT order, sampling (default 0)")
     p.add_argument("--per-family", type=int, default=200, help="teacher samples per training family (default 200)")
     p.add_argument("--direct-share", type=float, default=0.0,
@@ -424,7 +472,8 @@ def _main(args) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    plan = DemoPlan(Path(args.out), args.seed, args.per_family, args.direct_share, args.warmup_steps,
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    plan = DemoPlan(Path(out), args.seed, args.per_family, args.direct_share, args.warmup_steps,
                     args.sft_config, args.rl_config, QUICK_SFT if args.quick else [],
                     [*(QUICK_RL if args.quick else []), *args.rl_set])
     if args.quick:

@@ -40,6 +40,8 @@ def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMP
             for task, sample in items for _ in range(attempts)]
     per_sample: dict[tuple[str, str], list[float]] = {}
     stats: dict[str, dict] = {}
+    if progress is not None:  # the bar shows before the first batch, which takes the longest
+        progress(0, len(jobs))
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         for (task, sample, messages), pieces in zip(batch, policy([m for *_, m in batch])):

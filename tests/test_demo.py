@@ -103,10 +103,36 @@ def test_a_failing_lane_is_reported_and_the_demo_exits_cleanly(quick_demo, tmp_p
     shutil.copytree(quick_demo[0], out)
     for stage in ("rl-uniform", "rl-curriculum", "eval"):
         shutil.rmtree(out / stage)
+    (out / "plan.json").unlink()  # other settings than the folder's: taken as a folder from before plan.json
     r = demo("--quick", "--out", out, "--set", "rollout.temperature=0", timeout=120)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "failed" in r.stderr and "rollout.temperature: RL samples" in r.stderr
     assert "Traceback" not in r.stderr.split("failed")[-1]  # the parent ends with a message
+
+
+def test_a_folder_holds_the_stages_of_one_set_of_settings(tmp_path):
+    """A rerun skips the stages already done: with other settings it would report the old results
+    as its own, so it is refused (plan.json)."""
+    from rci_fast.demo import DemoPlan
+
+    configs = dict(sft_config=str(ROOT / "configs/demo-sft.yaml"), rl_config=str(ROOT / "configs/demo-rl.yaml"))
+    (tmp_path / "a").mkdir()
+    DemoPlan(tmp_path / "a", **configs).claim_folder()
+    DemoPlan(tmp_path / "a", **configs).claim_folder()  # the same settings: continued
+    with pytest.raises(ValueError, match="other settings") as err:
+        DemoPlan(tmp_path / "a", seed=1, rl_overrides=["eval.attempts=4"], **configs).claim_folder()
+    assert "rl.eval.attempts" in str(err.value) and "seed" in str(err.value) and "out_dir" not in str(err.value)
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)  # the folder's own paths are not settings
+    DemoPlan(moved, **configs).claim_folder()
+    # README: delete eval/ to evaluate again with other eval.* settings
+    (moved / "eval" / "sft-samples").mkdir(parents=True)
+    (moved / "eval" / "sft-samples" / "eval.json").write_text("{}")
+    with pytest.raises(ValueError, match="rl.eval.attempts"):
+        DemoPlan(moved, rl_overrides=["eval.attempts=4"], **configs).claim_folder()
+    shutil.rmtree(moved / "eval")
+    DemoPlan(moved, rl_overrides=["eval.attempts=4"], **configs).claim_folder()
+    assert json.loads((moved / "plan.json").read_text())["rl"]["eval"]["attempts"] == 4
 
 
 def test_demo_set_refuses_keys_the_demo_sets(tmp_path):

@@ -35,8 +35,10 @@ def test_evaluate_counts_accuracy_pass_at_k_turns_and_calls():
                 out.append([("model", f"<<<{gold[prompt]}>>>")])
         return out
 
+    calls = []
     [report] = evaluate(policy, [(task, s) for s in samples], attempts=3,
-                        system_prompt=TEXT_ONLY_SYSTEM_PROMPT, batch_size=4)
+                        system_prompt=TEXT_ONLY_SYSTEM_PROMPT, batch_size=4, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 6), (4, 6), (6, 6)]  # the bar shows before the first batch
     assert report.task == "rg/basic_arithmetic" and report.samples == 2 and report.attempts == 3
     assert report.accuracy == pytest.approx(4 / 6)
     assert report.pass_at_k == pytest.approx(1.0)

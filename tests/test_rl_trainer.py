@@ -98,6 +98,8 @@ def test_config_errors_name_the_key(tmp_path):
         rl_config(tmp_path, tmp_path, rollout__result_delay_steps=-1)
     with pytest.raises(ConfigError, match="curriculum.online_floor"):
         rl_config(tmp_path, tmp_path, curriculum__online_floor=0)
+    with pytest.raises(ConfigError, match="curriculum.prior_trials"):
+        rl_config(tmp_path, tmp_path, curriculum__prior_trials=0)
 
 
 def test_skip_per_task_leaves_the_sft_questions_out():

@@ -72,6 +72,8 @@ def test_wrong_types_are_named(tmp_path, overrides, key, expected):
     ("train.batch_size=0", "train.batch_size"), ("train.schedule=linear", "train.schedule"),
     ("train.lr=0", "train.lr"), ("data.train_file=", "data.train_file"),
     ("train.mixed_precision=fp8", "train.mixed_precision"), ("train.micro_batch_tokens=-1", "train.micro_batch_tokens"),
+    ("model.tiny.num_key_value_heads=3", "model.tiny.num_key_value_heads"),
+    ("model.tiny.num_hidden_layers=0", "model.tiny.num_hidden_layers"),
 ])
 def test_bad_values_are_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -203,6 +203,69 @@ def test_bad_data_fails_with_file_and_line(tmp_path, data_file):
         SFTTrainer(cfg, info)
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp_path, data_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(data_file.read_bytes().splitlines()[0] + b"\n" + b'{"messages": "\xff"}\n')
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", bad))
+    with one_rank() as info, pytest.raises(TrajectoryFormatError, match=f"{bad}:2: not UTF-8"):
+        SFTTrainer(cfg, info)
+
+
+def test_a_tiny_model_built_from_other_settings_is_refused(tmp_path, data_file):
+    """<out_dir>/init_model holds the tiny model a run trains (built once, reused on resume): a
+    rerun whose config asks for another model is refused, not trained on the old one. A run on
+    a data file without trajectories leaves no model behind."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with one_rank() as info, pytest.raises(ValueError, match="no trajectories"):
+        SFTTrainer(load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", empty)), info)
+    assert not (tmp_path / "run" / "init_model").exists()
+    with one_rank() as info:
+        SFTTrainer(load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", data_file)), info)
+        again = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", data_file))
+        SFTTrainer(again, info)  # the same settings: reused
+        cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", data_file, model__tiny__hidden_size=32))
+        with pytest.raises(ValueError, match=r"model.tiny.hidden_size: 64 -> 32"):
+            SFTTrainer(cfg, info)
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused(tmp_path, data_file, reference):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (weights / name).write_bytes((reference["init"] / name).read_bytes())
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", data_file, model__path=weights))
+    with one_rank() as info, pytest.raises(FileNotFoundError, match="model.path: .* holds no tokenizer"):
+        SFTTrainer(cfg, info)
+
+
+def test_resume_refuses_other_data_of_the_same_size(tmp_path, data_file, reference):
+    common = dict(model__path=reference["init"], train__max_steps=2, checkpoint__every=1)
+    with one_rank() as info:
+        SFTTrainer(load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", data_file, **common)),
+                   info).train()
+    lines = data_file.read_text().splitlines()
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("\n".join([lines[0].replace("print(", "print( ", 1), *lines[1:]]) + "\n")
+    assert changed.read_text() != data_file.read_text()
+    cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "run", changed, **{**common, "train__max_steps": 3}))
+    with one_rank() as info, pytest.raises(ValueError, match="other data"):
+        SFTTrainer(cfg, info, resume=True)
+
+
+def test_resume_without_a_checkpoint_starts_the_metrics_over(tmp_path):
+    """A run killed before its first checkpoint left metrics rows; --resume starts at step 0 and
+    writes them again, so the old ones go."""
+    from types import SimpleNamespace
+
+    from rci_fast.train.sft import resume_from_latest
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    trainer = SimpleNamespace(ckpt_root=tmp_path / "checkpoints", out_dir=tmp_path, dist=SimpleNamespace(is_main=True))
+    resume_from_latest(trainer, restore=None)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def test_activation_checkpointing_gives_the_same_steps(tmp_path, data_file, reference):
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(
         tmp_path, data_file, model__path=reference["init"], model__activation_checkpointing="true",
@@ -249,6 +312,11 @@ def test_export_command_writes_any_checkpoint(tmp_path, data_file, reference):
     cfg = load_config(ROOT / "configs/smoke.yaml", overrides(tmp_path / "none", data_file))
     with one_rank() as info, pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         export_checkpoint(cfg, info, tmp_path / "x")
+    # an RL run's config is read too (its checkpoints hold the same kind of weights)
+    r = subprocess.run([sys.executable, "-m", "rci_fast", "export", "--config", "configs/smoke-rl.yaml",
+                        f"out_dir={tmp_path / 'rl'}", f"model.path={reference['init']}", "--out", str(tmp_path / "y"),
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 1 and "no complete checkpoint" in r.stderr, r.stderr[-3000:]
 
 
 def test_resume_drops_later_metrics_rows_and_a_torn_last_one(tmp_path):

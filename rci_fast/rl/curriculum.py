@@ -53,6 +53,8 @@ class CurriculumConfig:
             raise ValueError(f"curriculum mode must be one of {MODES}, got {self.mode!r}")
         if self.steps_per_stage < 1:
             raise ValueError("steps_per_stage must be >= 1")
+        if not self.prior_trials > 0:
+            raise ValueError(f"prior_trials must be > 0 (got {self.prior_trials}): online p starts at successes / trials")
         if not self.online_floor > 0:
             raise ValueError(f"online_floor must be > 0 (got {self.online_floor}): online draws weight Π + floor")
 

@@ -21,6 +21,8 @@ def estimate_pass_rates(policy, items, k: int = 20, batch_size: int = 64,
     jobs = [(i, task, sample, build_messages(sample.prompt, system_prompt))
             for i, (task, sample) in enumerate(items) for _ in range(k)]
     correct = np.zeros(len(items))
+    if progress is not None:  # the bar shows before the first batch, which takes the longest
+        progress(0, len(jobs))
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         rollouts = policy([messages for *_, messages in batch])

@@ -135,8 +135,6 @@ def _gen_sft_policy(args) -> int:
         print(f"rci-fast gen-sft: --teacher policy needs --model DIR holding config.json "
               f"(got {args.model!r})", file=sys.stderr)
         return 2
-    from transformers import AutoTokenizer
-
     from rci_fast.model import load_pretrained
     from rci_fast.rollout import RolloutEngine, SamplingParams
     from rci_fast.rollout.policy import engine_policy
@@ -144,6 +142,7 @@ def _gen_sft_policy(args) -> int:
     from rci_fast.tasks import TaskDataError, list_tasks, load_task
     from rci_fast.tasks.rejection import rejection_sample
     from rci_fast.tasks.trajectory import write_trajectories
+    from rci_fast.train.model_source import load_tokenizer
 
     if args.result_delay_steps < 0:
         print(f"rci-fast gen-sft: --result-delay-steps must be >= 0 (got {args.result_delay_steps})", file=sys.stderr)
@@ -157,7 +156,11 @@ def _gen_sft_policy(args) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        tokenizer = load_tokenizer(args.model, "--model")
+    except FileNotFoundError as e:
+        print(f"rci-fast gen-sft: {e}", file=sys.stderr)
+        return 2
     model = load_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             max_total_tokens=args.max_new_tokens + 2048, seed=args.seed)

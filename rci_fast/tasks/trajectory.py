@@ -108,8 +108,13 @@ def load_trajectories(path: str | Path) -> list[SFTTrajectory]:
     if not path.is_file():
         raise FileNotFoundError(f"trajectory file not found: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TrajectoryFormatError(f"{path}:{line_no}: not UTF-8 (byte {raw[e.start]:#04x} at "
+                                            f"column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
         description="Gathers the sharded weights of a checkpoint into a Hugging Face folder "
                     "(config.json, safetensors, tokenizer) that transformers and vLLM load. "
                     "Runs as one process or under torchrun.")
-    export.add_argument("--config", required=True, help="the run's YAML config (for out_dir and the model)")
+    export.add_argument("--config", required=True, help="the run's YAML config, SFT or RL (for out_dir and the model)")
     export.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for sft")
     export.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an override, as for sft (repeatable)")
@@ -88,12 +88,17 @@ def _sft(args) -> int:
 
 
 def _export(args) -> int:
-    from rci_fast.config import ConfigError, load_config
+    from rci_fast.config import ConfigError, RLConfig, SFTConfig, load_config
 
-    try:
-        cfg = load_config(args.config, [*args.overrides, *args.set_overrides])
-    except ConfigError as e:
-        print(f"rci-fast export: {e}", file=sys.stderr)
+    errors = []
+    for cls in (SFTConfig, RLConfig):  # an SFT run's config or an RL run's
+        try:
+            cfg = load_config(args.config, [*args.overrides, *args.set_overrides], cls=cls)
+            break
+        except ConfigError as e:
+            errors.append(e)
+    else:
+        print(f"rci-fast export: {errors[0]} (read as an RL config: {errors[1]})", file=sys.stderr)
         return 2
     from rci_fast.train import init_distributed
     from rci_fast.train.export import export_checkpoint

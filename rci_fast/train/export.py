@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from rci_fast.config import SFTConfig
+from rci_fast.config import RLConfig, SFTConfig
 from rci_fast.train.checkpoint import export_hf, latest_checkpoint, load_model_weights
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.model_source import prepare_model_source
@@ -14,7 +14,7 @@ from rci_fast.train.parallelize import load_sharded
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def export_checkpoint(cfg: SFTConfig, dist_info: DistInfo, out_dir: str | Path,
+def export_checkpoint(cfg: SFTConfig | RLConfig, dist_info: DistInfo, out_dir: str | Path,
                       checkpoint: str | Path | None = None, dtype: str = "bf16") -> Path:
     """Writes the weights of `checkpoint` (default: the latest under <out_dir of cfg>/checkpoints)
     to `out_dir`. Collective; returns the checkpoint that was exported."""

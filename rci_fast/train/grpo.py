@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from rci_fast.config import RLConfig
 from rci_fast.kernels import policy_loss
@@ -44,6 +43,7 @@ from rci_fast.rollout import Trajectory
 from rci_fast.train.checkpoint import export_hf, save_checkpoint
 from rci_fast.train.data import IGNORE, MicroBatch, TokenizedSequence, pack, pack_shared_prompts, split_by_budget
 from rci_fast.train.distributed import DistInfo
+from rci_fast.train.model_source import load_tokenizer
 from rci_fast.train.parallelize import compute_dtype, load_sharded
 from rci_fast.train.rollouts import (make_engine, make_sandbox, prompt_ids, reward_config, rewards_of,
                                      sampling_params, sync_weights, train_items)
@@ -133,7 +133,7 @@ class GRPOTrainer:
         path = cfg.model.path
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"model.path: no config.json in {path}")
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or path, "model.tokenizer" if cfg.model.tokenizer else "model.path")
         device = dist_info.device
         self.compute_dtype = compute_dtype(cfg.train.mixed_precision, device)
         # Policy: fp32 masters, sharded; reference: the same start, frozen, in the compute dtype

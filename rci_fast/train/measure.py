@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from rci_fast.config import RLConfig
 from rci_fast.evaluate import TaskReport, evaluate
@@ -22,6 +21,7 @@ from rci_fast.rollout.policy import engine_policy
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
 from rci_fast.files import atomic_write_text
 from rci_fast.train.distributed import DistInfo
+from rci_fast.train.model_source import load_tokenizer
 from rci_fast.train.parallelize import compute_dtype
 from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params, train_items
 
@@ -58,7 +58,7 @@ class _Progress:
 def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, "model.tokenizer" if cfg.model.tokenizer else "the model folder")
     dtype = compute_dtype(cfg.train.mixed_precision, dist_info.device)
     return load_pretrained(path, dtype=dtype, device=dist_info.device).eval(), tokenizer
 

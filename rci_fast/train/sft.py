@@ -6,6 +6,7 @@ global batch), so it and its gradient do not depend on the number of ranks or mi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -137,6 +138,8 @@ def resume_from_latest(trainer, restore) -> None:
     path = latest_checkpoint(trainer.ckpt_root)
     if path is None:
         log.warning("--resume: no checkpoint under %s; starting from step 0", trainer.ckpt_root)
+        if trainer.dist.is_main:
+            drop_metrics_after(trainer.out_dir, 0)  # rows of a run killed before its first checkpoint
         return
     state = load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)
     restore(state, path)
@@ -197,18 +200,28 @@ class SFTTrainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.saved_step = -1  # the step of the newest checkpoint on disk (loaded or written)
+        self._signature = None  # _data_signature's, computed once
         if resume:
             self._resume()
 
     def _data_signature(self) -> dict:
-        return {"num_sequences": len(self.batches.sequences), "batch_size": self.batches.batch_size,
-                "seed": self.batches.seed}
+        """What decides the data a step trains on: the sequences (their tokens: a changed data file
+        or tokenizer changes them), the batch size and the shuffling seed."""
+        if self._signature is None:
+            tokens = hashlib.sha256()
+            for seq in self.batches.sequences:
+                tokens.update(seq.input_ids.numpy().tobytes())
+                tokens.update(seq.trainable.numpy().tobytes())
+            self._signature = {"num_sequences": len(self.batches.sequences), "batch_size": self.batches.batch_size,
+                               "seed": self.batches.seed, "tokens_sha256": tokens.hexdigest()}
+        return self._signature
 
     def _resume(self) -> None:
         def restore(state, path):
-            if state["data"] != self._data_signature():
-                raise ValueError(f"--resume: {path} was trained on a different data order {state['data']} "
-                                 f"than this config gives {self._data_signature()}")
+            mine = self._data_signature()  # checkpoints from before tokens_sha256 compare the rest
+            if any(mine.get(key) != value for key, value in state["data"].items()):
+                raise ValueError(f"--resume: {path} was trained on other data or another data order "
+                                 f"{state['data']} than this config gives {mine}")
 
         resume_from_latest(self, restore)
 
