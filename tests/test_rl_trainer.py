@@ -221,6 +221,13 @@ def test_staged_curriculum_through_the_loop(tmp_path, policy_dir):
         assert r["rollout_s"] > 0 and r["update_s"] > 0 and sum(r["finish_reasons"].values()) == 16
     state = json.loads((tmp_path / "checkpoints/step_00000004/trainer_state.json").read_text())
     assert state["step"] == 4 and len(state["curriculum"]["trials"]) == 12
+    # A resume re-reads the potential file: one rewritten since (samples in other stages) is refused.
+    write_potential(str(tmp_path / "potential.jsonl"), items, p[::-1].copy())
+    with pytest.raises(ValueError, match="other curriculum stages"), trainer_of(cfg, resume=True):
+        pass
+    write_potential(str(tmp_path / "potential.jsonl"), items, p)
+    with trainer_of(cfg, resume=True) as trainer:
+        assert trainer.step == 4
 
 
 def test_online_curriculum_updates_pass_rates(tmp_path, policy_dir):

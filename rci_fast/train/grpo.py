@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -187,9 +188,13 @@ class GRPOTrainer:
                              "rerun `rci-fast potential` with this config")
         return np.array([rates[(task.name, sample.id)] for task, sample in self.items])
 
+    def _items_sha256(self) -> str:
+        return hashlib.sha256("\n".join(f"{task.name}/{sample.id}" for task, sample in self.items).encode()).hexdigest()
+
     def _state(self) -> dict:
         c = self.curriculum.state_dict()
         return {"step": self.step, "bad_in_a_row": self.bad_in_a_row, "num_items": len(self.items),
+                "items_sha256": self._items_sha256(), "groups": self.curriculum.groups.tolist(),
                 "curriculum": {"successes": c["successes"].tolist(), "trials": c["trials"].tolist(), "rng": c["rng"]}}
 
     def _resume(self) -> None:
@@ -197,6 +202,13 @@ class GRPOTrainer:
             if state["num_items"] != len(self.items):
                 raise ValueError(f"--resume: {path} was trained on {state['num_items']} samples, this config "
                                  f"has {len(self.items)}")
+            # (checkpoints from before these keys compare the count only)
+            if state.get("items_sha256", self._items_sha256()) != self._items_sha256():
+                raise ValueError(f"--resume: {path} was trained on other samples than this config's tasks give")
+            moved = int(np.sum(np.asarray(state.get("groups", self.curriculum.groups)) != self.curriculum.groups))
+            if moved:
+                raise ValueError(f"--resume: {moved} samples are in other curriculum stages than when {path} was "
+                                 f"written: {self.cfg.potential_file} changed since; restore it to resume")
             c = state["curriculum"]
             self.curriculum.load_state_dict({"successes": np.array(c["successes"]),
                                              "trials": np.array(c["trials"]), "rng": c["rng"]})
