@@ -197,6 +197,87 @@ def test_clear_errors(tmp_path, pair):
         load_pretrained(str(broken))
 
 
+def test_a_tied_model_that_stores_its_own_head_loads_as_transformers_loads_it(tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the checkpoint too: equal to the embedding,
+    the tie stays; different, transformers unties the two, and so do both of rci_fast's loaders
+    (load_pretrained; load_sharded, which the trainers use)."""
+    from safetensors.torch import load_file, save_file
+
+    from rci_fast.model.checkpoint import read_config
+    from rci_fast.train import init_distributed
+    from rci_fast.train.parallelize import load_sharded
+
+    hf = random_hf_model("qwen2-tied")
+    hf.save_pretrained(str(tmp_path / "same"))
+    state = load_file(str(tmp_path / "same" / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "same" / "model.safetensors"), metadata={"format": "pt"})
+    assert read_config(str(tmp_path / "same")).tie_word_embeddings
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text((tmp_path / "same" / "config.json").read_text())
+    state["lm_head.weight"] = torch.randn(state["lm_head.weight"].shape, generator=torch.Generator().manual_seed(4))
+    save_file(state, str(tmp_path / "other" / "model.safetensors"), metadata={"format": "pt"})
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "other")).eval()
+    ours = load_pretrained(str(tmp_path / "other"))
+    assert not ours.config.tie_word_embeddings
+    ids = torch.randint(0, 131, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+    info = init_distributed("cpu")
+    try:
+        inner = load_sharded(str(tmp_path / "other"), info, torch.float32).model
+    finally:
+        info.close()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(inner.state_dict()[name], tensor), name
+
+
+def test_config_round_trip_keeps_the_weights_dtype(tmp_path):
+    """A transformers-5 checkpoint says "dtype"; rci_fast saved "torch_dtype" beside the old
+    "dtype", which transformers 5 reads first: fp32 weights were then loaded as bf16."""
+    hf = random_hf_model("qwen2-untied").to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path / "bf16"))
+    ours = load_pretrained(str(tmp_path / "bf16"), dtype=torch.float32)
+    ours.save_pretrained(str(tmp_path / "fp32"))
+    config = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float32"
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32")).dtype == torch.float32
+
+
+def test_rope_settings_that_rci_fast_would_read_otherwise_than_transformers_are_refused():
+    from rci_fast.model.config import ModelConfig
+
+    base = dict(model_type="llama", vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64)
+    linear = {"rope_type": "linear", "factor": 4.0}
+    with pytest.raises(ValueError, match="disagree"):
+        ModelConfig.from_hf({**base, "rope_scaling": linear, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    both = ModelConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 4},
+                                "rope_parameters": {**linear, "rope_theta": 5e5}})
+    assert both.rope_scaling == linear and both.rope_theta == 5e5
+    for where in ({"partial_rotary_factor": 0.5}, {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}):
+        with pytest.raises(ValueError, match="partial_rotary_factor"):
+            ModelConfig.from_hf({**base, **where})
+    llama3 = ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0}})
+    assert llama3.rope_scaling["original_max_position_embeddings"] == 64  # transformers' default
+    assert ModelConfig.from_hf({**base, "hidden_act": "swish"}).model_type == "llama"
+
+
+def test_rotary_buffers_of_older_checkpoints_are_ignored(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = random_hf_model("qwen2-untied")
+    hf.save_pretrained(str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(str(tmp_path))(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_activation_checkpointing_keeps_gradients(pair):
     _, ours, _ = pair
     ids = torch.randint(0, 131, (2, 12), generator=torch.Generator().manual_seed(4))

@@ -1,12 +1,15 @@
 """Hugging Face checkpoint I/O: config.json + *.safetensors (single file or sharded with an index)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rci_fast.model.config import ModelConfig
@@ -14,6 +17,10 @@ from rci_fast.model.transformer import Transformer, rope_inv_freq
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+# Buffers older checkpoints stored (transformers recomputes them, and so does rci_fast).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+log = logging.getLogger("rci_fast.model")
 
 
 def load_pretrained(path: str, dtype: torch.dtype | None = None,
@@ -39,11 +46,44 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
 
 
 def read_config(path: str) -> ModelConfig:
+    """The model's config from path/config.json, its head tied or not as transformers loads it."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {path!r}")
     with open(config_path) as f:
-        return ModelConfig.from_hf(json.load(f))
+        return _tie_as_stored(path, ModelConfig.from_hf(json.load(f)))
+
+
+def _tie_as_stored(path: str, cfg: ModelConfig) -> ModelConfig:
+    """A tied model whose checkpoint also stores an lm_head.weight: transformers keeps the tie
+    when that tensor equals the embedding, and unties the two when it does not (both loaded).
+    Loading it tied would train one of the two tensors in place of the other."""
+    if not cfg.tie_word_embeddings:
+        return cfg
+    try:
+        files = tensor_files(path)
+    except FileNotFoundError:  # a folder without weights yet (empty_model's callers fill them in)
+        return cfg
+    if "lm_head.weight" not in files:
+        return cfg
+    stored = []
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        with safe_open(files[name], framework="pt") as f:
+            stored.append(f.get_tensor(name))
+    if stored[0].shape == stored[1].shape and torch.equal(*stored):
+        return cfg
+    log.warning("%s: tie_word_embeddings is set but lm_head.weight differs from the embedding: loaded "
+                "untied, as transformers does", path)
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
+def tensor_files(path: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file that holds it."""
+    where = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            where.update((name, file) for name in f.keys())
+    return where
 
 
 def check_tensor_names(path: str, names, model: Transformer) -> None:
@@ -54,7 +94,7 @@ def check_tensor_names(path: str, names, model: Transformer) -> None:
     if missing:
         raise KeyError(f"checkpoint {path!r} lacks tensors: {', '.join(missing[:8])}"
                        + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-    unexpected = sorted(set(names) - own)
+    unexpected = sorted(n for n in set(names) - own if not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         raise KeyError(f"checkpoint {path!r} has tensors this architecture does not use: "
                        f"{', '.join(unexpected[:8])}")
@@ -104,7 +144,8 @@ def save_pretrained(model: Transformer, out_dir: str, max_shard_bytes: int | Non
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             hf = cfg.to_hf()
-            hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+            # both spellings: transformers 5 reads dtype before torch_dtype
+            hf["dtype"] = hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
             json.dump(hf, f, indent=2)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)

@@ -34,21 +34,31 @@ class ModelConfig:
         if model_type not in SUPPORTED:
             raise ValueError(f"unsupported architecture {model_type!r} (architectures="
                              f"{d.get('architectures')}); rci_fast supports {sorted(SUPPORTED)}")
-        if d.get("hidden_act", "silu") != "silu":
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # the same function
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
         if d.get("use_sliding_window"):
             raise ValueError("sliding-window attention is not supported")
         # transformers >= 5 keeps rope settings in rope_parameters; older files use
-        # rope_theta + rope_scaling at the top level.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        # rope_theta + rope_scaling at the top level. A file with both (rci_fast writes both) must
+        # say the same in each: transformers 5 reads rope_scaling first, rci_fast would not.
+        params, scaling = d.get("rope_parameters") or {}, d.get("rope_scaling") or {}
+        if params and scaling and _rope_fields(params) != _rope_fields(scaling):
+            raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree")
+        rope = dict(params or scaling)
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"unsupported rope_type {rope_type!r} (default, linear, llama3)")
+        partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        if partial is not None and partial != 1.0:
+            raise ValueError(f"partial_rotary_factor {partial} is not supported (RoPE on the whole head only)")
+        if rope_type == "llama3":  # transformers' default for a file without it
+            rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
         heads = d["num_attention_heads"]
         attention_bias = bool(d.get("attention_bias", False))
         known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {
-            "rope_parameters", "attention_bias", "hidden_act", "architectures", "use_sliding_window"}
+            "rope_parameters", "attention_bias", "hidden_act", "architectures", "use_sliding_window",
+            "partial_rotary_factor", "dtype", "torch_dtype"}  # the dtypes: save_pretrained writes its own
         return cls(
             model_type=model_type,
             vocab_size=d["vocab_size"],
@@ -90,3 +100,10 @@ class ModelConfig:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+
+def _rope_fields(rope: dict) -> dict:
+    """A rope dict less its theta, with its type under one name (older files say "type")."""
+    fields = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
+    fields["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    return fields

@@ -12,7 +12,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rci_fast.model import Transformer
-from rci_fast.model.checkpoint import check_tensor_names, read_config, safetensors_files
+from rci_fast.model.checkpoint import check_tensor_names, read_config, tensor_files
 from rci_fast.model.transformer import rope_inv_freq
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.modeling import TokenLogprobs
@@ -60,7 +60,7 @@ def load_sharded(path: str, dist_info: DistInfo, param_dtype: torch.dtype, activ
     with torch.device("meta"):
         inner = Transformer(cfg).to(master_dtype)
     if weights:
-        files = _tensor_files(path)
+        files = tensor_files(path)
         check_tensor_names(path, files, inner)
     wrapper = parallelize(TokenLogprobs(inner), dist_info.mesh, param_dtype, activation_checkpointing)
     wrapper.to_empty(device=dist_info.device)
@@ -70,15 +70,6 @@ def load_sharded(path: str, dist_info: DistInfo, param_dtype: torch.dtype, activ
     if weights:
         _load_local_rows(inner, files)
     return wrapper
-
-
-def _tensor_files(path: str) -> dict[str, str]:
-    """Tensor name -> the safetensors file that holds it."""
-    where = {}
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt") as f:
-            where.update((name, file) for name in f.keys())
-    return where
 
 
 def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
