@@ -401,6 +401,9 @@ class RLConfig:
                               f"({r.prompts_per_step})")
         if not t.lr > 0:
             raise ConfigError(f"train.lr: must be > 0 (got {t.lr})")
+        for key, value in {"rollout.temperature": r.temperature, "eval.temperature": self.eval.temperature}.items():
+            if 0 < value < 1e-3:  # SamplingParams refuses these: logits / T overflows near 1e-37
+                raise ConfigError(f"{key}: use 0 for greedy decoding, or at least 1e-3 (got {value})")
         if not self.curriculum.online_floor > 0:  # online draws weight Π + floor: p = 0 or 1 weighs 0 without it
             raise ConfigError(f"curriculum.online_floor: must be > 0 (got {self.curriculum.online_floor})")
         if not self.curriculum.prior_trials > 0:  # online p starts as successes / trials: 0/0 without it

@@ -100,6 +100,8 @@ def test_config_errors_name_the_key(tmp_path):
         rl_config(tmp_path, tmp_path, curriculum__online_floor=0)
     with pytest.raises(ConfigError, match="curriculum.prior_trials"):
         rl_config(tmp_path, tmp_path, curriculum__prior_trials=0)
+    with pytest.raises(ConfigError, match="eval.temperature: use 0 for greedy"):
+        rl_config(tmp_path, tmp_path, eval__temperature=1e-5)
 
 
 def test_skip_per_task_leaves_the_sft_questions_out():

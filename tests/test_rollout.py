@@ -345,6 +345,53 @@ def test_bad_prompts_fail_clearly(tok, models):
         engine.generate([[]], SamplingParams())
     with pytest.raises(ValueError, match="invalid sampling"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="use 0 for greedy"):  # logits / T would overflow to inf
+        SamplingParams(temperature=1e-38)
+
+
+def test_printed_special_tokens_stay_text_in_the_interpreter_output(tok, models, sandbox):
+    """Code that prints a special token's text (EOS, a turn marker) gets it back as plain text:
+    it neither ends the episode nor fakes a turn from inside the forced output."""
+    _, ours = models
+    code = "```python\nprint('<|endof' + 'text|> and <|im_' + 'end|>')\n```"
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, [code, "<<<42>>>."]))
+    [traj] = engine.generate([tok.encode("Compute")], SamplingParams(max_new_tokens=64))
+    special = set(tok.all_special_ids)
+    assert traj.segments[2].kind == "tool" and not special & set(traj.segments[2].ids)
+    assert "<|endoftext|> and <|im_end|>" in tok.decode(traj.segments[2].ids)
+    assert traj.finish_reason == "answer"
+
+
+def test_a_stop_string_ending_in_a_multibyte_character_is_seen(tok, models):
+    """Byte-level BPE splits a multi-byte character into pieces that decode to U+FFFD alone: a
+    stop ending in one is checked at every token."""
+    _, ours = models
+    ids = tok.encode("C stop\u3002 and more")
+    engine = RolloutEngine(ours, tok, logits_processor=forced(tok, ids))
+    [traj] = engine.generate([tok.encode("Go")], SamplingParams(max_new_tokens=64, stop=["\u3002"]))
+    assert traj.finish_reason == "stop" and traj.text.endswith("\u3002")
+
+
+def test_the_engine_lets_go_of_its_graphs_and_their_cache(tok, models):
+    """A GPU engine takes a new KV cache each call (the update needs the memory): the graphs of
+    the last call, which hold its cache, are dropped when generate returns."""
+    import gc
+    import weakref
+
+    from rci_fast.model import KVCache
+
+    _, ours = models
+    engine = RolloutEngine(ours, tok, cuda_graphs="eager", max_batch=2)
+    caches = []
+
+    def new_cache(slots, max_len, dtype, device):  # as on a GPU: a new one per call, none kept
+        cache = KVCache(ours.config, slots, max_len, dtype, device)
+        caches.append(weakref.ref(cache))
+        return cache
+    engine._kv_cache = new_cache
+    engine.generate([tok.encode("Go")], SamplingParams(max_new_tokens=4))
+    gc.collect()
+    assert engine._graphs is None and caches[0]() is None
 
 
 def test_sampler_draws_from_the_filtered_distribution():

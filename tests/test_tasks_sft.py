@@ -92,6 +92,11 @@ def test_trajectory_from_policy_pieces():
     assert wrong.score == 0.0
     with pytest.raises(ValueError):
         trajectory_from_pieces(prompt, [("image", "x")], task=task, sample=sample, source="p")
+    # an empty output keeps its own newline: the template's one each side is what comes off
+    for stdout in ("", "\n\n"):
+        empty = trajectory_from_pieces(prompt, [pieces[1], ("tool", "\n" + format_result(stdout) + "\n")],
+                                       task=task, sample=sample, source="policy")
+        assert empty.messages[-1]["content"] == format_result(stdout)
 
 
 def test_tool_text_matches_the_rollout_engine():

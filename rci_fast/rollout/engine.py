@@ -170,6 +170,7 @@ class RolloutEngine:
             return self._generate(prompts, params, device, dtype)
         finally:
             self._cpu_step = None  # its packed weight copies are stale after the next update
+            self._graphs = None  # its graphs hold this call's KV cache: freed before the update
 
     def _generate(self, prompts, params, device, dtype) -> list[Trajectory]:
         """generate's loop: slots refilled from the queue, tool results collected, one step."""
@@ -181,6 +182,10 @@ class RolloutEngine:
         generator = torch.Generator(device=device).manual_seed(params.seed)
         self._trigger_chars = set("`>") | {s[-1] for s in params.stop if s}
         self._trigger_of: dict[int, bool] = {}  # token -> _is_trigger, for this call's stops
+        # A stop ending in a non-ASCII or blank character may end inside a token whose own text
+        # does not show it (a byte-level piece of a multi-byte character decodes to U+FFFD, a
+        # SentencePiece token alone loses its leading space): every token is checked then.
+        self._trigger_always = any(s and (not s[-1].isascii() or s[-1].isspace()) for s in params.stop)
         queue = deque(enumerate(prompts))
         free = list(range(n_slots - 1, -1, -1))
         active: list[_Seq] = []
@@ -361,6 +366,8 @@ class RolloutEngine:
     def _is_trigger(self, token: int) -> bool:
         """Whether the token's text holds a character that may end a code block, an answer or a
         stop string (then the segment's text is looked at)."""
+        if self._trigger_always:
+            return True
         hit = self._trigger_of.get(token)
         if hit is None:
             hit = self._trigger_of[token] = not self._trigger_chars.isdisjoint(self._piece(token))
@@ -417,7 +424,10 @@ class RolloutEngine:
             seq.future = None
             seq.code_statuses.append(result.status)
             seq.code_wall_ms.append(result.wall_ms)
-            forced = self.tokenizer.encode(self.format_tool_output(result), add_special_tokens=False)
+            # A special token's text in the output stays text: code that prints "<|im_end|>" must
+            # not end the turn or the episode from inside the interpreter's output.
+            forced = self.tokenizer(self.format_tool_output(result), add_special_tokens=False,
+                                    split_special_tokens=True).input_ids
             room = params.max_total_tokens - seq.total
             if len(forced) >= room:  # no room left to answer after the output
                 seq.segments.append(Segment("tool", forced[:room], False))

@@ -22,6 +22,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(f"invalid sampling parameters: {self}")
+        if 0 < self.temperature < 1e-3:  # logits / T would overflow to inf (NaN log-probs) near 1e-37
+            raise ValueError(f"temperature {self.temperature}: use 0 for greedy decoding (below 1e-3 it "
+                             "samples greedily anyway)")
         if self.max_new_tokens < 1 or self.max_total_tokens < 2:
             raise ValueError("max_new_tokens and max_total_tokens must be positive")
 

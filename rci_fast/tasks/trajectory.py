@@ -153,7 +153,8 @@ def trajectory_from_pieces(prompt_messages: list[dict], pieces: list[tuple[str, 
             else:
                 messages.append({"role": "assistant", "content": text})
         elif kind == "tool":
-            messages.append({"role": "tool", "content": text.strip("\n")})
+            # one newline each side: the template's (an empty output keeps its own)
+            messages.append({"role": "tool", "content": text.removeprefix("\n").removesuffix("\n")})
         else:
             raise ValueError(f"unknown piece kind {kind!r} (expected 'model' or 'tool')")
     trajectory = SFTTrajectory(messages=messages, task=task.name, sample_id=sample.id, source=source)
