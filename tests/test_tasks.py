@@ -264,3 +264,21 @@ def test_split_keeps_task_families_on_one_side():
     tracking = [n for n in BBH if n.startswith("bbh/tracking_shuffled_objects")]
     assert len({task_split(n) for n in tracking}) == 1
     assert sum(n.startswith("bbh/") for n in split["test"]) == 7
+
+
+def test_answers_with_huge_numbers_or_many_openers_are_read_quickly():
+    import time
+    from fractions import Fraction
+
+    from rci_fast.tasks.answer import extract_answer, numbers_in, parse_number
+
+    start = time.monotonic()
+    assert parse_number("1e999999999") is None and parse_number("1/1e9000000") is None
+    assert parse_number("2.5e3") == 2500 and parse_number("3/4") == Fraction(3, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        numbers_in("x = 1e99999999")
+    assert extract_answer("<<<" * 30000) is None and extract_answer(">>> " + "<<<" * 30000) is None
+    assert extract_answer("a <<<1>>> b <<<] ) >>>> c") == "] ) >" and extract_answer("<<<x>>>>") == "x>"
+    assert time.monotonic() - start < 0.5
+    assert load_task("bbh/object_counting").score_answer(load_task("bbh/object_counting").samples()[0],
+                                                         "1/1e9000000") == 0.0

@@ -74,3 +74,38 @@ def test_samples_do_not_depend_on_the_string_hash_seed():
     digests = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     assert len(digests[0]) == len(list_tasks(source="rg")) > 90
     assert [name for name in digests[0] if digests[0][name] != digests[1][name]] == []
+
+
+# Answers that reasoning-gym's own scorers would evaluate (eval / sympy's parse_expr): code,
+# an exit, numbers that take forever. Aimed at the test's own scratch file only.
+HOSTILE_ANSWERS = ["__import__('pathlib').Path({marker!r}).touch()", "exit()", "9**9**9", "((9**99)**99)**99",
+                   "[x for x in iter(int, 1)]", "N(E, 10**9)", "x**99999", "setattr(type(self), 'score_answer', 1)"]
+
+
+def test_model_text_is_never_evaluated_by_the_scorers(tmp_path):
+    import time
+
+    from rci_fast.tasks.rg import EVALUATED_ANSWERS
+
+    marker = str(tmp_path / "ran")
+    for dataset in EVALUATED_ANSWERS:
+        task = load_task(f"rg/{dataset}")
+        samples = task.samples("train")[:20]
+        start = time.monotonic()
+        for answer in HOSTILE_ANSWERS:
+            assert task.score_answer(samples[0], answer.format(marker=marker)) == 0.0, (dataset, answer)
+        assert time.monotonic() - start < 2.0 and not os.path.exists(marker), dataset
+        assert all(task.score_answer(s, task.gold_answer(s)) == 1.0 for s in samples), dataset
+    spiral = load_task("rg/spiral_matrix")
+    sample = spiral.samples("train")[0]
+    as_list = "[" + ", ".join(spiral.gold_answer(sample).split()) + "]"
+    assert spiral.score_answer(sample, as_list) == 0.1  # the package's partial credit still works
+
+
+def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
+    for dataset, extra in (("spell_backward", " xyz"), ("letter_jumble", " extra words here")):
+        task = load_task(f"rg/{dataset}")
+        for s in task.samples("train")[:40]:
+            gold = task.gold_answer(s)
+            assert task.score_answer(s, gold) == 1.0 and task.score_answer(s, gold.upper()) in (0.99, 1.0)
+            assert task.score_answer(s, gold + extra) < 1.0, (dataset, gold)

@@ -30,7 +30,7 @@ from rci_fast.model import KVCache, Transformer
 from rci_fast.model.cpu_decode import CpuDecodeStep
 from rci_fast.rollout.decode_graphs import DecodeGraphs
 from rci_fast.rollout.sampling import SamplingParams, sample
-from rci_fast.tasks.answer import ANSWER_RE
+from rci_fast.tasks.answer import ANSWER_RE, answer_region
 from rci_fast.tasks.prompt import DEFAULT_MAX_RESULT_CHARS, format_result
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
@@ -384,7 +384,7 @@ class RolloutEngine:
             # Only now is the segment's text needed: decoding it every step would cost O(n^2).
             text = self.tokenizer.decode(seq.segments[-1].ids)
             block = CODE_BLOCK.search(text)
-            answer = ANSWER_RE.search(text) if params.stop_at_answer else None
+            answer = ANSWER_RE.search(answer_region(text)) if params.stop_at_answer else None
             seq.answer_at_end = False
             if block and self.sandbox is not None and len(seq.code_statuses) < self.max_code_calls:
                 seq.future = self.sandbox.submit(block.group(1), timeout_s=self.code_timeout_s)

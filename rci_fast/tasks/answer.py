@@ -14,11 +14,22 @@ from fractions import Fraction
 ANSWER_RE = re.compile(r"<<<(.*?)>>>(?!>)", re.DOTALL)
 
 
+def answer_region(text: str) -> str:
+    """`text` up to its last '>>>' and the '>'s right after it: every answer ANSWER_RE finds lies
+    there, and in it the search is linear (with many '<<<' and no '>>>' after them the lazy
+    pattern rescans to the end from each one: 90 KB took 38 s)."""
+    end = text.rfind(">>>")
+    if end < 0:
+        return ""
+    end += 3
+    while end < len(text) and text[end] == ">":
+        end += 1
+    return text[:end]
+
+
 def extract_answer(text: str | None) -> str | None:
     """The stripped text inside the last <<<...>>> in `text`, or None when there is none."""
-    if not text:
-        return None
-    matches = ANSWER_RE.findall(text)
+    matches = ANSWER_RE.findall(answer_region(text or ""))
     return matches[-1].strip() if matches else None
 
 
@@ -41,6 +52,17 @@ def normalize_text(s: str) -> str:
 
 
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+# Fraction("1e999999999") builds 10**999999999 exactly and does not return: a number written with
+# a larger exponent, or longer, than any answer needs is unreadable.
+MAX_EXPONENT, MAX_NUMBER_CHARS = 400, 1000
+
+
+def _fraction(text: str) -> Fraction:
+    """Fraction(text) for a number of sane size; ValueError otherwise (an unreadable answer)."""
+    exponent = text.lower().partition("e")[2]
+    if len(text) > MAX_NUMBER_CHARS or (exponent and (len(exponent) > 5 or abs(int(exponent)) > MAX_EXPONENT)):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return Fraction(text)
 
 
 def parse_number(s: str) -> Fraction | None:
@@ -51,9 +73,9 @@ def parse_number(s: str) -> Fraction | None:
     try:
         if "/" in s:
             num, den = s.split("/")
-            return Fraction(num) / Fraction(den)
+            return _fraction(num) / _fraction(den)
         if _NUMBER_RE.fullmatch(s):
-            return Fraction(s)
+            return _fraction(s)
     except (ValueError, ZeroDivisionError):
         return None
     return None
@@ -69,8 +91,9 @@ def numbers_equal(a: Fraction | float | None, b: Fraction | float | None, rel: f
 
 
 def numbers_in(s: str) -> list[Fraction]:
-    """Every number in `s`, in order ('[[1, -2], [3.5, 4]]' -> [1, -2, 7/2, 4])."""
-    return [Fraction(x) for x in _NUMBER_RE.findall(s)]
+    """Every number in `s`, in order ('[[1, -2], [3.5, 4]]' -> [1, -2, 7/2, 4]); ValueError for
+    one beyond MAX_EXPONENT or MAX_NUMBER_CHARS."""
+    return [_fraction(x) for x in _NUMBER_RE.findall(s)]
 
 
 def ints_in(s: str) -> list[int] | None:

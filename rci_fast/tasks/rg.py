@@ -10,14 +10,17 @@ a child process with PYTHONHASHSEED=0, so every process sees the same samples.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 from rci_fast.tasks.base import Sample, Task
 
@@ -50,6 +53,77 @@ PROMPT_NOTES = {
     # nested divisions do not always divide evenly: 1276 / 1325 has the reference answer 0
     "basic_arithmetic": "\nTreat every / as integer division rounding down (Python's //).",
 }
+
+
+@dataclass(frozen=True)
+class EvaluatedAnswer:
+    """What an answer to a task whose reasoning-gym scorer evaluates it may hold: characters (a
+    regex class body) and its longest length; for sympy also only SYMPY_NAMES and small powers."""
+    chars: str
+    max_chars: int
+    sympy: bool = False
+
+    def admits(self, answer: str) -> bool:
+        if len(answer) > self.max_chars or not re.fullmatch(f"[{self.chars}]*", answer):
+            return False
+        if not self.sympy:
+            return True
+        return set(re.findall(r"[A-Za-z_]\w*", answer)) <= SYMPY_NAMES and _small_powers(answer)
+
+
+# Single letters but sympy's N (N(E, 10**9) evaluates a billion digits) and S (sympify), and the
+# functions integrals use.
+SYMPY_NAMES = ({chr(c) for c in range(ord("a"), ord("z") + 1)} | set("ABCDEFGHIJKLMOPRTUVWXYZ")
+               | {"sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "exp", "log", "sqrt", "pi",
+                  "Integral"})
+
+
+def _small_powers(answer: str) -> bool:
+    """Whether every power in the expression (read by Python's parser, not run) has a constant
+    exponent of at most two digits (or a ratio of two such), and no power of a number is raised
+    to a power again: sympy computes 9**9**9 or ((9**99)**99)**99 in full and never returns."""
+    try:
+        tree = ast.parse(answer, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False  # sympy's parser would not read it either
+
+    def small(node) -> bool:
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return small(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            return small(node.left) and small(node.right)
+        return isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) < 100
+
+    powers = [n for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow)]
+    for power in powers:
+        inner = list(ast.walk(power.left))
+        numeric = not any(isinstance(n, ast.Name) for n in inner)
+        if not small(power.right) or (numeric and any(n in powers for n in inner)):
+            return False
+    return True
+
+
+# reasoning-gym scorers that hand the answer to eval() or sympy's parse_expr (itself an eval):
+# model text reaches them from the trainer's process ("__import__(...)", "exit()", "9**9**9").
+# Their answers are scored only when EvaluatedAnswer admits them; others score 0 unseen.
+EVALUATED_ANSWERS = {
+    "spiral_matrix": EvaluatedAnswer(r"\d\s,\[\]\-", 4096),   # a list of numbers: partial credit
+    "binary_matrix": EvaluatedAnswer(r"\d\s,\[\]\-", 4096),
+    "string_insertion": EvaluatedAnswer(r"A-Z'\"\[\],\s", 4096),  # a list of letters: no keyword or call
+    "n_queens": EvaluatedAnswer(r"Q_'\"\[\],\s", 4096),
+    "countdown": EvaluatedAnswer(r"\d\s+\-*/().", 200, sympy=True),
+    "puzzle24": EvaluatedAnswer(r"\d\s+\-*/().", 200, sympy=True),
+    "polynomial_multiplication": EvaluatedAnswer(r"\w\s+\-*/().", 600, sympy=True),
+    "simple_integration": EvaluatedAnswer(r"\w\s+\-*/().,", 400, sympy=True),
+    "intermediate_integration": EvaluatedAnswer(r"\w\s+\-*/().,", 400, sympy=True),
+}
+
+
+# Scorers that give full marks to wrong answers: spell_backward's prefix score can sum to
+# 1.0000000000000002, past the package's own "== 1.0" check, and is then clamped to 1;
+# letter_jumble caps its prefix score at 1 (the gold followed by more words scores 1). Full marks
+# there only for the gold itself (case and spacing aside); partial credit stays below 1.
+EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
 
 
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
@@ -137,16 +211,22 @@ class ReasoningGymTask(Task):
         return list(self._parts[split])
 
     def check(self, sample: Sample, answer: str) -> float:
+        guard = EVALUATED_ANSWERS.get(self.dataset)
+        if guard is not None and not guard.admits(answer):
+            return 0.0
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
             self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]
         # The package scores with the dataset object; score_answer reads only `entry`.
-        score = self._scorer.score_answer(answer, sample.data)
-        return min(1.0, max(0.0, float(score or 0.0)))
+        score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
+        if score == 1.0 and self.dataset in EXACT_FOR_FULL_MARKS and \
+                answer.lower().split() != self.gold_answer(sample).lower().split():
+            return 0.99
+        return score
 
     def score_answer(self, sample: Sample, answer: str) -> float:
         try:
             return float(self.check(sample, answer))
-        except Exception:  # third-party scorers raise anything on odd text (e.g. int('x'))
+        except (Exception, SystemExit):  # third-party scorers raise anything on odd text (e.g. int('x'))
             return 0.0
 
     def gold_answer(self, sample: Sample) -> str:
