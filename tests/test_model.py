@@ -253,9 +253,12 @@ def test_rope_settings_that_rci_fast_would_read_otherwise_than_transformers_are_
     linear = {"rope_type": "linear", "factor": 4.0}
     with pytest.raises(ValueError, match="disagree"):
         ModelConfig.from_hf({**base, "rope_scaling": linear, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
-    both = ModelConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 4},
+    both = ModelConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 4},
                                 "rope_parameters": {**linear, "rope_theta": 5e5}})
     assert both.rope_scaling == linear and both.rope_theta == 5e5
+    with pytest.raises(ValueError, match="disagree"):  # transformers 5 would take theta from rope_scaling's side
+        ModelConfig.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 4},
+                             "rope_parameters": {**linear, "rope_theta": 5e5}})
     for where in ({"partial_rotary_factor": 0.5}, {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}):
         with pytest.raises(ValueError, match="partial_rotary_factor"):
             ModelConfig.from_hf({**base, **where})

@@ -79,7 +79,8 @@ def test_samples_do_not_depend_on_the_string_hash_seed():
 # Answers that reasoning-gym's own scorers would evaluate (eval / sympy's parse_expr): code,
 # an exit, numbers that take forever. Aimed at the test's own scratch file only.
 HOSTILE_ANSWERS = ["__import__('pathlib').Path({marker!r}).touch()", "exit()", "9**9**9", "((9**99)**99)**99",
-                   "[x for x in iter(int, 1)]", "N(E, 10**9)", "x**99999", "setattr(type(self), 'score_answer', 1)"]
+                   "[x for x in iter(int, 1)]", "N(E, 10**9)", "x**99999", "setattr(type(self), 'score_answer', 1)",
+                   "pi.n(999999999)", "((((9*x)**99)**99)**99)**99", "x*(a+b+c+d+e+f)**20", "x.\uff46\uff55\uff4e\uff43"]
 
 
 def test_model_text_is_never_evaluated_by_the_scorers(tmp_path):
@@ -96,6 +97,9 @@ def test_model_text_is_never_evaluated_by_the_scorers(tmp_path):
             assert task.score_answer(samples[0], answer.format(marker=marker)) == 0.0, (dataset, answer)
         assert time.monotonic() - start < 2.0 and not os.path.exists(marker), dataset
         assert all(task.score_answer(s, task.gold_answer(s)) == 1.0 for s in samples), dataset
+    integration = load_task("rg/simple_integration")  # the question restated scores nothing
+    sample = integration.samples("train")[0]
+    assert integration.score_answer(sample, f"Integral({sample.data['metadata']['integrand']}, x)") == 0.0
     spiral = load_task("rg/spiral_matrix")
     sample = spiral.samples("train")[0]
     as_list = "[" + ", ".join(spiral.gold_answer(sample).split()) + "]"

@@ -42,8 +42,11 @@ class ModelConfig:
         # rope_theta + rope_scaling at the top level. A file with both (rci_fast writes both) must
         # say the same in each: transformers 5 reads rope_scaling first, rci_fast would not.
         params, scaling = d.get("rope_parameters") or {}, d.get("rope_scaling") or {}
-        if params and scaling and _rope_fields(params) != _rope_fields(scaling):
-            raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree")
+        top_theta = d.get("rope_theta", 10000.0)
+        if params and scaling and (_rope_fields(params) != _rope_fields(scaling) or
+                                   params.get("rope_theta", top_theta) != scaling.get("rope_theta", top_theta)):
+            raise ValueError(f"config.json's rope_scaling {scaling} and rope_parameters {params} disagree"
+                             f" (rope_theta {top_theta})")
         rope = dict(params or scaling)
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))

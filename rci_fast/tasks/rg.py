@@ -58,49 +58,68 @@ PROMPT_NOTES = {
 @dataclass(frozen=True)
 class EvaluatedAnswer:
     """What an answer to a task whose reasoning-gym scorer evaluates it may hold: characters (a
-    regex class body) and its longest length; for sympy also only SYMPY_NAMES and small powers."""
+    regex class body) and its longest length; for sympy an arithmetic expression (_arithmetic)."""
     chars: str
     max_chars: int
     sympy: bool = False
 
-    def admits(self, answer: str) -> bool:
-        if len(answer) > self.max_chars or not re.fullmatch(f"[{self.chars}]*", answer):
+    def admits(self, answer: str, gold: str) -> bool:
+        if len(answer) > self.max_chars or not answer.isascii() or not re.fullmatch(f"[{self.chars}]*", answer):
             return False
-        if not self.sympy:
-            return True
-        return set(re.findall(r"[A-Za-z_]\w*", answer)) <= SYMPY_NAMES and _small_powers(answer)
+        # Integral(...) only where the gold itself stays unevaluated: elsewhere it restates the
+        # question, and the scorer's derivative of it is the integrand (full marks).
+        return not self.sympy or _arithmetic(answer.strip(), allow_integral="Integral" in gold)
 
 
-# Single letters but sympy's N (N(E, 10**9) evaluates a billion digits) and S (sympify), and the
-# functions integrals use.
-SYMPY_NAMES = ({chr(c) for c in range(ord("a"), ord("z") + 1)} | set("ABCDEFGHIJKLMOPRTUVWXYZ")
-               | {"sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "exp", "log", "sqrt", "pi",
-                  "Integral"})
+SYMPY_FUNCTIONS = {"sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh", "tanh",
+                   "asinh", "acosh", "atanh", "exp", "log", "ln", "sqrt", "Abs"}
+# Single letters for variables and constants, but sympy's N (N(E, 10**9) evaluates a billion
+# digits) and S (sympify).
+SYMPY_SYMBOLS = ({chr(c) for c in range(ord("a"), ord("z") + 1)} | set("ABCDEFGHIJKLMOPRTUVWXYZ")
+                 | {"pi"})
+MAX_SYMBOLS = 4  # polynomial_multiplication's x, y, z; an integral's variable and C
 
 
-def _small_powers(answer: str) -> bool:
-    """Whether every power in the expression (read by Python's parser, not run) has a constant
-    exponent of at most two digits (or a ratio of two such), and no power of a number is raised
-    to a power again: sympy computes 9**9**9 or ((9**99)**99)**99 in full and never returns."""
+def _arithmetic(answer: str, allow_integral: bool) -> bool:
+    """Whether the answer, read by Python's parser (not run), is arithmetic sympy evaluates
+    quickly: numbers, up to MAX_SYMBOLS symbols, + - * / and powers, calls of SYMPY_FUNCTIONS,
+    nothing else (no attribute: pi.n(999999999) evaluates a billion digits). A power's exponent
+    is a constant below 100 (or a ratio of two such), its base holds no other power, and a sum
+    is raised at most to the 4th: 9**9**9, ((9*x)**99)**99 or (a+b+c+d)**99 would not finish."""
     try:
         tree = ast.parse(answer, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False  # sympy's parser would not read it either
+    functions = SYMPY_FUNCTIONS | ({"Integral"} if allow_integral else set())
 
-    def small(node) -> bool:
+    def constant(node, bound) -> bool:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return small(node.operand)
+            return constant(node.operand, bound)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-            return small(node.left) and small(node.right)
-        return isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) < 100
+            return constant(node.left, bound) and constant(node.right, bound)
+        return (isinstance(node, ast.Constant) and type(node.value) in (int, float)
+                and abs(node.value) < bound)
 
-    powers = [n for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow)]
-    for power in powers:
-        inner = list(ast.walk(power.left))
-        numeric = not any(isinstance(n, ast.Name) for n in inner)
-        if not small(power.right) or (numeric and any(n in powers for n in inner)):
+    def ok(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return type(node.value) in (int, float)
+        if isinstance(node, ast.Name):
+            return node.id in SYMPY_SYMBOLS
+        if isinstance(node, ast.UnaryOp):
+            return isinstance(node.op, (ast.USub, ast.UAdd)) and ok(node.operand)
+        if isinstance(node, ast.Call):
+            return (isinstance(node.func, ast.Name) and node.func.id in functions and not node.keywords
+                    and all(ok(arg) for arg in node.args))
+        if not isinstance(node, ast.BinOp) or not isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
             return False
-    return True
+        if isinstance(node.op, ast.Pow):
+            base_is_sum = isinstance(node.left, ast.BinOp) and isinstance(node.left.op, (ast.Add, ast.Sub))
+            nested = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left))
+            return not nested and constant(node.right, 5 if base_is_sum else 100) and ok(node.left)
+        return ok(node.left) and ok(node.right)
+
+    symbols = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - functions
+    return ok(tree.body) and len(symbols) <= MAX_SYMBOLS
 
 
 # reasoning-gym scorers that hand the answer to eval() or sympy's parse_expr (itself an eval):
@@ -212,7 +231,7 @@ class ReasoningGymTask(Task):
 
     def check(self, sample: Sample, answer: str) -> float:
         guard = EVALUATED_ANSWERS.get(self.dataset)
-        if guard is not None and not guard.admits(answer):
+        if guard is not None and not guard.admits(answer, self.gold_answer(sample)):
             return 0.0
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
             self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]

@@ -205,8 +205,9 @@ class GRPOTrainer:
             # (checkpoints from before these keys compare the count only)
             if state.get("items_sha256", self._items_sha256()) != self._items_sha256():
                 raise ValueError(f"--resume: {path} was trained on other samples than this config's tasks give")
+            # staged draws follow the groups (online and uniform ones do not)
             moved = int(np.sum(np.asarray(state.get("groups", self.curriculum.groups)) != self.curriculum.groups))
-            if moved:
+            if moved and self.cfg.curriculum.mode == "staged":
                 raise ValueError(f"--resume: {moved} samples are in other curriculum stages than when {path} was "
                                  f"written: {self.cfg.potential_file} changed since; restore it to resume")
             c = state["curriculum"]
