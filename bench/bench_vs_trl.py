@@ -361,7 +361,9 @@ class CodeScript:
                                    + json.dumps(code) + "}}\n</tool_call>") + [self.eos]
 
     def rci_fast(self, item: int, rnd: int) -> list[int]:
-        return self.think(item, rnd) + (self.rci_call if rnd < self.calls else self.answer)
+        # the answer then EOS, as TRL's side: rci_fast's engine samples one token after an answer
+        # that ends the text (a '>' could still belong to it)
+        return self.think(item, rnd) + (self.rci_call if rnd < self.calls else self.answer + [self.eos])
 
     def trl(self, item: int, rnd: int) -> list[int]:
         return self.think(item, rnd) + (self.trl_call if rnd < self.calls else self.answer + [self.eos])
