@@ -384,11 +384,10 @@ class RolloutEngine:
             # Only now is the segment's text needed: decoding it every step would cost O(n^2).
             text = self.tokenizer.decode(seq.segments[-1].ids)
             block = CODE_BLOCK.search(text)
-            answer = ANSWER_RE.search(answer_region(text)) if params.stop_at_answer else None
             seq.answer_at_end = False
             if block and self.sandbox is not None and len(seq.code_statuses) < self.max_code_calls:
                 seq.future = self.sandbox.submit(block.group(1), timeout_s=self.code_timeout_s)
-            elif answer:
+            elif params.stop_at_answer and (answer := ANSWER_RE.search(answer_region(text))):
                 # The answer as the reward reads it (tasks.answer: '<<<] >>>>' is '] >'): one that
                 # ends the text may still take a '>' from the next token, so it ends the episode
                 # once a token follows (or at EOS).

@@ -157,7 +157,7 @@ def _gen_sft_policy(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tokenizer = load_tokenizer(args.model, "--model")
+        tokenizer = load_tokenizer(args.model, model_key="--model")
     except FileNotFoundError as e:
         print(f"rci-fast gen-sft: {e}", file=sys.stderr)
         return 2

@@ -134,7 +134,7 @@ class GRPOTrainer:
         path = cfg.model.path
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"model.path: no config.json in {path}")
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or path, "model.tokenizer" if cfg.model.tokenizer else "model.path")
+        self.tokenizer = load_tokenizer(path, cfg.model.tokenizer)
         device = dist_info.device
         self.compute_dtype = compute_dtype(cfg.train.mixed_precision, device)
         # Policy: fp32 masters, sharded; reference: the same start, frozen, in the compute dtype
@@ -203,7 +203,8 @@ class GRPOTrainer:
                 raise ValueError(f"--resume: {path} was trained on {state['num_items']} samples, this config "
                                  f"has {len(self.items)}")
             # (checkpoints from before these keys compare the count only)
-            if state.get("items_sha256", self._items_sha256()) != self._items_sha256():
+            items = self._items_sha256()
+            if state.get("items_sha256", items) != items:
                 raise ValueError(f"--resume: {path} was trained on other samples than this config's tasks give")
             # staged draws follow the groups (online and uniform ones do not)
             moved = int(np.sum(np.asarray(state.get("groups", self.curriculum.groups)) != self.curriculum.groups))

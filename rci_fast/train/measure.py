@@ -58,7 +58,7 @@ class _Progress:
 def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")
-    tokenizer = load_tokenizer(cfg.model.tokenizer or path, "model.tokenizer" if cfg.model.tokenizer else "the model folder")
+    tokenizer = load_tokenizer(path, cfg.model.tokenizer, "the model folder")
     dtype = compute_dtype(cfg.train.mixed_precision, dist_info.device)
     return load_pretrained(path, dtype=dtype, device=dist_info.device).eval(), tokenizer
 

@@ -92,10 +92,12 @@ def build_tiny_model(cfg: SFTConfig, trajectories, out_dir: Path) -> None:
     write_model_folder(model, tokenizer, out_dir, {RECIPE: json.dumps(tiny_recipe(cfg), indent=1)})
 
 
-def load_tokenizer(folder: str | Path, key: str = "model.tokenizer"):
-    """The tokenizer in `folder`. One that cannot encode text is refused: from a folder that holds
-    only config.json and weights, transformers builds a tokenizer of one token that encodes every
-    text to nothing, and training would then run on no tokens and report success."""
+def load_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None, model_key: str = "model.path"):
+    """The tokenizer in tokenizer_dir (model.tokenizer), else in the model's folder (named
+    `model_key` in errors). One that cannot encode text is refused: from a folder that holds only
+    config.json and weights, transformers builds a tokenizer of one token that encodes every text
+    to nothing, and training would then run on no tokens and report success."""
+    folder, key = (tokenizer_dir, "model.tokenizer") if tokenizer_dir else (model_dir, model_key)
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{key}: no tokenizer folder {folder}")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -111,7 +113,6 @@ def prepare_model_source(cfg: SFTConfig, trajectories, dist_info: DistInfo):
         path = Path(cfg.model.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path: no config.json in {path}")
-        tokenizer_dir = cfg.model.tokenizer or str(path)
     else:
         path = Path(cfg.out_dir) / "init_model"
         if trajectories is not None:  # training (export only reads the folder)
@@ -122,5 +123,4 @@ def prepare_model_source(cfg: SFTConfig, trajectories, dist_info: DistInfo):
             elif dist_info.is_main:
                 build_tiny_model(cfg, trajectories, path)
         dist_info.barrier()
-        tokenizer_dir = cfg.model.tokenizer or str(path)
-    return str(path), load_tokenizer(tokenizer_dir, "model.tokenizer" if cfg.model.tokenizer else "model.path")
+    return str(path), load_tokenizer(path, cfg.model.tokenizer)
