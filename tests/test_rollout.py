@@ -338,6 +338,22 @@ def test_the_episode_ends_at_the_answer_as_the_reward_reads_it(tok, models):
         assert (extract_answer(traj.text), traj.finish_reason, traj.segments[1].ids) == (answer, reason, kept)
 
 
+def test_code_that_prints_the_answer_runs_before_the_episode_ends(tok, models, sandbox):
+    """`print(f"<<<{x}>>>")` inside a code block is code, not the answer: the block runs, and the
+    answer the model writes after the output ends the episode. The same text with the code
+    block after the answer ends at the answer."""
+    _, ours = models
+    code = "```python\nx = 6 * 7\nprint(f'<<<{x}>>>')\n```"
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, [code, " So <<<42>>>."]))
+    [traj] = engine.generate([tok.encode("Compute")], SamplingParams(max_new_tokens=96))
+    assert traj.code_statuses == ["ok"] and "<<<42>>>" in tok.decode(traj.segments[2].ids)
+    assert (traj.finish_reason, len(traj.segments)) == ("answer", 4)
+    engine = RolloutEngine(ours, tok, sandbox, logits_processor=scripted(tok, ["<<<42>>> " + code]))
+    [traj] = engine.generate([tok.encode("Compute")], SamplingParams(max_new_tokens=96))
+    assert (traj.finish_reason, traj.code_statuses) == ("answer", [])
+    assert "python" not in tok.decode(traj.segments[1].ids)
+
+
 def test_bad_prompts_fail_clearly(tok, models):
     _, ours = models
     engine = RolloutEngine(ours, tok)

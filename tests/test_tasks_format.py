@@ -22,6 +22,12 @@ from rci_fast.tasks.reward import format_problems, has_unclosed_code_block
     ("<<<>>>", ""),
     ("no answer", None),
     ("<<<unclosed", None),
+    # answers in code have not run: outside ```python blocks only, closed or still open
+    ("```python\nprint(f'<<<{x}>>>')\n```", None),
+    ("```python\nprint(f'<<<{x}>>>')", None),
+    ("<<<7>>> then ```python\nprint('<<<8>>>')\n```", "7"),
+    ("```python\nprint(1)\n``` so <<<9>>>", "9"),
+    ("<<```python\nx\n```<5>>>", None),                   # no answer across a block
     ("", None),
     (None, None),
 ])
@@ -78,6 +84,7 @@ def test_format_problems_and_void_turns():
     assert format_problems(["<<<1>>>"]) == []
     assert format_problems(["thinking", "<<<1>>>"]) == []
     assert len(format_problems(["```python\nx=1", "no answer"])) == 2
+    assert format_problems(["<<< >>>"]) == ["an empty <<<>>> answer in the final turn"]
     assert has_unclosed_code_block("```python\nx\n```\n```python\ny") and not has_unclosed_code_block("```python\nx\n```")
     assert has_void_turn(["I am thinking.", "<<<1>>>"])
     assert not has_void_turn(["```python\nprint(1)\n```", "<<<1>>>"])

@@ -30,7 +30,7 @@ from rci_fast.model import KVCache, Transformer
 from rci_fast.model.cpu_decode import CpuDecodeStep
 from rci_fast.rollout.decode_graphs import DecodeGraphs
 from rci_fast.rollout.sampling import SamplingParams, sample
-from rci_fast.tasks.answer import ANSWER_RE, answer_region
+from rci_fast.tasks.answer import answer_state
 from rci_fast.tasks.prompt import DEFAULT_MAX_RESULT_CHARS, format_result
 
 CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)```", re.S)
@@ -387,11 +387,11 @@ class RolloutEngine:
             seq.answer_at_end = False
             if block and self.sandbox is not None and len(seq.code_statuses) < self.max_code_calls:
                 seq.future = self.sandbox.submit(block.group(1), timeout_s=self.code_timeout_s)
-            elif params.stop_at_answer and (answer := ANSWER_RE.search(answer_region(text))):
-                # The answer as the reward reads it (tasks.answer: '<<<] >>>>' is '] >'): one that
-                # ends the text may still take a '>' from the next token, so it ends the episode
-                # once a token follows (or at EOS).
-                if answer.end() < len(text):
+            elif params.stop_at_answer and (state := answer_state(text)):
+                # The answer as the reward reads it (tasks.answer: outside code blocks, and
+                # '<<<] >>>>' is '] >'): one that ends the text may still take a '>' from the next
+                # token, so it ends the episode once a token follows (or at EOS).
+                if state == "closed":
                     seq.finish_reason = "answer"
                 else:
                     seq.answer_at_end = True

@@ -1,6 +1,7 @@
 """Answer extraction and the normalisation helpers the verifiers share.
 
-The model's final answer is the text inside the LAST `<<<...>>>` of its final assistant turn.
+The model's final answer is the text inside the LAST `<<<...>>>` of its final assistant turn,
+outside its ```python blocks: code that prints an answer (`print(f"<<<{x}>>>")`) has not run yet.
 Every helper here is pure text -> value; a helper returns None when the text cannot be read,
 and verifiers treat None as wrong (a malformed answer must never crash a training step).
 """
@@ -14,22 +15,42 @@ from fractions import Fraction
 ANSWER_RE = re.compile(r"<<<(.*?)>>>(?!>)", re.DOTALL)
 
 
-def answer_region(text: str) -> str:
-    """`text` up to its last '>>>' and the '>'s right after it: every answer ANSWER_RE finds lies
+# A ```python block, closed or still open at the end of the text.
+_CODE_RE = re.compile(r"```python.*?(?:```|\Z)", re.DOTALL)
+
+
+def _prose(text: str) -> str:
+    """`text` with its code blocks blanked: a newline each, so no answer forms across one."""
+    return _CODE_RE.sub("\n", text) if "```" in text else text
+
+
+def _answer_region(prose: str) -> str:
+    """`prose` up to its last '>>>' and the '>'s right after it. Every answer ANSWER_RE finds lies
     there, and in it the search is linear (with many '<<<' and no '>>>' after them the lazy
     pattern rescans to the end from each one: 90 KB took 38 s)."""
-    end = text.rfind(">>>")
+    end = prose.rfind(">>>")
     if end < 0:
         return ""
     end += 3
-    while end < len(text) and text[end] == ">":
+    while end < len(prose) and prose[end] == ">":
         end += 1
-    return text[:end]
+    return prose[:end]
+
+
+def answer_state(text: str) -> str | None:
+    """For a rollout that stops at the answer: None while `text` holds none, 'open' when an answer
+    ends the text (the next token may still add a '>' to it: '<<<] >>>' then '>'), else 'closed'."""
+    prose = _prose(text)
+    region = _answer_region(prose)
+    answer = ANSWER_RE.search(region)
+    if answer is None:
+        return None
+    return "open" if answer.end() == len(prose) else "closed"
 
 
 def extract_answer(text: str | None) -> str | None:
     """The stripped text inside the last <<<...>>> in `text`, or None when there is none."""
-    matches = ANSWER_RE.findall(answer_region(text or ""))
+    matches = ANSWER_RE.findall(_answer_region(_prose(text or "")))
     return matches[-1].strip() if matches else None
 
 

@@ -17,7 +17,7 @@ _CODE_OPEN_RE = re.compile(r"```python\b")
 @dataclass(frozen=True)
 class RewardConfig:
     correct: float = 1.0           # times the task score (see partial_credit)
-    well_formed: float = 0.1       # final <<<answer>>> present and every code block closed
+    well_formed: float = 0.1       # a non-empty final <<<answer>>> and every code block closed
     malformed: float = -0.1
     max_turns: int = 6             # more assistant turns than this ...
     too_many_turns: float = -0.1   # ... costs this much
@@ -36,10 +36,14 @@ class Reward:
 
 
 def format_problems(turns: list[str]) -> list[str]:
-    """What is wrong with the trajectory's form: no final <<<answer>>>, unclosed code blocks."""
+    """What is wrong with the trajectory's form: no final <<<answer>>> (an empty one earns no
+    format bonus either), unclosed code blocks."""
     problems = []
-    if not turns or extract_answer(turns[-1]) is None:
+    answer = extract_answer(turns[-1]) if turns else None
+    if answer is None:
         problems.append("no <<<answer>>> in the final turn")
+    elif not answer:
+        problems.append("an empty <<<>>> answer in the final turn")
     for i, text in enumerate(turns):
         if has_unclosed_code_block(text):
             problems.append(f"turn {i + 1}: unclosed ```python block")
