@@ -64,6 +64,16 @@ def test_sample_splits_partition_and_are_stable():
         task.samples("test")
 
 
+@pytest.mark.parametrize("name", ["symbench/reversi", "symbench/string_synthesis", "bbh/causal_judgement"])
+def test_a_repeated_question_stays_on_one_side_of_the_sample_split(name):
+    """These files repeat questions (reversi 117 times); every copy follows the first one."""
+    task = load_task(name)
+    prompts = [s.prompt for s in task.samples()]
+    assert len(set(prompts)) < len(prompts)  # the premise
+    train, val = ({s.prompt for s in task.samples(part)} for part in ("train", "validation"))
+    assert not train & val and train | val == set(prompts)
+
+
 # --- BBH ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", BBH)
 def test_bbh_every_gold_answer_scores_one(name):
@@ -107,7 +117,12 @@ def test_bbh_normalisation():
     letter = target[1]
     for form in (target, letter, f"{target} 12/25/1937", f" {target}. "):
         assert score("bbh/date_understanding", 0, form) == 1.0, form
-    assert score("bbh/date_understanding", 0, letter.lower()) == 0.0
+    for form in (letter.lower(), f"({letter.lower()})"):
+        assert score("bbh/date_understanding", 0, form) == 1.0, form
+    other = "A" if letter != "A" else "C"  # hedges between two options name none
+    for form in (f"{target} or ({other})", f"({other}) or {target}", f"{letter} or {other}",
+                 f"{target} and ({other})", f"{letter.lower()} dog"):
+        assert score("bbh/date_understanding", 0, form) == 0.0, form
     assert score("bbh/boolean_expressions", 0, load_task("bbh/boolean_expressions").samples()[0]
                  .data["target"].upper() + ".") == 1.0
     gold = load_task("bbh/multistep_arithmetic_two").samples()[0].data["target"]

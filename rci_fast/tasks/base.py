@@ -69,7 +69,13 @@ class Task:
         if split is None:
             return list(self._samples)
         want_validation = split == "validation"
-        return [s for s in self._samples if validation_member(self.name, s.id) == want_validation]
+        # Copies of one prompt (a few SymBench files repeat questions) all follow the first copy:
+        # a validation question is never also a training one.
+        first_id: dict[str, str] = {}
+        for s in self._samples:
+            first_id.setdefault(s.prompt, s.id)
+        return [s for s in self._samples
+                if validation_member(self.name, first_id[s.prompt]) == want_validation]
 
     def _load_samples(self) -> list[Sample]:
         raise NotImplementedError

@@ -1,8 +1,9 @@
 """BIG-Bench Hard: 27 tasks, one JSON file each in <data_dir>/bbh/ ({"examples": [{input, target}]}).
 
 Answers are judged by exact match after a normalisation chosen per answer kind:
-  choice     '(B)', 'B', 'b)' all mean option B; a target that is not a letter (three published
-             samples whose options were split on commas) is matched as text.
+  choice     '(B)', 'B', '(b)', 'B) text' all mean option B; a hedge ('(B) or (C)') means none;
+             a target that is not a letter (three published samples whose options were split on
+             commas) is matched as text.
   yes/no, True/False, valid/invalid   case-, quote- and punctuation-insensitive.
   number     numeric equality ('24', '24.0', '+24').
   tokens     word_sorting: the word sequence; dyck_languages: the closing brackets, spaces ignored.
@@ -46,11 +47,21 @@ _WORD_HINTS = {
 }
 
 _CHOICE_RE = re.compile(r"^\(?([A-Z])\)?(?:[\s.:)].*)?$", re.DOTALL)
+_LOWER_CHOICE_RE = re.compile(r"^\(?([a-z])\)?$")          # 'b' or '(b)', not 'a dog'
+# A second option named after the first: '(D) or (A)', 'B or C' hedge between options.
+_OTHER_OPTION_RE = re.compile(r"\([A-Za-z]\)|\bor\s+\(?[A-Z]\b")
 
 
 def _choice_letter(s: str) -> str | None:
-    m = _CHOICE_RE.match(strip_wrapping(s))
-    return m.group(1) if m else None
+    """The one option letter an answer names ('(B)', 'B) Sat', 'b'), or None (also for a hedge
+    that names two)."""
+    s = strip_wrapping(s)
+    if m := _LOWER_CHOICE_RE.match(s):
+        return m.group(1).upper()
+    m = _CHOICE_RE.match(s)
+    if m is None or _OTHER_OPTION_RE.search(s, m.end(1)):
+        return None
+    return m.group(1)
 
 
 class BBHTask(Task):
