@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from math import comb
 
+from rci_fast.files import BatchJournal
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages
 from rci_fast.tasks.trajectory import trajectory_from_pieces
 
@@ -32,26 +33,49 @@ class TaskReport:
     correct: dict[str, int] = field(default_factory=dict)  # sample id -> correct attempts: paired comparisons
 
 
-def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMPT,
-             batch_size: int = 64, progress=None) -> list[TaskReport]:
-    """`items`: (task, sample) pairs; `policy`: conversations -> [(kind, text), ...] pieces, as
-    rci_fast.rollout.policy.engine_policy returns. One report per task, in first-seen order."""
-    jobs = [(task, sample, build_messages(sample.prompt, system_prompt))
-            for task, sample in items for _ in range(attempts)]
-    per_sample: dict[tuple[str, str], list[float]] = {}
-    stats: dict[str, dict] = {}
+def judged_batches(policy, jobs: list[tuple], batch_size: int, judge, progress=None,
+                   journal: BatchJournal | None = None) -> list:
+    """judge(job, pieces) for every job, in order: the policy rolls out `batch_size` conversations
+    (each job's last element) per call. A journal's finished batches are not run again, and each
+    new one is added to it; records must therefore be plain JSON values."""
+    records = []
     if progress is not None:  # the bar shows before the first batch, which takes the longest
         progress(0, len(jobs))
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        for (task, sample, messages), pieces in zip(batch, policy([m for *_, m in batch])):
-            t = trajectory_from_pieces(messages, pieces, task=task, sample=sample, source="eval")
-            per_sample.setdefault((task.name, sample.id), []).append(float(t.score == 1.0))
-            s = stats.setdefault(task.name, {"turns": 0, "calls": 0})
-            s["turns"] += sum(m["role"] == "assistant" for m in t.messages)
-            s["calls"] += sum(kind == "tool" for kind, _ in pieces)
+        done = journal.done.get(start) if journal is not None else None
+        if done is None or len(done) != len(batch):
+            done = [judge(job, pieces) for job, pieces in zip(batch, policy([job[-1] for job in batch]))]
+            if journal is not None:
+                journal.add(start, done)
+        records += done
         if progress is not None:
             progress(min(start + batch_size, len(jobs)), len(jobs))
+    return records
+
+
+def evaluate(policy, items, attempts: int = 1, system_prompt: str = SYSTEM_PROMPT,
+             batch_size: int = 64, progress=None, journal: BatchJournal | None = None) -> list[TaskReport]:
+    """`items`: (task, sample) pairs; `policy`: conversations -> [(kind, text), ...] pieces, as
+    rci_fast.rollout.policy.engine_policy returns. One report per task, in first-seen order.
+    With a journal, a killed evaluation resumes at its first unfinished batch."""
+    jobs = [(task, sample, build_messages(sample.prompt, system_prompt))
+            for task, sample in items for _ in range(attempts)]
+
+    def judge(job, pieces) -> list:  # [correct, assistant turns, code calls]
+        task, sample, messages = job
+        t = trajectory_from_pieces(messages, pieces, task=task, sample=sample, source="eval")
+        return [float(t.score == 1.0), sum(m["role"] == "assistant" for m in t.messages),
+                sum(kind == "tool" for kind, _ in pieces)]
+
+    per_sample: dict[tuple[str, str], list[float]] = {}
+    stats: dict[str, dict] = {}
+    for (task, sample, _), (correct, turns, calls) in zip(
+            jobs, judged_batches(policy, jobs, batch_size, judge, progress, journal)):
+        per_sample.setdefault((task.name, sample.id), []).append(correct)
+        s = stats.setdefault(task.name, {"turns": 0, "calls": 0})
+        s["turns"] += turns
+        s["calls"] += calls
     reports = []
     for name, s in stats.items():
         results = [v for (task, _), v in per_sample.items() if task == name]

@@ -69,3 +69,40 @@ def test_mean_over_tasks_and_its_standard_error():
     assert mean_over_tasks([[1.0]]) == (1.0, 0.0)  # one question: no spread to measure
     report = TaskReport("t", 2, 2, 0.5, 1.0, 1.0, 0.0, {"q1": 2, "q2": 0})
     assert "0.500  ± 0.500 (standard error over questions)" in format_table([report])
+
+
+def test_a_journal_resumes_a_killed_evaluation_with_the_same_report(tmp_path):
+    """The policy dies in the second batch (a killed run): started again with the same header,
+    only the unfinished batches roll out and the report equals an unbroken run's. Another header
+    (another model or setting) starts afresh; a line cut short by the kill is ignored."""
+    from rci_fast.files import BatchJournal
+
+    task = load_task("rg/basic_arithmetic")
+    samples = task.samples("validation")[:3]
+    gold = {s.prompt: task.gold_answer(s) for s in samples}
+    rolled = []
+
+    def policy(conversations, die_at=None):
+        rolled.append(len(conversations))
+        if len(rolled) == die_at:
+            raise KeyboardInterrupt
+        return [[("model", f"<<<{gold[m[-1]['content']] if i % 2 else 'no'}>>>")] for i, m in enumerate(conversations)]
+
+    items = [(task, s) for s in samples]
+    whole = evaluate(policy, items, attempts=2, batch_size=4)
+    header, path = {"model": "a", "k": (2,)}, tmp_path / "eval.partial"
+    rolled.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(lambda c: policy(c, die_at=2), items, attempts=2, batch_size=4, journal=BatchJournal(path, header))
+    with open(path, "a") as f:
+        f.write('{"start": 4, "reco')  # the kill cut this line
+    rolled.clear()
+    journal = BatchJournal(path, header)
+    assert sorted(journal.done) == [0]
+    assert evaluate(policy, items, attempts=2, batch_size=4, journal=journal) == whole
+    assert rolled == [2]  # only the batch of attempts 5 and 6
+    rolled.clear()
+    assert evaluate(policy, items, attempts=2, batch_size=4, journal=BatchJournal(path, {"model": "b"})) == whole
+    assert rolled == [4, 2]
+    journal.finish()
+    assert not path.exists()

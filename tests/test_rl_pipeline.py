@@ -5,6 +5,7 @@ import math
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def test_smoke_pipeline_sft_potential_rl_eval(tmp_path, sft_model):
     assert len(rows) == 12 and all(0 <= row["p"] <= 1 and row["group"] in (0, 1, 2, 3) for row in rows)
     assert "group 0 (Π>=0.64)" in r.stdout and "group 3 (Π<0.32)" in r.stdout
     assert all(row["p"] * 4 == int(row["p"] * 4) for row in rows)  # k = 4 attempts each
+    assert not list(rl.glob("*.partial*"))  # the journal goes once the file is written
 
     r = rci("rl", "--config", "configs/smoke-rl.yaml", *common)
     metrics = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
@@ -64,6 +66,33 @@ def test_smoke_pipeline_sft_potential_rl_eval(tmp_path, sft_model):
                    for t in tasks)
     assert all(t["mean_code_calls"] == 0 for t in report["modes"]["text"])  # no interpreter in text mode
     assert "[code mode]" in r.stdout and "[text mode]" in r.stdout and "pass@k" in r.stdout
+    assert not list(rl.glob("*.partial*"))
+
+
+@pytest.mark.slow
+def test_a_killed_potential_pass_resumes_with_the_same_result(tmp_path, sft_model):
+    """SIGKILL once the journal holds a finished batch; the same command again rolls out only the
+    rest and writes the file an unbroken pass writes."""
+    common = ["--config", "configs/smoke-rl.yaml", "--device", "cpu", f"model.path={sft_model}",
+              "potential.batch_size=4"]
+    rci("potential", *common, f"out_dir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    journal = killed / "potential.jsonl.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "rci_fast", "potential", *common, f"out_dir={killed}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the pass ended before the kill"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (killed / "potential.jsonl").exists()
+    r = rci("potential", *common, f"out_dir={killed}")
+    assert "resuming after" in r.stderr
+    assert (killed / "potential.jsonl").read_text() == (tmp_path / "whole" / "potential.jsonl").read_text()
+    assert not journal.exists()
 
 
 def torchrun(*args, timeout=240):

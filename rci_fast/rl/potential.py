@@ -5,32 +5,32 @@ import json
 
 import numpy as np
 
-from rci_fast.files import atomic_open
+from rci_fast.evaluate import judged_batches
+from rci_fast.files import BatchJournal, atomic_open
 from rci_fast.rl.curriculum import PAPER_THRESHOLDS, improvement_potential, potential_groups
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages
 from rci_fast.tasks.trajectory import trajectory_from_pieces
 
 
 def estimate_pass_rates(policy, items, k: int = 20, batch_size: int = 64,
-                        system_prompt: str = SYSTEM_PROMPT, progress=None) -> np.ndarray:
+                        system_prompt: str = SYSTEM_PROMPT, progress=None,
+                        journal: BatchJournal | None = None) -> np.ndarray:
     """p for each (task, sample) in `items`: the fraction of `k` attempts that score 1.0.
     `policy` is text in, pieces out (rci_fast.rollout.policy.engine_policy); attempts of all
-    samples are batched together, `batch_size` conversations per policy call."""
+    samples are batched together, `batch_size` conversations per policy call. With a journal, a
+    killed pass resumes at its first unfinished batch."""
     if k < 1:
         raise ValueError("k must be >= 1")
     jobs = [(i, task, sample, build_messages(sample.prompt, system_prompt))
             for i, (task, sample) in enumerate(items) for _ in range(k)]
+
+    def judge(job, pieces) -> bool:
+        _, task, sample, messages = job
+        return trajectory_from_pieces(messages, pieces, task=task, sample=sample, source="potential").score == 1.0
+
     correct = np.zeros(len(items))
-    if progress is not None:  # the bar shows before the first batch, which takes the longest
-        progress(0, len(jobs))
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        rollouts = policy([messages for *_, messages in batch])
-        for (i, task, sample, messages), pieces in zip(batch, rollouts):
-            t = trajectory_from_pieces(messages, pieces, task=task, sample=sample, source="potential")
-            correct[i] += t.score == 1.0
-        if progress is not None:
-            progress(min(start + batch_size, len(jobs)), len(jobs))
+    for (i, *_), solved in zip(jobs, judged_batches(policy, jobs, batch_size, judge, progress, journal)):
+        correct[i] += solved
     return correct / k
 
 

@@ -1,11 +1,15 @@
 """`rci-fast potential` and `rci-fast eval`: the policy measured through the rollout engine.
 
 Both are data-parallel: under torchrun each rank takes every world_size-th (task, sample) pair,
-runs its own engine and sandbox, and rank 0 gathers the results and writes them.
+runs its own engine and sandbox, and rank 0 gathers the results and writes them. Each rank
+journals its finished batches (`<output>.partial`, `.rankN` under torchrun): started again
+with the same model and settings, a killed run goes on from there, and since every batch
+starts from the same seed it ends with the same result as an unbroken one.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,7 +23,7 @@ from rci_fast.model import load_pretrained
 from rci_fast.rl.potential import estimate_pass_rates, write_potential
 from rci_fast.rollout.policy import engine_policy
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
-from rci_fast.files import atomic_write_text
+from rci_fast.files import BatchJournal, atomic_write_text, file_fingerprint
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.model_source import load_tokenizer
 from rci_fast.train.parallelize import compute_dtype
@@ -63,6 +67,20 @@ def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
     return load_pretrained(path, dtype=dtype, device=dist_info.device).eval(), tokenizer
 
 
+def _journal(output: Path, dist_info: DistInfo, model_path: str, items, **settings) -> BatchJournal:
+    """This rank's journal for `output`: it holds on only while the model's files, the settings
+    and this rank's items stay the same."""
+    suffix = ".partial" + (f".rank{dist_info.rank}" if dist_info.world_size > 1 else "")
+    names = "\n".join(f"{task.name}/{sample.id}" for task, sample in items)
+    header = {"output": str(output), "model": str(model_path), "model_files": file_fingerprint(model_path),
+              "items": hashlib.sha256(names.encode()).hexdigest(), "world_size": dist_info.world_size,
+              **settings}
+    journal = BatchJournal(output.with_name(output.name + suffix), header)
+    if journal.done and dist_info.is_main:
+        log.info("%s: resuming after %d finished batches (%s)", output.name, len(journal.done), journal.path)
+    return journal
+
+
 def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     """p of every training sample from potential.k attempts (rollout temperature), written to the
     potential file with Π and the 4 groups. Returns the summary on rank 0."""
@@ -73,17 +91,22 @@ def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
         mine = items[rank::world]
+        journal = _journal(Path(cfg.potential_file), dist_info, cfg.model.path, mine, k=cfg.potential.k,
+                           batch_size=cfg.potential.batch_size, params=dataclasses.asdict(params),
+                           rollout=dataclasses.asdict(cfg.rollout), seed=cfg.seed)
         rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size,
-                                    progress=_Progress("potential", dist_info.is_main)) \
+                                    progress=_Progress("potential", dist_info.is_main), journal=journal) \
             if mine else np.zeros(0)
     shards = _gather(rates.tolist(), world)
     if not dist_info.is_main:
+        journal.finish()
         return None
     p = np.zeros(len(items))
     for r, shard in enumerate(shards):
         p[r::world] = shard
-    Path(cfg.potential_file).parent.mkdir(parents=True, exist_ok=True)
-    return {**write_potential(cfg.potential_file, items, p), "path": cfg.potential_file}
+    summary = {**write_potential(cfg.potential_file, items, p), "path": cfg.potential_file}
+    journal.finish()
+    return summary
 
 
 def eval_model_path(cfg: RLConfig) -> str:
@@ -120,22 +143,30 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     model, tokenizer = _load(path, cfg, dist_info)
     params = sampling_params(cfg.rollout, e.temperature, seed=cfg.seed * 1009 + rank)
     mine = items[rank::world]
-    results = {}
+    results, journals = {}, []
+    output = Path(cfg.out_dir) / "eval.json"
     with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         for mode in e.modes:
             engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
             prompt = SYSTEM_PROMPT if mode == "code" else TEXT_ONLY_SYSTEM_PROMPT
+            journals.append(_journal(output.with_name(f"eval-{mode}.json"), dist_info, path, mine,
+                                     mode=mode, attempts=e.attempts, batch_size=e.batch_size,
+                                     system_prompt=prompt, params=dataclasses.asdict(params),
+                                     rollout=dataclasses.asdict(cfg.rollout), seed=cfg.seed))
             reports = evaluate(engine_policy(engine, params), mine, attempts=e.attempts, system_prompt=prompt,
-                               batch_size=e.batch_size, progress=_Progress(f"eval ({mode})", dist_info.is_main)) \
-                if mine else []
+                               batch_size=e.batch_size, progress=_Progress(f"eval ({mode})", dist_info.is_main),
+                               journal=journals[-1]) if mine else []
             results[mode] = merge_reports(_gather(reports, world))
+    if dist_info.is_main:
+        out = {"model": path, "attempts": e.attempts, "temperature": e.temperature,
+               "mean_accuracy": {m: float(np.mean([r.accuracy for r in rs])) for m, rs in results.items()},
+               "modes": {m: [dataclasses.asdict(r) for r in rs] for m, rs in results.items()}}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output, json.dumps(out, indent=1))
+    for journal in journals:
+        journal.finish()
     if not dist_info.is_main:
         return None
-    out = {"model": path, "attempts": e.attempts, "temperature": e.temperature,
-           "mean_accuracy": {m: float(np.mean([r.accuracy for r in rs])) for m, rs in results.items()},
-           "modes": {m: [dataclasses.asdict(r) for r in rs] for m, rs in results.items()}}
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(cfg.out_dir) / "eval.json", json.dumps(out, indent=1))
     out["reports"] = results
     return out
 
