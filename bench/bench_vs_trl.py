@@ -512,8 +512,8 @@ def items_in_order(order: list[int]):
 
     real = grpo_module.train_items
 
-    def reordered(cfg):
-        items = real(cfg)
+    def reordered(cfg, tokenizer):
+        items = real(cfg, tokenizer)
         return [items[i] for i in order]
 
     grpo_module.train_items = reordered

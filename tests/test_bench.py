@@ -78,11 +78,11 @@ def test_bench_vs_trl_patches_what_the_trainer_calls(monkeypatch):
         os.environ.clear()
         os.environ.update(environ)
     calls = []
-    monkeypatch.setattr(grpo, "train_items", lambda cfg: calls.append(cfg) or ["a", "b", "c"])
+    monkeypatch.setattr(grpo, "train_items", lambda cfg, tokenizer: calls.append((cfg, tokenizer)) or ["a", "b", "c"])
     loader = grpo.train_items
     with bench.items_in_order([2, 0, 1]):
-        assert grpo.train_items("cfg") == ["c", "a", "b"]
-    assert grpo.train_items is loader and calls == ["cfg"]
+        assert grpo.train_items("cfg", "tok") == ["c", "a", "b"]
+    assert grpo.train_items is loader and calls == [("cfg", "tok")]
 
 
 @pytest.mark.slow

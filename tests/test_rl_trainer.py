@@ -118,6 +118,26 @@ def test_skip_per_task_leaves_the_sft_questions_out():
         load_items(["rg/gcd"], "train", "train", 0, skip=200)
 
 
+def test_samples_whose_prompt_fills_max_total_are_left_out_with_a_warning(policy_dir, caplog):
+    """A prompt of max_total_tokens leaves the engine no room to sample (it refused the whole
+    batch): such samples are left out up front, by the longest of the modes' system prompts."""
+    from rci_fast.tasks.prompt import SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT
+    from rci_fast.train.model_source import load_tokenizer
+    from rci_fast.train.rollouts import fitting_items, prompt_ids
+
+    tok = load_tokenizer(policy_dir, None)
+    items = load_items(["rg/gcd", "rg/letter_counting"], "train", "train", 20)
+    lengths = [max(len(prompt_ids(tok, s, p)) for p in (SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT)) for _, s in items]
+    limit = sorted(lengths)[len(lengths) // 2]
+    with caplog.at_level("WARNING", logger="rci_fast.rollouts"):
+        kept = fitting_items(items, tok, limit, [SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT])
+    assert kept == [item for item, n in zip(items, lengths) if n < limit] and 0 < len(kept) < len(items)
+    assert f"left out {len(items) - len(kept)} of 40 samples" in caplog.text
+    assert fitting_items(items, tok, max(lengths) + 1, [SYSTEM_PROMPT, TEXT_ONLY_SYSTEM_PROMPT]) == items
+    with pytest.raises(ValueError, match="raise rollout.max_total_tokens"):
+        fitting_items(items, tok, min(lengths), [SYSTEM_PROMPT])
+
+
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batch_split_gives_the_same_update(tmp_path, policy_dir, aggregation):
     """One update on the same trajectories (random advantages) with 1 and with 3+ micro-batches,

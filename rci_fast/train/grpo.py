@@ -126,15 +126,15 @@ def _max_over_ranks(value: int, device) -> int:
 class GRPOTrainer:
     def __init__(self, cfg: RLConfig, dist_info: DistInfo, resume: bool = False):
         self.cfg, self.dist = cfg, dist_info
-        self.items = train_items(cfg)
-        self.curriculum = Curriculum(self._initial_pass_rates(), CurriculumConfig(
-            mode=cfg.curriculum.mode, steps_per_stage=cfg.curriculum.steps_per_stage,
-            online_floor=cfg.curriculum.online_floor, prior_trials=cfg.curriculum.prior_trials, seed=cfg.seed))
-        self.out_dir, self.ckpt_root = start_run(cfg, dist_info, resume)
         path = cfg.model.path
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"model.path: no config.json in {path}")
         self.tokenizer = load_tokenizer(path, cfg.model.tokenizer)
+        self.items = train_items(cfg, self.tokenizer)
+        self.curriculum = Curriculum(self._initial_pass_rates(), CurriculumConfig(
+            mode=cfg.curriculum.mode, steps_per_stage=cfg.curriculum.steps_per_stage,
+            online_floor=cfg.curriculum.online_floor, prior_trials=cfg.curriculum.prior_trials, seed=cfg.seed))
+        self.out_dir, self.ckpt_root = start_run(cfg, dist_info, resume)
         device = dist_info.device
         self.compute_dtype = compute_dtype(cfg.train.mixed_precision, device)
         # Policy: fp32 masters, sharded; reference: the same start, frozen, in the compute dtype

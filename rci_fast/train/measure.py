@@ -27,7 +27,8 @@ from rci_fast.files import BatchJournal, atomic_write_text, file_fingerprint
 from rci_fast.train.distributed import DistInfo
 from rci_fast.train.model_source import load_tokenizer
 from rci_fast.train.parallelize import compute_dtype
-from rci_fast.train.rollouts import load_items, make_engine, make_sandbox, sampling_params, train_items
+from rci_fast.train.rollouts import (fitting_items, load_items, make_engine, make_sandbox, sampling_params,
+                                    train_items)
 
 log = logging.getLogger("rci_fast.measure")
 
@@ -84,9 +85,9 @@ def _journal(output: Path, dist_info: DistInfo, model_path: str, items, **settin
 def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     """p of every training sample from potential.k attempts (rollout temperature), written to the
     potential file with Π and the 4 groups. Returns the summary on rank 0."""
-    items = train_items(cfg)
     rank, world = dist_info.rank, dist_info.world_size
     model, tokenizer = _load(cfg.model.path, cfg, dist_info)
+    items = train_items(cfg, tokenizer)
     params = sampling_params(cfg.rollout, cfg.rollout.temperature, seed=cfg.seed * 1009 + rank)
     with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
@@ -141,6 +142,8 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     rank, world = dist_info.rank, dist_info.world_size
     path = eval_model_path(cfg)
     model, tokenizer = _load(path, cfg, dist_info)
+    system_prompts = {"code": SYSTEM_PROMPT, "text": TEXT_ONLY_SYSTEM_PROMPT}
+    items = fitting_items(items, tokenizer, cfg.rollout.max_total_tokens, [system_prompts[m] for m in e.modes])
     params = sampling_params(cfg.rollout, e.temperature, seed=cfg.seed * 1009 + rank)
     mine = items[rank::world]
     results, journals = {}, []
@@ -148,7 +151,7 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         for mode in e.modes:
             engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
-            prompt = SYSTEM_PROMPT if mode == "code" else TEXT_ONLY_SYSTEM_PROMPT
+            prompt = system_prompts[mode]
             journals.append(_journal(output.with_name(f"eval-{mode}.json"), dist_info, path, mine,
                                      mode=mode, attempts=e.attempts, batch_size=e.batch_size,
                                      system_prompt=prompt, params=dataclasses.asdict(params),

@@ -12,6 +12,8 @@ rather than once per phase.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -20,6 +22,8 @@ from rci_fast.rollout import RolloutEngine, SamplingParams, Trajectory
 from rci_fast.tasks import RewardConfig, compute_reward, list_tasks, load_task
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages, render_chat
 from rci_fast.tasks.rg import DEFAULT_TRAIN_SIZE
+
+log = logging.getLogger("rci_fast.rollouts")
 
 
 def load_items(names: list[str], split: str, sample_split: str | None, per_task: int = 0,
@@ -49,10 +53,33 @@ def load_items(names: list[str], split: str, sample_split: str | None, per_task:
     return items
 
 
-def train_items(cfg) -> list[tuple]:
+def train_items(cfg, tokenizer) -> list[tuple]:
     """The training (task, sample) pairs of an RL config: what potential and RL both draw from."""
     t = cfg.tasks
-    return load_items(t.train, "train", "train", t.samples_per_task, t.data_dir, t.skip_per_task)
+    items = load_items(t.train, "train", "train", t.samples_per_task, t.data_dir, t.skip_per_task)
+    return fitting_items(items, tokenizer, cfg.rollout.max_total_tokens, [SYSTEM_PROMPT])
+
+
+def fitting_items(items: list[tuple], tokenizer, max_total_tokens: int, system_prompts: list[str]) -> list[tuple]:
+    """`items` without those whose prompt alone (under any of the system prompts) fills
+    max_total_tokens: the engine could not sample one token after it. They are left out with a
+    warning, as verl filters overlong prompts, rather than failing a batch hours into a run."""
+    kept, dropped = [], {}
+    for task, sample in items:
+        longest = max(len(prompt_ids(tokenizer, sample, prompt)) for prompt in system_prompts)
+        if longest < max_total_tokens:
+            kept.append((task, sample))
+        else:
+            dropped.setdefault(task.name, []).append(longest)
+    if dropped:
+        n = sum(map(len, dropped.values()))
+        detail = ", ".join(f"{name}: {len(lengths)} (up to {max(lengths)} tokens)" for name, lengths in dropped.items())
+        if not kept:
+            raise ValueError(f"every one of the {n} samples has a prompt of at least rollout.max_total_tokens="
+                             f"{max_total_tokens} tokens ({detail}); raise rollout.max_total_tokens")
+        log.warning("left out %d of %d samples whose prompt fills rollout.max_total_tokens=%d: %s",
+                    n, len(items), max_total_tokens, detail)
+    return kept
 
 
 def prompt_ids(tokenizer, sample, system_prompt: str = SYSTEM_PROMPT) -> list[int]:
