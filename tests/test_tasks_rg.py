@@ -106,6 +106,27 @@ def test_model_text_is_never_evaluated_by_the_scorers(tmp_path):
     assert spiral.score_answer(sample, as_list) == 0.1  # the package's partial credit still works
 
 
+def test_a_slow_admitted_answer_is_cut_off_and_scores_zero(caplog, monkeypatch):
+    """A product of 16 admitted factors took sympy 4-6 s to differentiate (40 would take minutes):
+    scoring stops at the limit, the answer scores 0, the alarm is gone afterwards."""
+    import signal
+    import time
+
+    from rci_fast.tasks import rg
+
+    monkeypatch.setattr(rg, "EVALUATED_ANSWER_TIME_LIMIT_S", 0.3)
+    task = load_task("rg/intermediate_integration")
+    sample = task.samples("train")[0]
+    slow = "*".join(f"(x+{i})**4" for i in range(1, 17))
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="rci_fast.tasks"):
+        assert task.score_answer(sample, slow) == 0.0
+    assert time.monotonic() - start < 1.5 and "took over" in caplog.text
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+    assert task.score_answer(sample, task.gold_answer(sample)) == 1.0
+
+
 def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
     for dataset, extra in (("spell_backward", " xyz"), ("letter_jumble", " extra words here")):
         task = load_task(f"rg/{dataset}")

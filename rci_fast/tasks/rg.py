@@ -13,16 +13,21 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import logging
 import os
 import pickle
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 from rci_fast.tasks.base import Sample, Task
+
+log = logging.getLogger("rci_fast.tasks")
 
 TRAIN_SEED = 1000
 VALIDATION_SEED = 2000
@@ -138,6 +143,50 @@ EVALUATED_ANSWERS = {
 }
 
 
+# A guarded scorer still runs sympy on the answer: differentiating a product of 40 admitted
+# factors such as (x+1)**4 takes minutes (16 of them: 6 s), golds take at most 0.14 s. Past this
+# limit the answer scores 0.
+EVALUATED_ANSWER_TIME_LIMIT_S = 2.0
+
+
+class ScoringTimeout(BaseException):
+    """Not an Exception: a scorer's own `except Exception` must not swallow it."""
+
+
+class _Alarm:
+    expired = False  # the limit was reached (even where a scorer caught the exception)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raises ScoringTimeout in the block after `seconds`, and again every 0.1 s should a bare
+    `except:` catch it (SIGALRM: pure-Python work such as sympy's stops between bytecodes).
+    Yields an object whose `expired` says whether the limit was reached. 0 s, a thread other
+    than the main one (only it receives signals) or another running timer: no limit."""
+    alarm = _Alarm()
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield alarm
+        return
+    inside = True
+
+    def expire(signum, frame):
+        if inside:
+            alarm.expired = True
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            raise ScoringTimeout(f"scoring took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield alarm
+        finally:
+            inside = False
+    finally:  # also when the alarm fires just as the block ends
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # Scorers that give full marks to wrong answers: spell_backward's prefix score can sum to
 # 1.0000000000000002, past the package's own "== 1.0" check, and is then clamped to 1;
 # letter_jumble caps its prefix score at 1 (the gold followed by more words scores 1). Full marks
@@ -236,7 +285,10 @@ class ReasoningGymTask(Task):
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
             self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]
         # The package scores with the dataset object; score_answer reads only `entry`.
-        score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
+        with time_limit(EVALUATED_ANSWER_TIME_LIMIT_S if guard is not None else 0.0) as alarm:
+            score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
+        if alarm.expired:  # the scorer caught the timeout and returned
+            raise ScoringTimeout
         if score == 1.0 and self.dataset in EXACT_FOR_FULL_MARKS and \
                 answer.lower().split() != self.gold_answer(sample).lower().split():
             return 0.99
@@ -246,6 +298,10 @@ class ReasoningGymTask(Task):
         try:
             return float(self.check(sample, answer))
         except (Exception, SystemExit):  # third-party scorers raise anything on odd text (e.g. int('x'))
+            return 0.0
+        except ScoringTimeout:
+            log.warning("%s: scoring an answer took over %.0f s (%d characters); it scores 0",
+                        self.name, EVALUATED_ANSWER_TIME_LIMIT_S, len(answer))
             return 0.0
 
     def gold_answer(self, sample: Sample) -> str:
