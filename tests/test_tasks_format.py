@@ -63,6 +63,8 @@ def test_reward_table():
         (["```python\nprint(1)\n", f"<<<{gold}>>>"], 0.9),        # unclosed code block
         ([code_turn] * 6 + [f"<<<{gold}>>>"], 1.0),               # 7 turns > 6
         ([code_turn] * 5 + [f"<<<{gold}>>>"], 1.1),               # 6 turns is allowed
+        ([code_turn] * 6 + [""], -0.1),                            # cut after the 6th result: 6 turns
+        ([code_turn] * 7 + [""], -0.2),
         ([], -0.1),
     ]
     for turns, total in cases:

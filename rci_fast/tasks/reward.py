@@ -68,13 +68,19 @@ def has_void_turn(turns: list[str]) -> bool:
     return any(is_void_turn(t) for t in turns)
 
 
+def count_turns(turns: list[str]) -> int:
+    """The turns the model wrote: an empty one (the placeholder for an episode cut off right after
+    an interpreter result, or an EOS sampled first) holds no text and is no turn."""
+    return sum(1 for t in turns if t)
+
+
 def compute_reward(task: Task, sample: Sample, turns: list[str],
                    config: RewardConfig = RewardConfig()) -> Reward:
     score = task.score(sample, turns[-1]) if turns else 0.0
     credit = score if config.partial_credit else float(score >= 1.0)
     problems = format_problems(turns)
     fmt = config.malformed if problems else config.well_formed
-    turn_penalty = config.too_many_turns if len(turns) > config.max_turns else 0.0
+    turn_penalty = config.too_many_turns if count_turns(turns) > config.max_turns else 0.0
     correct = config.correct * credit
     return Reward(total=correct + fmt + turn_penalty, score=score, correct=correct, format=fmt,
                   turns=turn_penalty, problems=tuple(problems))

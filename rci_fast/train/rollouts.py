@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from rci_fast.model import Transformer
 from rci_fast.rollout import RolloutEngine, SamplingParams, Trajectory
 from rci_fast.tasks import RewardConfig, compute_reward, list_tasks, load_task
+from rci_fast.tasks.reward import count_turns
 from rci_fast.tasks.prompt import SYSTEM_PROMPT, build_messages, render_chat
 from rci_fast.tasks.rg import DEFAULT_TRAIN_SIZE
 
@@ -161,5 +162,5 @@ def rewards_of(trajectories: list[Trajectory], items: list[tuple], tokenizer, co
     out = []
     for trajectory, (task, sample) in zip(trajectories, items):
         turns = turns_of(trajectory, tokenizer)
-        out.append((compute_reward(task, sample, turns, config), len(turns)))
+        out.append((compute_reward(task, sample, turns, config), count_turns(turns)))
     return out
