@@ -6,6 +6,8 @@ computing logp, done by fused_linear_logprob; this part is O(T) elementwise work
 
 Per token, with r = exp(logp - old_logp):
     pg  = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+    pg  = min(pg, -A clip_ratio_c)   where A < 0 (dual-clip, Ye et al. 2020, verl's default 3:
+          a token whose ratio ran far above 1 under a negative advantage stops pushing; off at 0)
     kl  = k1: logp - ref_logp      k3 (= low_var_kl): exp(ref - logp) - (ref - logp) - 1
     loss_t = pg + kl_coef * kl - entropy_coef * entropy
 Aggregations (normalisers are global, so the gradient does not depend on how the batch is split):
@@ -48,13 +50,15 @@ def _check(logp, named):
 
 
 def _validate(logp, old_logp, advantages, mask, clip_low, clip_high, ref_logp, kl_coef, entropy, entropy_coef,
-              aggregation, seq_ids):
+              aggregation, seq_ids, clip_ratio_c=0.0):
     _check(logp, dict(old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
                       entropy=entropy, seq_ids=seq_ids))
     if clip_high is None:
         clip_high = clip_low
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if clip_ratio_c and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (or 0: no dual-clip), got {clip_ratio_c}")
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef is set but ref_logp is None")
     if entropy_coef and entropy is None:
@@ -69,7 +73,7 @@ def _validate(logp, old_logp, advantages, mask, clip_low, clip_high, ref_logp, k
 
 
 def _per_token_loss(logp, old_logp, advantages, clip_low, clip_high, ref_logp, kl_coef, kl_estimator,
-                    entropy, entropy_coef):
+                    entropy, entropy_coef, clip_ratio_c=0.0):
     """loss_t before masking and aggregation, and the per-token stats (module doc)."""
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
@@ -77,6 +81,10 @@ def _per_token_loss(logp, old_logp, advantages, clip_low, clip_high, ref_logp, k
     pg_clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(pg_unclipped, pg_clipped)
     stats = {"ratio": ratio.detach(), "clipped": (pg_clipped > pg_unclipped).detach()}
+    if clip_ratio_c:
+        dual_clipped = (advantages < 0) & (per_token > -advantages * clip_ratio_c)
+        per_token = torch.where(dual_clipped, -advantages * clip_ratio_c, per_token)
+        stats["dual_clipped"] = dual_clipped.detach()
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         stats["kl"] = kl.detach()
@@ -91,6 +99,8 @@ def _logging_stats(stats, mask, entropy):
     with torch.no_grad():
         n = mask.sum().clamp(min=1.0)
         stats["clip_frac"] = (stats["clipped"].to(mask.dtype) * mask).sum() / n
+        if "dual_clipped" in stats:
+            stats["dual_clip_frac"] = (stats["dual_clipped"].to(mask.dtype) * mask).sum() / n
         stats["ratio_mean"] = (stats["ratio"] * mask).sum() / n
         if "kl" in stats:
             stats["kl_mean"] = (stats["kl"] * mask).sum() / n
@@ -99,20 +109,21 @@ def _logging_stats(stats, mask, entropy):
     return stats
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None,
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, clip_ratio_c=0.0,
                 ref_logp=None, kl_coef=0.0, kl_estimator="low_var_kl",
                 entropy=None, entropy_coef=0.0,
                 aggregation="token-mean", global_tokens=None,
                 seq_ids=None, global_seqs=None, norm=None):
-    """Returns (loss, stats). stats holds detached per-token tensors "ratio", "clipped", "kl" (when
-    ref_logp is given) and masked means "clip_frac", "ratio_mean", "kl_mean", "entropy_mean" over the
+    """Returns (loss, stats). stats holds detached per-token tensors "ratio", "clipped",
+    "dual_clipped" (when clip_ratio_c is set), "kl" (when ref_logp is given) and masked means
+    "clip_frac", "dual_clip_frac", "ratio_mean", "kl_mean", "entropy_mean" over the
     local tokens (for logging). global_tokens / global_seqs default to the local counts; pass the
     counts over all ranks and micro-batches to make the loss split-invariant."""
     clip_high = _validate(logp, old_logp, advantages, mask, clip_low, clip_high, ref_logp, kl_coef, entropy,
-                          entropy_coef, aggregation, seq_ids)
+                          entropy_coef, aggregation, seq_ids, clip_ratio_c)
     mask = mask.to(logp.dtype)
     per_token, stats = _per_token_loss(logp, old_logp, advantages, clip_low, clip_high, ref_logp, kl_coef,
-                                       kl_estimator, entropy, entropy_coef)
+                                       kl_estimator, entropy, entropy_coef, clip_ratio_c)
     masked = per_token * mask
     if aggregation == "token-mean":
         denom = mask.sum() if global_tokens is None else global_tokens
@@ -149,7 +160,7 @@ def token_weights(mask, aggregation="token-mean", global_tokens=None, seq_ids=No
 
 def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, temperature=1.0,
                        backend="auto", chunk_size=None, one_pass=False, clip_low=0.2, clip_high=None,
-                       ref_logp=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
+                       clip_ratio_c=0.0, ref_logp=None, kl_coef=0.0, kl_estimator="low_var_kl", entropy_coef=0.0,
                        aggregation="token-mean", global_tokens=None, seq_ids=None, global_seqs=None, norm=None):
     """policy_loss on log-probs computed straight from hidden states (fused_linear_logprob): the
     [T x V] logits never exist. The entropy comes from the same pass at no extra matmul; it enters
@@ -163,8 +174,8 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, t
     rounding. With one_pass, old_logp=None means the log-probs themselves, detached (one optimizer
     step per batch: ratio 1, the plain policy gradient), which the two-pass caller passes as
     logp.detach()."""
-    loss_kwargs = dict(clip_low=clip_low, clip_high=clip_high, ref_logp=ref_logp, kl_coef=kl_coef,
-                       kl_estimator=kl_estimator, entropy_coef=entropy_coef, aggregation=aggregation,
+    loss_kwargs = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, ref_logp=ref_logp,
+                       kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, aggregation=aggregation,
                        global_tokens=global_tokens, seq_ids=seq_ids, global_seqs=global_seqs, norm=norm)
     if not one_pass:
         logp, entropy = fused_linear_logprob(hidden, weight, targets, temperature, return_entropy=True,
@@ -172,7 +183,7 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, t
         loss, stats = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **loss_kwargs)
     else:
         clip_high = _validate(targets, old_logp, advantages, mask, clip_low, clip_high, ref_logp, kl_coef,
-                              None, 0.0, aggregation, seq_ids)
+                              None, 0.0, aggregation, seq_ids, clip_ratio_c)
         w = token_weights(mask, aggregation, global_tokens, seq_ids, global_seqs, norm)
 
         def chunk_loss(t0, t1, logp_c, entropy_c):
@@ -180,13 +191,13 @@ def linear_policy_loss(hidden, weight, targets, old_logp, advantages, mask, *, t
             old_c = logp_c.detach() if old_logp is None else old_logp[sl]
             per_token, _ = _per_token_loss(logp_c, old_c, advantages[sl], clip_low, clip_high,
                                            None if ref_logp is None else ref_logp[sl], kl_coef, kl_estimator,
-                                           entropy_c, entropy_coef)
+                                           entropy_c, entropy_coef, clip_ratio_c)
             return (per_token * w[sl]).sum()
 
         loss, logp, entropy = fused_linear_loss(hidden, weight, targets, chunk_loss, temperature,
                                                 backend=backend, chunk_size=chunk_size)
         _, stats = _per_token_loss(logp, logp if old_logp is None else old_logp, advantages, clip_low, clip_high,
-                                   ref_logp, kl_coef, kl_estimator, entropy, entropy_coef)
+                                   ref_logp, kl_coef, kl_estimator, entropy, entropy_coef, clip_ratio_c)
         stats = _logging_stats(stats, mask.to(logp.dtype), entropy)
     stats["logp"], stats["entropy"] = logp.detach(), entropy.detach()
     return loss, stats

@@ -289,6 +289,7 @@ class AlgoSection:
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
     clip_low: float = 0.2
     clip_high: float = 0.2           # > clip_low: DAPO's clip-higher
+    clip_ratio_c: float = 3.0        # dual-clip for negative advantages (verl's default); 0: off
     kl_coef: float = 0.001           # 0: no reference model at all
     kl_estimator: str = "low_var_kl"  # k1 | k3 | low_var_kl
     entropy_coef: float = 0.0
@@ -422,6 +423,8 @@ class RLConfig:
                 raise ConfigError(f"eval.modes: expected code and/or text (got {mode!r})")
         if not 0 <= a.clip_low < 1 or a.clip_high < 0:
             raise ConfigError("algo.clip_low must be in [0, 1) and algo.clip_high >= 0")
+        if a.clip_ratio_c and not a.clip_ratio_c > 1:
+            raise ConfigError(f"algo.clip_ratio_c: must be > 1, or 0 for no dual-clip (got {a.clip_ratio_c})")
         if not 0 < r.top_p <= 1:
             raise ConfigError(f"rollout.top_p: must be in (0, 1] (got {r.top_p})")
         if len(t.betas) != 2:

@@ -14,7 +14,7 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 
 def written_out(logp, old, adv, mask, seq_ids, clip_low, clip_high, ref=None, kl_coef=0.0, kl="k3",
                 entropy=None, entropy_coef=0.0, aggregation="token-mean", global_tokens=None,
-                global_seqs=None, norm=None):
+                global_seqs=None, norm=None, clip_ratio_c=0.0):
     """The loss as a plain Python loop over tokens, in float64."""
     per_token, clipped = [], []
     for t in range(len(logp)):
@@ -24,6 +24,8 @@ def written_out(logp, old, adv, mask, seq_ids, clip_low, clip_high, ref=None, kl
         unclipped, clip_term = -a * r, -a * min(max(r, 1 - clip_low), 1 + clip_high)
         loss_t = max(unclipped, clip_term)
         clipped.append(clip_term > unclipped)
+        if clip_ratio_c and a < 0:  # dual-clip
+            loss_t = min(loss_t, -a * clip_ratio_c)
         if ref is not None and kl_coef:
             if kl == "k1":
                 loss_t += kl_coef * float(logp[t] - ref[t])
@@ -70,13 +72,14 @@ def make_batch(T=40, seed=0):
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("kl", ["k1", "k3", None])
 @pytest.mark.parametrize("clip_high", [None, 0.28])
-def test_matches_written_out_formula(aggregation, kl, clip_high):
+@pytest.mark.parametrize("clip_ratio_c", [0.0, 2.5])
+def test_matches_written_out_formula(aggregation, kl, clip_high, clip_ratio_c):
     b = make_batch()
     assert (b["seq_ids"] == 2).any(), "the batch must hold a fully masked sequence"
     kw = dict(clip_low=0.2, clip_high=clip_high, aggregation=aggregation,
               ref_logp=b["ref"] if kl else None, kl_coef=0.05 if kl else 0.0, kl_estimator=kl or "k3",
               entropy=b["entropy"], entropy_coef=0.01, seq_ids=b["seq_ids"],
-              norm=64.0 if aggregation == "seq-mean-token-sum-norm" else None)
+              norm=64.0 if aggregation == "seq-mean-token-sum-norm" else None, clip_ratio_c=clip_ratio_c)
     logp = b["logp"].clone().requires_grad_()
     loss, stats = policy_loss(logp, b["old"], b["adv"], b["mask"], **kw)
 
@@ -84,8 +87,10 @@ def test_matches_written_out_formula(aggregation, kl, clip_high):
     want, clipped = written_out(logp64.detach(), b["old"].double(), b["adv"].double(), b["mask"],
                                 b["seq_ids"], 0.2, 0.2 if clip_high is None else clip_high,
                                 b["ref"].double() if kl else None, 0.05 if kl else 0.0, kl or "k3",
-                                b["entropy"].double(), 0.01, aggregation, norm=64.0)
+                                b["entropy"].double(), 0.01, aggregation, norm=64.0, clip_ratio_c=clip_ratio_c)
     torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), **TOL)
+    if clip_ratio_c:  # ratios e^20 and 3 under negative advantages
+        assert stats["dual_clipped"][1] and stats["dual_clipped"][5] and not stats["dual_clipped"][0]
     assert stats["clipped"].tolist() == clipped
     assert stats["clipped"][0] and not stats["clipped"][1] and stats["clipped"][2]
     m = b["mask"].double()
@@ -102,7 +107,8 @@ def test_matches_written_out_formula(aggregation, kl, clip_high):
         args = (b["old"].double(), b["adv"].double(), b["mask"], b["seq_ids"], 0.2,
                 0.2 if clip_high is None else clip_high, b["ref"].double() if kl else None,
                 0.05 if kl else 0.0, kl or "k3", b["entropy"].double(), 0.01, aggregation)
-        fd = (written_out(hi, *args, norm=64.0)[0] - written_out(lo, *args, norm=64.0)[0]) / (2 * eps)
+        fd = (written_out(hi, *args, norm=64.0, clip_ratio_c=clip_ratio_c)[0]
+              - written_out(lo, *args, norm=64.0, clip_ratio_c=clip_ratio_c)[0]) / (2 * eps)
         assert abs(logp.grad[t].item() - fd) < 1e-4, (t, logp.grad[t].item(), fd)
 
 
@@ -119,6 +125,9 @@ def test_edge_cases_gradients():
     torch.testing.assert_close(logp.grad[5], torch.tensor(3.0 / n), rtol=1e-5, atol=0)  # -A r / n, r = 3
     assert logp.grad[3] == 0                          # zero advantage, no KL: no gradient
     assert (logp.grad[~b["mask"]] == 0).all()        # masked tokens, the fully masked sequence too
+    logp.grad = None
+    policy_loss(logp, b["old"], b["adv"], b["mask"], clip_ratio_c=2.5)[0].backward()
+    assert logp.grad[5] == 0                          # dual-clipped: ratio 3 > 2.5 under A < 0
 
 
 def test_global_normalisers_make_the_loss_split_invariant():
@@ -186,6 +195,7 @@ def test_linear_policy_loss_composes_logprob_and_loss():
     (dict(ref_logp=torch.zeros(4), kl_coef=0.1, kl_estimator="k2"), ValueError, "kl estimator"),
     (dict(seq_ids=torch.zeros(4, dtype=torch.int32), aggregation="seq-mean-token-mean"), TypeError, "int64"),
     (dict(clip_low=1.5), ValueError, "clip_low"),
+    (dict(clip_ratio_c=0.5), ValueError, "clip_ratio_c"),
 ])
 def test_bad_input_raises_clear_error(bad, error, message):
     args = dict(logp=torch.zeros(4), old_logp=torch.zeros(4), advantages=torch.ones(4), mask=torch.ones(4))
@@ -216,6 +226,8 @@ def one_pass_case(T, H, V, seed, dtype=torch.float32):
     ref = logp + torch.randn(T, generator=gen) * 0.3
     old[0] = logp[0] + 30.0  # ratio e^-20 (clamped)
     adv = torch.randn(T, generator=gen)
+    if T > 1:  # ratio e under a negative advantage: dual-clipped at clip_ratio_c 1.5
+        old[1], adv[1], mask[1] = logp[1] - 1.0, -1.0, True
     seq_ids = torch.sort(torch.randint(0, 4, (T,), generator=gen)).values
     return hidden, weight, targets, old, ref, adv, mask, seq_ids
 
@@ -247,7 +259,7 @@ def one_pass_reference(hidden, weight, targets, old, ref, adv, mask, kw):
 def test_one_pass_matches_float64(backend, T, H, V, aggregation):
     case = one_pass_case(T, H, V, seed=T + V)
     hidden, weight, targets, old, ref, adv, mask, seq_ids = case
-    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
+    kw = dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=1.5, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
               aggregation=aggregation, norm=3.0 * T, global_tokens=int(mask.sum()) + 5)
     want_loss, want_gh, want_gw = one_pass_reference(hidden, weight, targets, old, ref, adv, mask,
                                                      dict(kw, seq_ids=seq_ids))
@@ -262,7 +274,8 @@ def test_one_pass_matches_float64(backend, T, H, V, aggregation):
     # the logging stats are those of the two-pass op
     _, two = linear_policy_loss(hidden, weight, targets, old, adv, mask, temperature=0.7, backend=backend,
                                 ref_logp=ref, seq_ids=seq_ids, **kw)
-    for key in ("logp", "entropy", "ratio", "kl", "clip_frac", "kl_mean", "entropy_mean"):
+    assert T == 1 or two["dual_clip_frac"] > 0
+    for key in ("logp", "entropy", "ratio", "kl", "clip_frac", "dual_clip_frac", "kl_mean", "entropy_mean"):
         torch.testing.assert_close(stats[key].float(), two[key].float(), atol=1e-5, rtol=1e-5)
 
 

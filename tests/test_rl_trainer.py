@@ -100,6 +100,8 @@ def test_config_errors_name_the_key(tmp_path):
         rl_config(tmp_path, tmp_path, curriculum__online_floor=0)
     with pytest.raises(ConfigError, match="curriculum.prior_trials"):
         rl_config(tmp_path, tmp_path, curriculum__prior_trials=0)
+    with pytest.raises(ConfigError, match="algo.clip_ratio_c"):
+        rl_config(tmp_path, tmp_path, algo__clip_ratio_c=0.9)
     with pytest.raises(ConfigError, match="eval.temperature: use 0 for greedy"):
         rl_config(tmp_path, tmp_path, eval__temperature=1e-5)
 
@@ -215,6 +217,11 @@ def test_mini_batches_recompute_old_logprobs(tmp_path, policy_dir):
         row = trainer.train_step()
         assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # two AdamW steps in one RL step
         assert 0 <= row["clip_frac"] <= 1 and np.isfinite(row["loss"])
+        assert row["dual_clip_frac"] == 0  # ratios stay below clip_ratio_c 3
+    # The second mini-batch's ratios move off 1: past a dual-clip of 1.01 under negative advantages.
+    cfg = rl_config(tmp_path / "dual", policy_dir, train__mini_batches=2, algo__clip_ratio_c=1.01, train__lr=1e-2)
+    with trainer_of(cfg) as trainer:
+        assert 0 < trainer.train_step()["dual_clip_frac"] < 1
 
 
 def test_staged_curriculum_through_the_loop(tmp_path, policy_dir):

@@ -266,8 +266,8 @@ class GRPOTrainer:
         """Forward/backward over this rank's micro-batches and one optimizer step (collective).
         The loss of each micro-batch is divided by the global count, so the ranks' and
         micro-batches' gradients add up to that of the whole batch. Returns the summed stats
-        [loss, trained tokens, kl·n, clipped·n, entropy·n, |logp − sample logp|·n] over all ranks,
-        the grad norm and whether the step was taken."""
+        [loss, trained tokens, kl·n, clipped·n, entropy·n, |logp − sample logp|·n, dual-clipped·n]
+        over all ranks, the grad norm and whether the step was taken."""
         device, world, a = self.dist.device, self.dist.world_size, self.cfg.algo
         counts = torch.tensor([sum(float(mb.mask.sum()) for mb in micro_batches),
                                sum(float(mb.num_seqs) for mb in micro_batches)],
@@ -275,12 +275,13 @@ class GRPOTrainer:
         dist.all_reduce(counts)
         global_tokens, global_seqs = float(counts[0]), float(counts[1])
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(6, dtype=torch.float64, device=device)
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
         for mb in micro_batches:
             mb = _to(mb, device)
             b, mask = mb.batch, mb.mask
             loss_kwargs = dict(
-                advantages=mb.advantages, mask=mask, clip_low=a.clip_low, clip_high=a.clip_high, ref_logp=mb.ref_logp,
+                advantages=mb.advantages, mask=mask, clip_low=a.clip_low, clip_high=a.clip_high,
+                clip_ratio_c=a.clip_ratio_c, ref_logp=mb.ref_logp,
                 kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
                 aggregation=a.aggregation, global_tokens=global_tokens, seq_ids=mb.seq_ids, global_seqs=global_seqs,
                 norm=self.cfg.rollout.max_new_tokens * max(global_seqs, 1.0))
@@ -297,8 +298,10 @@ class GRPOTrainer:
             with torch.no_grad():
                 m = mask.to(torch.float64)
                 kl = (stats["kl"] * m).sum() if "kl" in stats else m.new_zeros(())
+                dual = (stats["dual_clipped"] * m).sum() if "dual_clipped" in stats else m.new_zeros(())
                 sums += torch.stack([loss.detach().double(), m.sum(), kl, (stats["clipped"] * m).sum(),
-                                     (entropy.detach() * m).sum(), ((logp.detach() - mb.sample_logp).abs() * m).sum()])
+                                     (entropy.detach() * m).sum(), ((logp.detach() - mb.sample_logp).abs() * m).sum(),
+                                     dual])
         dist.all_reduce(sums)
         grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.train.grad_clip)
         finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
@@ -349,7 +352,7 @@ class GRPOTrainer:
             self.prepare(mbs, old_logprobs=cfg.train.mini_batches > 1)
         logprob_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        totals, grad_norms, skipped = torch.zeros(6, dtype=torch.float64), [], 0
+        totals, grad_norms, skipped = torch.zeros(7, dtype=torch.float64), [], 0
         for mbs in batches:
             sums, grad_norm, finite = self.update(mbs)
             totals += sums
@@ -374,7 +377,8 @@ class GRPOTrainer:
                "grad_norm": float(np.mean(grad_norms)), "reward_mean": float(rewards_all.mean()),
                "reward_std": float(rewards_all.std()), "accuracy": float(np.mean(merged["correct"])),
                "well_formed": float(np.mean(merged["well_formed"])), "kl": float(totals[2]) / n,
-               "clip_frac": float(totals[3]) / n, "entropy": float(totals[4]) / n,
+               "clip_frac": float(totals[3]) / n, "dual_clip_frac": float(totals[6]) / n,
+               "entropy": float(totals[4]) / n,
                "sample_logprob_diff": float(totals[5]) / n, "trained_tokens": int(totals[1]), "tokens": tokens,
                "sampled_tokens": sampled, "turns_mean": float(np.mean(merged["turns"])),
                "code_calls_mean": float(np.mean(merged["calls"])),
