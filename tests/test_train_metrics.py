@@ -22,6 +22,28 @@ def test_jsonl_rows_and_tensorboard_scalars(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
 
 
+def test_a_resumed_run_replaces_the_tensorboard_steps_past_its_checkpoint(tmp_path):
+    """Killed after step 4 with a checkpoint at step 2: the resumed run logs steps 3 and 4 again,
+    and TensorBoard shows each step once, with the resumed run's values."""
+    pytest.importorskip("tensorboard")
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path)
+    for step in range(1, 5):
+        log.write({"step": step, "loss": float(step)})
+    log.close()
+    time.sleep(1.1)  # event files are named by the second they were opened
+    log = MetricsLog(tmp_path, first_step=3)
+    for step in (3, 4, 5):
+        log.write({"step": step, "loss": 10.0 * step})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+
+
 def test_without_tensorboard_only_jsonl(tmp_path):
     log = MetricsLog(tmp_path, tensorboard=False)
     log.write({"step": 1, "loss": 1.0})

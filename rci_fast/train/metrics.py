@@ -1,5 +1,6 @@
 """Per-step metrics: one JSON line per step in <out_dir>/metrics.jsonl, and TensorBoard scalars in
-<out_dir>/tb when the tensorboard package is installed (rank 0 only)."""
+<out_dir>/tb when the tensorboard package is installed (rank 0 only). A resumed run's TensorBoard
+drops the events an interrupted run logged past the checkpoint (as metrics.jsonl is trimmed)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, first_step: int = 1):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = None
         if tensorboard:
@@ -17,7 +18,8 @@ class MetricsLog:
             except ImportError:  # optional: JSONL alone is the record
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
+                # purge_step: readers drop the earlier events of steps >= first_step
+                self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tb"), purge_step=first_step)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -110,7 +110,7 @@ def run_steps(trainer, total_steps: int, desc: str, postfix) -> list[dict]:
     # An explicit disable= overrides tqdm's own TQDM_DISABLE: honour it (the demo's lanes set it).
     bar = tqdm(total=total_steps, initial=trainer.step, desc=desc, dynamic_ncols=True,
                disable=not trainer.dist.is_main or bool(os.environ.get("TQDM_DISABLE")))
-    metrics = MetricsLog(trainer.out_dir) if trainer.dist.is_main else None
+    metrics = MetricsLog(trainer.out_dir, first_step=trainer.step + 1) if trainer.dist.is_main else None
     try:
         while trainer.step < total_steps:
             row = trainer.train_step()
