@@ -17,13 +17,14 @@ void after_fork_child() { PyOS_AfterFork_Child(); }
 void serve_template(int control_fd, const std::string& scratch_root,
                          const std::vector<std::string>& read_paths,
                          const std::vector<std::string>& rw_files, int run_uid, int run_gid,
-                         uint32_t max_sessions) {
+                         bool uid_per_worker, uint32_t max_sessions) {
   rci::ZygoteConfig config;
   config.scratch_root = scratch_root;
   config.read_paths = read_paths;
   config.rw_files = rw_files;
   config.run_uid = run_uid;
   config.run_gid = run_gid;
+  config.uid_per_worker = uid_per_worker;
   config.max_sessions = max_sessions;
   config.after_fork_child = after_fork_child;
   rci::serve_template(control_fd, config);
@@ -58,7 +59,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "rci_fast sandbox core: fork server, seccomp filter and Landlock rules (Linux).";
   m.def("serve_template", &serve_template, py::arg("control_fd"), py::arg("scratch_root"),
         py::arg("read_paths"), py::arg("rw_files"), py::arg("run_uid"), py::arg("run_gid"),
-        py::arg("max_sessions"));
+        py::arg("uid_per_worker"), py::arg("max_sessions"));
   m.def("child_start", &child_start);
   m.def("child_report", &rci::child_report, py::arg("exit_code"), py::arg("memory_error"));
   m.def("child_next", &child_next);

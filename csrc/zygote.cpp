@@ -642,7 +642,9 @@ void serve_template(int control_fd, const ZygoteConfig& config) {
       // Re-initialise the interpreter's fork-sensitive state once here, so that run children,
       // which share these pages, do not each pay for it.
       if (config.after_fork_child) config.after_fork_child();
-      Worker(sp[1], config, paths, next_index).serve();
+      ZygoteConfig own = config;  // lives as long as the worker: serve() returns only in a spare
+      if (own.uid_per_worker) own.run_uid = own.run_gid = kWorkerUidBase + static_cast<int>(getpid());
+      Worker(sp[1], own, paths, next_index).serve();
       return;  // in a new spare child
     }
     close(sp[1]);

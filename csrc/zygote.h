@@ -17,9 +17,17 @@ struct ZygoteConfig {
   std::vector<std::string> rw_files;     // files a run may also write, e.g. /dev/null
   int run_uid = -1;                      // >= 0: runs drop to this uid/gid (only when root)
   int run_gid = -1;
+  bool uid_per_worker = false;           // runs drop to kWorkerUidBase + their worker's pid instead
+
   uint32_t max_sessions = 256;           // live session children per worker
   void (*after_fork_child)() = nullptr;  // re-initialises the interpreter after a fork
 };
+
+// Per-worker run uids: RLIMIT_NPROC counts every process of a uid on the machine, so runs that
+// shared one (nobody) shared one thread budget with each other, with other sandboxes' runs and
+// with the uid's other processes; a worker pid is unique among live processes. The range is one
+// systemd leaves unused (above the container ranges it hands out, 0x00080000-0x6FFFFFFF).
+constexpr int kWorkerUidBase = 0x70000000;
 
 // Serves the host on `control_fd`: on each 'W' byte forks a worker and sends back one end of a
 // socketpair plus the worker pid (SCM_RIGHTS). Never returns in the template or in workers (they

@@ -130,7 +130,7 @@ def main(config: dict):
     os.write(control_fd, b"RT" if tmpfs else b"RD")  # ready (T: scratch on a private tmpfs)
     _core.serve_template(control_fd, config["scratch_root"], config["read_paths"],
                          config["rw_files"], config["run_uid"], config["run_gid"],
-                         config["max_sessions"])
+                         config["uid_per_worker"], config["max_sessions"])
     try:
         run_child(config["seed"])
     except BaseException:  # noqa: BLE001 - never fall back into the template's code

@@ -41,7 +41,10 @@ _OP_RUN, _OP_SESSION_OPEN, _OP_SESSION_RUN, _OP_SESSION_CLOSE = 1, 2, 3, 4
 _RF_STDOUT_TRUNCATED, _RF_STDERR_TRUNCATED, _RF_SESSION_ENDED = 1, 2, 4
 assert _REQUEST.size == _core.REQUEST_HEADER_SIZE and _RESPONSE.size == _core.RESPONSE_HEADER_SIZE
 
-_NOBODY = 65534
+# Runs of worker pid P run as WORKER_UID_BASE + P (csrc/zygote.h: kWorkerUidBase): RLIMIT_NPROC
+# (max_threads) counts the processes of a uid machine-wide, so a shared uid (nobody) gave every
+# run, every other sandbox's runs and spares, and the uid's other processes one thread budget.
+WORKER_UID_BASE = 0x70000000
 _HOST_GRACE_S = 5.0  # a worker that answers this long after a run's timeout is declared hung
 
 
@@ -225,7 +228,7 @@ class Sandbox:
                  memory_mb: int = 1024, max_output_bytes: int = 256 * 1024, max_file_mb: int = 64,
                  max_open_files: int = 64, max_threads: int = 64,
                  preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD,
-                 run_uid: int | None = None, scratch_dir: str | None = None,
+                 run_uid: int | str | None = None, scratch_dir: str | None = None,
                  max_sessions_per_worker: int = 256, int_max_str_digits: int = 0,
                  scratch_mb: int = 1024, scratch_files: int = 65536,
                  startup_timeout_s: float = 120.0, seed: int | None = None):
@@ -242,6 +245,8 @@ class Sandbox:
         self._max_sessions = max_sessions_per_worker
         self._int_max_str_digits = int_max_str_digits
         self._startup_timeout_s = startup_timeout_s
+        if not (run_uid is None or run_uid == "per_worker" or (isinstance(run_uid, int) and run_uid >= 0)):
+            raise ValueError(f"run_uid must be None, 'per_worker' or a uid >= 0, got {run_uid!r}")
         self._run_uid = run_uid
         if seed is not None and not 0 <= seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}")
@@ -265,16 +270,18 @@ class Sandbox:
     def _start(self) -> None:
         self.scratch_root = tempfile.mkdtemp(prefix="rci-sandbox-", dir=self._scratch_parent)
         os.chmod(self.scratch_root, 0o711)
-        uid, gid = -1, -1
+        uid, per_worker = -1, False
         if os.geteuid() == 0:
-            wanted = _NOBODY if self._run_uid is None else self._run_uid
-            # The run uid must be able to read the interpreter (e.g. not under a 0700 /root).
-            if self._run_uid is not None or all(map(_readable_by_others, [sys.prefix, sys.base_prefix])):
-                uid, gid = wanted, wanted
+            if isinstance(self._run_uid, int):
+                uid = self._run_uid
+            # Another uid must be able to read the interpreter (e.g. not under a 0700 /root).
+            elif self._run_uid == "per_worker" or all(map(_readable_by_others, [sys.prefix, sys.base_prefix])):
+                per_worker = True
         self.isolation = {
             "seccomp_filter_instructions": _core.seccomp_filter_length(),
             "landlock_abi": _core.landlock_abi(),
-            "run_uid": uid if uid >= 0 else os.geteuid(),
+            "run_uid": f"one per worker: {WORKER_UID_BASE} + the worker's pid" if per_worker
+                       else uid if uid >= 0 else os.geteuid(),
             "capabilities": "none",
         }
         if self.isolation["landlock_abi"] == 0:
@@ -288,7 +295,8 @@ class Sandbox:
             "read_paths": _python_read_paths(),
             "rw_files": ["/dev/null"],
             "run_uid": uid,
-            "run_gid": gid,
+            "run_gid": uid,
+            "uid_per_worker": per_worker,
             "max_sessions": self._max_sessions,
             "int_max_str_digits": self._int_max_str_digits,
             "scratch_mb": self._scratch_mb,

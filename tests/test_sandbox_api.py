@@ -276,6 +276,33 @@ def test_runs_under_another_uid_die_with_their_worker():
         assert not left
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs under another uid need root")
+def test_each_worker_has_its_own_uid_and_thread_budget():
+    """RLIMIT_NPROC (max_threads) counts every process of a uid: with 70 of this test's own
+    bystanders running as nobody, a run as nobody cannot start a thread (the premise: 8 ranks'
+    sandboxes, or one on a large machine, exhaust the shared count with their spares alone),
+    while runs under per-worker uids can; the two workers' runs have distinct uids."""
+    from rci_fast.sandbox.pool import WORKER_UID_BASE
+
+    thread = "import threading\nt = threading.Thread(target=print, args=('ok',))\nt.start()\nt.join()"
+    bystanders = [subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[])
+                  for _ in range(70)]
+    try:
+        with Sandbox(workers=1, run_uid=65534) as box:
+            r = box.run(thread)
+            assert r.status == "error" and "can't start new thread" in r.stderr
+        with Sandbox(workers=2, run_uid="per_worker") as box:
+            assert [r.stdout for r in box.run_many([thread] * 4)] == ["ok\n"] * 4
+            uids = {int(r.stdout) for r in box.run_many(["import os; print(os.getuid())"] * 8)}
+            assert uids <= {WORKER_UID_BASE + pid for pid in box.worker_pids} and len(uids) == 2
+    finally:
+        for p in bystanders:
+            p.kill()
+            p.wait()
+    with pytest.raises(ValueError, match="run_uid"):
+        Sandbox(workers=1, run_uid="nobody")
+
+
 def _children(pid):
     found = []
     for p in filter(str.isdigit, os.listdir("/proc")):
