@@ -227,6 +227,10 @@ void spare_child(const ChildSetup& s, const std::string& scratch, int control_r,
   g_spare = SpareState{s.config->run_uid, s.config->run_gid, ruleset >= 0, self, s.worker_pid};
 }
 
+int worker_uid(pid_t pid, uint64_t pid_namespace_inode) {
+  return static_cast<int>(kWorkerUidBase + (static_cast<uint64_t>(pid) + pid_namespace_inode * kUidMix) % kWorkerUidSpan);
+}
+
 // ---- the worker -------------------------------------------------------------------------------
 
 class Worker {
@@ -643,7 +647,10 @@ void serve_template(int control_fd, const ZygoteConfig& config) {
       // which share these pages, do not each pay for it.
       if (config.after_fork_child) config.after_fork_child();
       ZygoteConfig own = config;  // lives as long as the worker: serve() returns only in a spare
-      if (own.uid_per_worker) own.run_uid = own.run_gid = kWorkerUidBase + static_cast<int>(getpid());
+      if (own.uid_per_worker) {
+        struct stat ns{};
+        own.run_uid = own.run_gid = worker_uid(getpid(), stat("/proc/self/ns/pid", &ns) == 0 ? ns.st_ino : 0);
+      }
       Worker(sp[1], own, paths, next_index).serve();
       return;  // in a new spare child
     }

@@ -25,9 +25,14 @@ struct ZygoteConfig {
 
 // Per-worker run uids: RLIMIT_NPROC counts every process of a uid on the machine, so runs that
 // shared one (nobody) shared one thread budget with each other, with other sandboxes' runs and
-// with the uid's other processes; a worker pid is unique among live processes. The range is one
-// systemd leaves unused (above the container ranges it hands out, 0x00080000-0x6FFFFFFF).
-constexpr int kWorkerUidBase = 0x70000000;
+// with the uid's other processes. A worker's uid is kWorkerUidBase + (pid + pid namespace inode
+// * kUidMix) mod kWorkerUidSpan: distinct for the workers of one pid namespace, apart (but for
+// chance) across containers, whose pids repeat. The range lies above systemd's container ranges
+// (up to 0x6FFFFFFF) and SSSD's default id-mapping range (up to 2000200000), below systemd's
+// "foreign" range (0x7FFE0000) and 2^31. sandbox/pool.py: worker_uid() is the same formula.
+constexpr uint32_t kWorkerUidBase = 0x78000000;
+constexpr uint32_t kWorkerUidSpan = 0x7FFE0000 - kWorkerUidBase;
+constexpr uint64_t kUidMix = 0x9E3779B1;
 
 // Serves the host on `control_fd`: on each 'W' byte forks a worker and sends back one end of a
 // socketpair plus the worker pid (SCM_RIGHTS). Never returns in the template or in workers (they

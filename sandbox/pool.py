@@ -41,10 +41,15 @@ _OP_RUN, _OP_SESSION_OPEN, _OP_SESSION_RUN, _OP_SESSION_CLOSE = 1, 2, 3, 4
 _RF_STDOUT_TRUNCATED, _RF_STDERR_TRUNCATED, _RF_SESSION_ENDED = 1, 2, 4
 assert _REQUEST.size == _core.REQUEST_HEADER_SIZE and _RESPONSE.size == _core.RESPONSE_HEADER_SIZE
 
-# Runs of worker pid P run as WORKER_UID_BASE + P (csrc/zygote.h: kWorkerUidBase): RLIMIT_NPROC
+# Runs get a uid per worker (csrc/zygote.h says why and where the range lies): RLIMIT_NPROC
 # (max_threads) counts the processes of a uid machine-wide, so a shared uid (nobody) gave every
 # run, every other sandbox's runs and spares, and the uid's other processes one thread budget.
-WORKER_UID_BASE = 0x70000000
+WORKER_UID_BASE, WORKER_UID_SPAN, _UID_MIX = 0x78000000, 0x7FFE0000 - 0x78000000, 0x9E3779B1
+
+
+def worker_uid(pid: int) -> int:
+    """The uid of the runs of worker `pid` (in this pid namespace), as the worker computes it."""
+    return WORKER_UID_BASE + (pid + os.stat("/proc/self/ns/pid").st_ino * _UID_MIX) % WORKER_UID_SPAN
 _HOST_GRACE_S = 5.0  # a worker that answers this long after a run's timeout is declared hung
 
 
@@ -245,7 +250,8 @@ class Sandbox:
         self._max_sessions = max_sessions_per_worker
         self._int_max_str_digits = int_max_str_digits
         self._startup_timeout_s = startup_timeout_s
-        if not (run_uid is None or run_uid == "per_worker" or (isinstance(run_uid, int) and run_uid >= 0)):
+        if not (run_uid is None or run_uid == "per_worker"
+                or (isinstance(run_uid, int) and not isinstance(run_uid, bool) and run_uid >= 0)):
             raise ValueError(f"run_uid must be None, 'per_worker' or a uid >= 0, got {run_uid!r}")
         self._run_uid = run_uid
         if seed is not None and not 0 <= seed < 2**32:
@@ -280,7 +286,7 @@ class Sandbox:
         self.isolation = {
             "seccomp_filter_instructions": _core.seccomp_filter_length(),
             "landlock_abi": _core.landlock_abi(),
-            "run_uid": f"one per worker: {WORKER_UID_BASE} + the worker's pid" if per_worker
+            "run_uid": "one per worker (sandbox.pool.worker_uid)" if per_worker
                        else uid if uid >= 0 else os.geteuid(),
             "capabilities": "none",
         }

@@ -89,10 +89,12 @@ def test_a_killed_potential_pass_resumes_with_the_same_result(tmp_path, sft_mode
         proc.kill()
         proc.wait()
     assert not (killed / "potential.jsonl").exists()
+    stale = killed / "potential.jsonl.partial.rank1"  # left by a run under torchrun
+    stale.write_text('{"header": {}}\n')
     r = rci("potential", *common, f"out_dir={killed}")
     assert "resuming after" in r.stderr
     assert (killed / "potential.jsonl").read_text() == (tmp_path / "whole" / "potential.jsonl").read_text()
-    assert not journal.exists()
+    assert not journal.exists() and not stale.exists()
 
 
 def torchrun(*args, timeout=240):

@@ -282,7 +282,7 @@ def test_each_worker_has_its_own_uid_and_thread_budget():
     bystanders running as nobody, a run as nobody cannot start a thread (the premise: 8 ranks'
     sandboxes, or one on a large machine, exhaust the shared count with their spares alone),
     while runs under per-worker uids can; the two workers' runs have distinct uids."""
-    from rci_fast.sandbox.pool import WORKER_UID_BASE
+    from rci_fast.sandbox.pool import worker_uid
 
     thread = "import threading\nt = threading.Thread(target=print, args=('ok',))\nt.start()\nt.join()"
     bystanders = [subprocess.Popen(["sleep", "60"], user=65534, group=65534, extra_groups=[])
@@ -293,14 +293,16 @@ def test_each_worker_has_its_own_uid_and_thread_budget():
             assert r.status == "error" and "can't start new thread" in r.stderr
         with Sandbox(workers=2, run_uid="per_worker") as box:
             assert [r.stdout for r in box.run_many([thread] * 4)] == ["ok\n"] * 4
-            uids = {int(r.stdout) for r in box.run_many(["import os; print(os.getuid())"] * 8)}
-            assert uids <= {WORKER_UID_BASE + pid for pid in box.worker_pids} and len(uids) == 2
+            # two runs that overlap in time take both workers
+            uids = {int(r.stdout) for r in box.run_many(["import os, time\ntime.sleep(0.5)\nprint(os.getuid())"] * 2)}
+            assert uids == {worker_uid(pid) for pid in box.worker_pids} and len(uids) == 2
     finally:
         for p in bystanders:
             p.kill()
             p.wait()
-    with pytest.raises(ValueError, match="run_uid"):
-        Sandbox(workers=1, run_uid="nobody")
+    for bad in ("nobody", True, -1):
+        with pytest.raises(ValueError, match="run_uid"):
+            Sandbox(workers=1, run_uid=bad)
 
 
 def _children(pid):

@@ -9,6 +9,7 @@ import pytest
 from rci_fast.tasks import TaskDataError, list_tasks, load_task, task_split
 from rci_fast.tasks import symbench_checkers as ck
 from rci_fast.tasks.base import DATA_ENV_VAR, resolve_data_dir
+from rci_fast.tasks.bbh import _choice_letter as bbh_choice_letter
 from rci_fast.tasks.split import SPLIT_FILE, load_split, make_split
 
 BBH = list_tasks("bbh")
@@ -121,7 +122,8 @@ def test_bbh_normalisation():
         assert score("bbh/date_understanding", 0, form) == 1.0, form
     other = "A" if letter != "A" else "C"  # hedges between two options name none
     for form in (f"{target} or ({other})", f"({other}) or {target}", f"{letter} or {other}",
-                 f"{target} and ({other})", f"{letter.lower()} dog"):
+                 f"{target} and ({other})", f"{letter.lower()} dog", f"{letter} and {other}",
+                 f"{letter}. Or {other}", f"{letter} or {other.lower()}", f"{letter}/{other}"):
         assert score("bbh/date_understanding", 0, form) == 0.0, form
     assert score("bbh/boolean_expressions", 0, load_task("bbh/boolean_expressions").samples()[0]
                  .data["target"].upper() + ".") == 1.0
@@ -131,6 +133,18 @@ def test_bbh_normalisation():
     assert score("bbh/word_sorting", 1, ", ".join(gold.split())) == 1.0
     gold = load_task("bbh/dyck_languages").samples()[0].data["target"]
     assert score("bbh/dyck_languages", 0, gold.replace(" ", "")) == 1.0
+
+
+def test_bbh_every_option_written_with_its_text_names_that_option():
+    """No option's own text reads as a hedge ('(C) Bob and I', '(A) Rock and a hard place')."""
+    forms = 0
+    for name in BBH:
+        for s in load_task(name).samples():
+            for letter, text in re.findall(r"^\(([A-Z])\)\s*(.*)$", s.data["input"], re.M):
+                for form in (f"({letter}) {text}", f"{letter}) {text}", f"{letter}. {text}"):
+                    forms += 1
+                    assert bbh_choice_letter(form) == letter, (name, form)
+    assert forms > 60000
 
 
 def test_bbh_prompt_asks_for_the_answer_format():

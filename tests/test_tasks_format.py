@@ -28,6 +28,8 @@ from rci_fast.tasks.reward import format_problems, has_unclosed_code_block
     ("<<<7>>> then ```python\nprint('<<<8>>>')\n```", "7"),
     ("```python\nprint(1)\n``` so <<<9>>>", "9"),
     ("<<```python\nx\n```<5>>>", None),                   # no answer across a block
+    ("<<<a ```python\nx=1\n``` b>>>", None),
+    ("<<<a\x00b>>>", None),                                # nor across a NUL (the blocks' mark)
     ("", None),
     (None, None),
 ])

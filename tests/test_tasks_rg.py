@@ -125,6 +125,16 @@ def test_a_slow_admitted_answer_is_cut_off_and_scores_zero(caplog, monkeypatch):
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
     assert task.score_answer(sample, task.gold_answer(sample)) == 1.0
+    # A timer already running (pytest-timeout's) is put back with the time it had left.
+    outer = lambda signum, frame: None  # noqa: E731
+    signal.signal(signal.SIGALRM, outer)
+    signal.setitimer(signal.ITIMER_REAL, 30.0)
+    try:
+        assert task.score_answer(sample, slow) == 0.0
+        assert 28.0 < signal.getitimer(signal.ITIMER_REAL)[0] < 30.0 and signal.getsignal(signal.SIGALRM) is outer
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def test_full_marks_need_the_gold_itself_where_the_package_gives_more():

@@ -11,8 +11,9 @@ import re
 from fractions import Fraction
 
 # The lazy body stops at the first '>>>' that is not followed by another '>', so answers that
-# end in '>' (Dyck words such as "] >") keep their last character: "<<<] >>>>" -> "] >".
-ANSWER_RE = re.compile(r"<<<(.*?)>>>(?!>)", re.DOTALL)
+# end in '>' (Dyck words such as "] >") keep their last character: "<<<] >>>>" -> "] >". It never
+# crosses a NUL: the mark a code block leaves in the prose (_prose).
+ANSWER_RE = re.compile(r"<<<([^\x00]*?)>>>(?!>)")
 
 
 # A ```python block, closed or still open at the end of the text.
@@ -20,8 +21,8 @@ _CODE_RE = re.compile(r"```python.*?(?:```|\Z)", re.DOTALL)
 
 
 def _prose(text: str) -> str:
-    """`text` with its code blocks blanked: a newline each, so no answer forms across one."""
-    return _CODE_RE.sub("\n", text) if "```" in text else text
+    """`text` with each code block replaced by a NUL, which no answer spans."""
+    return _CODE_RE.sub("\x00", text) if "```" in text else text
 
 
 def _answer_region(prose: str) -> str:

@@ -48,8 +48,10 @@ _WORD_HINTS = {
 
 _CHOICE_RE = re.compile(r"^\(?([A-Z])\)?(?:[\s.:)].*)?$", re.DOTALL)
 _LOWER_CHOICE_RE = re.compile(r"^\(?([a-z])\)?$")          # 'b' or '(b)', not 'a dog'
-# A second option named after the first: '(D) or (A)', 'B or C' hedge between options.
-_OTHER_OPTION_RE = re.compile(r"\([A-Za-z]\)|\bor\s+\(?[A-Z]\b")
+# A second option named after the first hedges between them: right after the letter ('B and C',
+# 'B. Or c', 'B/C', 'B, C'), or anywhere as '(C)' or 'or C' (not 'and I' in an option's text).
+_HEDGE_AFTER_LETTER_RE = re.compile(r"\)?\s*[.,]?\s*(?:or|and|&|/|,)\s*\(?[A-Za-z]\)?(?:$|[\s.,;:!?])", re.I)
+_OTHER_OPTION_RE = re.compile(r"\([A-Za-z]\)|\b[Oo][Rr]\s+\(?[A-Z]\b")
 
 
 def _choice_letter(s: str) -> str | None:
@@ -59,7 +61,7 @@ def _choice_letter(s: str) -> str | None:
     if m := _LOWER_CHOICE_RE.match(s):
         return m.group(1).upper()
     m = _CHOICE_RE.match(s)
-    if m is None or _OTHER_OPTION_RE.search(s, m.end(1)):
+    if m is None or _HEDGE_AFTER_LETTER_RE.match(s, m.end(1)) or _OTHER_OPTION_RE.search(s, m.end(1)):
         return None
     return m.group(1)
 

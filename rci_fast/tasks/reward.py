@@ -36,8 +36,8 @@ class Reward:
 
 
 def format_problems(turns: list[str]) -> list[str]:
-    """What is wrong with the trajectory's form: no final <<<answer>>> (an empty one earns no
-    format bonus either), unclosed code blocks."""
+    """What is wrong with the trajectory's form: no final <<<answer>>> (an empty one is none
+    either), unclosed code blocks."""
     problems = []
     answer = extract_answer(turns[-1]) if turns else None
     if answer is None:

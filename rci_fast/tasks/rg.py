@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 from rci_fast.tasks.base import Sample, Task
@@ -161,10 +162,13 @@ class _Alarm:
 def time_limit(seconds: float):
     """Raises ScoringTimeout in the block after `seconds`, and again every 0.1 s should a bare
     `except:` catch it (SIGALRM: pure-Python work such as sympy's stops between bytecodes).
-    Yields an object whose `expired` says whether the limit was reached. 0 s, a thread other
-    than the main one (only it receives signals) or another running timer: no limit."""
+    Yields an object whose `expired` says whether the limit was reached. A timer already running
+    (pytest-timeout's, say) is put back afterwards with the time it had left; where it would fire
+    first it stays in charge. 0 s, or a thread other than the main one (only it receives
+    signals): no limit."""
     alarm = _Alarm()
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+    outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or 0 < outer_left <= seconds:
         yield alarm
         return
     inside = True
@@ -176,6 +180,7 @@ def time_limit(seconds: float):
             raise ScoringTimeout(f"scoring took more than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
+    start = time.monotonic()
     try:
         signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
@@ -185,6 +190,8 @@ def time_limit(seconds: float):
     finally:  # also when the alarm fires just as the block ends
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3), outer_interval)
 
 
 # Scorers that give full marks to wrong answers: spell_backward's prefix score can sum to

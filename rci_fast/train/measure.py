@@ -9,6 +9,7 @@ starts from the same seed it ends with the same result as an unbroken one.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -68,18 +69,48 @@ def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
     return load_pretrained(path, dtype=dtype, device=dist_info.device).eval(), tokenizer
 
 
-def _journal(output: Path, dist_info: DistInfo, model_path: str, items, **settings) -> BatchJournal:
-    """This rank's journal for `output`: it holds on only while the model's files, the settings
-    and this rank's items stay the same."""
+def _code_fingerprint() -> str:
+    """rci_fast's own source (rollouts and scoring live there) and the reasoning-gym version."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(version("reasoning-gym").encode())
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.cpp")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _journal(output: Path, cfg: RLConfig, dist_info: DistInfo, model_path: str, items, **settings) -> BatchJournal:
+    """This rank's journal for `output`: it holds on only while the model's and tokenizer's files,
+    the code, the settings and this rank's samples (prompts and golds) stay the same."""
     suffix = ".partial" + (f".rank{dist_info.rank}" if dist_info.world_size > 1 else "")
-    names = "\n".join(f"{task.name}/{sample.id}" for task, sample in items)
+    digest = hashlib.sha256()
+    for task, sample in items:
+        digest.update(json.dumps([task.name, sample.id, sample.prompt, sample.data], sort_keys=True,
+                                 default=str).encode())
+    tokenizer = cfg.model.tokenizer
     header = {"output": str(output), "model": str(model_path), "model_files": file_fingerprint(model_path),
-              "items": hashlib.sha256(names.encode()).hexdigest(), "world_size": dist_info.world_size,
-              **settings}
+              "tokenizer": [tokenizer, file_fingerprint(tokenizer) if tokenizer else None],
+              "mixed_precision": cfg.train.mixed_precision, "code": _code_fingerprint(),
+              "items": digest.hexdigest(), "world_size": dist_info.world_size, **settings}
     journal = BatchJournal(output.with_name(output.name + suffix), header)
     if journal.done and dist_info.is_main:
         log.info("%s: resuming after %d finished batches (%s)", output.name, len(journal.done), journal.path)
     return journal
+
+
+def _finish(journals: list[BatchJournal], dist_info: DistInfo) -> None:
+    """Once rank 0 has written the output: every rank's journal goes, and rank 0 removes those
+    left by runs with another number of ranks."""
+    if dist_info.world_size > 1:
+        dist.barrier()
+    for journal in journals:
+        journal.finish()
+    if dist_info.is_main:
+        for journal in journals:
+            output_name = journal.path.name.partition(".partial")[0]
+            for stale in journal.path.parent.glob(glob.escape(output_name) + ".partial*"):
+                stale.unlink(missing_ok=True)
 
 
 def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
@@ -92,21 +123,20 @@ def run_potential(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
     with make_sandbox(cfg.rollout, cfg.seed) as sandbox:
         policy = engine_policy(make_engine(model, tokenizer, sandbox, cfg.rollout), params)
         mine = items[rank::world]
-        journal = _journal(Path(cfg.potential_file), dist_info, cfg.model.path, mine, k=cfg.potential.k,
+        journal = _journal(Path(cfg.potential_file), cfg, dist_info, cfg.model.path, mine, k=cfg.potential.k,
                            batch_size=cfg.potential.batch_size, params=dataclasses.asdict(params),
                            rollout=dataclasses.asdict(cfg.rollout), seed=cfg.seed)
         rates = estimate_pass_rates(policy, mine, k=cfg.potential.k, batch_size=cfg.potential.batch_size,
                                     progress=_Progress("potential", dist_info.is_main), journal=journal) \
             if mine else np.zeros(0)
     shards = _gather(rates.tolist(), world)
-    if not dist_info.is_main:
-        journal.finish()
-        return None
-    p = np.zeros(len(items))
-    for r, shard in enumerate(shards):
-        p[r::world] = shard
-    summary = {**write_potential(cfg.potential_file, items, p), "path": cfg.potential_file}
-    journal.finish()
+    summary = None
+    if dist_info.is_main:
+        p = np.zeros(len(items))
+        for r, shard in enumerate(shards):
+            p[r::world] = shard
+        summary = {**write_potential(cfg.potential_file, items, p), "path": cfg.potential_file}
+    _finish([journal], dist_info)
     return summary
 
 
@@ -152,7 +182,7 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
         for mode in e.modes:
             engine = make_engine(model, tokenizer, sandbox if mode == "code" else None, cfg.rollout)
             prompt = system_prompts[mode]
-            journals.append(_journal(output.with_name(f"eval-{mode}.json"), dist_info, path, mine,
+            journals.append(_journal(output.with_name(f"eval-{mode}.json"), cfg, dist_info, path, mine,
                                      mode=mode, attempts=e.attempts, batch_size=e.batch_size,
                                      system_prompt=prompt, params=dataclasses.asdict(params),
                                      rollout=dataclasses.asdict(cfg.rollout), seed=cfg.seed))
@@ -166,8 +196,7 @@ def run_eval(cfg: RLConfig, dist_info: DistInfo) -> dict | None:
                "modes": {m: [dataclasses.asdict(r) for r in rs] for m, rs in results.items()}}
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output, json.dumps(out, indent=1))
-    for journal in journals:
-        journal.finish()
+    _finish(journals, dist_info)
     if not dist_info.is_main:
         return None
     out["reports"] = results
