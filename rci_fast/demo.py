@@ -423,7 +423,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1] + "\nExamples:\n"
         "  rci-fast demo                          # runs/demo/report.md\n"
-        "  rci-fast demo --seed 1 --out runs/demo-seed1 --set eval.attempts=4\n"
+        "  rci-fast demo --seed 1 --out runs/demo-seed1 --set eval.attempts=16\n"
         "  rci-fast demo --summary runs/demo runs/demo-seed1 runs/demo-seed2")
     p.add_argument("--out", default=None,
                    help="output folder (default runs/demo, with --quick runs/demo-quick); a rerun with the "
@@ -440,8 +440,10 @@ def add_parser(subparsers) -> None:
                    help="RL/potential/eval config; tasks.train = training families, tasks.test = held-out "
                         "families (default configs/demo-rl.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="rl_set",
-                   help="override a key of the RL config, repeatable: --set eval.attempts=4 evaluates 4 "
-                        "answers per question (the README's table)")
+                   help="override a key of the RL config, repeatable: --set eval.attempts=16 evaluates 16 "
+                        "answers per question (the README's table); seed, out_dir, model.path, "
+                        "curriculum.mode, curriculum.potential_file, tasks.skip_per_task and eval.model "
+                        "are the demo's own")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the pipeline, ~1 min)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--summary", nargs="+", metavar="DIR",
