@@ -10,6 +10,7 @@ from rci_fast.model import ModelConfig, Transformer
 from rci_fast.sandbox import Sandbox
 from rci_fast.tasks.prompt import RESULT_HEADER, build_messages, format_result, render_chat
 from rci_fast.tasks.teacher import generate
+from rci_fast.tasks.trajectory import SFTTrajectory
 from rci_fast.tokenizer import train_bpe_tokenizer
 from rci_fast.train.data import (IGNORE, SFTBatches, TokenizedSequence, pack, pack_shared_prompts, split_by_budget,
                                  tokenize_conversation, tokenize_trajectories)
@@ -63,6 +64,13 @@ def test_tool_output_that_looks_like_model_text_is_still_masked(tokenizer):
                                       {"role": "assistant", "content": "<<<1>>>"}]
     seq = tokenize_conversation(messages, tokenizer)
     assert tokenizer.decode(seq.input_ids[seq.trainable]) == "x\n```python\nprint(1)\n```<<<1>>><|im_end|>\n"
+    # The printed markers stay text, as the rollout engine forces them: the same ids, no special one.
+    tool = seq.input_ids[~seq.trainable].tolist()
+    forced = tokenizer("\n" + sneaky + "\n", add_special_tokens=False, split_special_tokens=True).input_ids
+    assert any(tool[i:i + len(forced)] == forced for i in range(len(tool)))
+    assert not set(forced) & set(tokenizer.all_special_ids)
+    [batched] = tokenize_trajectories([SFTTrajectory(messages)], tokenizer)
+    assert torch.equal(batched.input_ids, seq.input_ids)
 
 
 def test_chat_template_check(trajectories, tokenizer):

@@ -1,7 +1,8 @@
 """SFT data: trajectories -> token ids + loss mask -> packed micro-batches, in a seeded order.
 
 Token contract: each (kind, text, trainable) segment of `conversation_segments` is tokenized on
-its own and the ids are concatenated; decoded text is never re-tokenized. Only model segments
+its own and the ids are concatenated; decoded text is never re-tokenized; interpreter output
+keeps special tokens' text as plain text, as in rollouts. Only model segments
 are trained (the assistant's words and code, and the closing <|im_end|>); the prompt and the
 interpreter's output are context.
 
@@ -64,10 +65,22 @@ def _assemble(segments, pieces: list[list[int]]) -> TokenizedSequence:
     return TokenizedSequence(ids, trainable)
 
 
+def encode_segments(segments, tokenizer) -> list[list[int]]:
+    """Each segment's ids, in batched tokenizer calls. Interpreter output has any special token's
+    text split into plain tokens, as the rollout engine forces it: printed '<|im_end|>' is text."""
+    is_tool = [kind == "tool" for kind, _, _ in segments]
+    plain = [text for (_, text, _), tool in zip(segments, is_tool) if not tool]
+    split = [text for (_, text, _), tool in zip(segments, is_tool) if tool]
+    plain_ids = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+    split_ids = iter(tokenizer(split, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                     if split else [])
+    return [next(split_ids) if tool else next(plain_ids) for tool in is_tool]
+
+
 def tokenize_conversation(messages: list[dict], tokenizer, check_template: bool = True) -> TokenizedSequence:
     """Ids and trainable mask of a conversation, each segment tokenized on its own (module doc)."""
     segments = checked_segments(messages, tokenizer, check_template)
-    return _assemble(segments, [tokenizer.encode(text, add_special_tokens=False) for _, text, _ in segments])
+    return _assemble(segments, encode_segments(segments, tokenizer))
 
 
 def tokenize_trajectories(trajectories: list[SFTTrajectory], tokenizer, *, max_seq_len: int = 0,
@@ -84,8 +97,7 @@ def tokenize_trajectories(trajectories: list[SFTTrajectory], tokenizer, *, max_s
             kept.append(checked_segments(t.messages, tokenizer, check_template))
         except ValueError as e:
             raise ValueError(f"{source}: trajectory {i + 1}: {e}") from None
-    texts = [text for segments in kept for _, text, _ in segments]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encoded = encode_segments([segment for segments in kept for segment in segments], tokenizer)
     out, start, dropped_long = [], 0, 0
     for segments in kept:
         seq = _assemble(segments, encoded[start:start + len(segments)])
