@@ -210,6 +210,35 @@ def _corrupt_symbench(task, sample) -> str:
     return _bump_last(gold)
 
 
+def test_new_operator_keeps_the_samples_whose_answer_the_question_gives():
+    """Complexity-5 samples store only the last operation's value ((3~4)&5@6 -> 5@6): left out.
+    Each kept answer is its expression worked out (brackets first, then left to right)."""
+    task = load_task("symbench/new_operator")
+    samples = task.samples()
+    assert len(samples) == 100 and {s.data["solution"]["complexity"] for s in samples} == {2}
+    for s in samples:
+        defs = s.data["solution"]["operator_definitions"]
+        expression = re.search(r"Calculate (.*?)\.\s*\n", s.prompt).group(1)
+        tokens = re.findall(r"\d+(?:\.\d+)?|[()]|[" + "".join(map(re.escape, defs)) + "]", expression)
+
+        def value(i):  # (value of the bracket or expression starting at tokens[i], next index)
+            items = []
+            while i < len(tokens) and tokens[i] != ")":
+                if tokens[i] == "(":
+                    v, i = value(i + 1)
+                    items.append(v)
+                    i += 1
+                else:
+                    items.append(tokens[i] if tokens[i] in defs else float(tokens[i]))
+                    i += 1
+            v = items[0]
+            for k in range(1, len(items), 2):
+                v = eval(defs[items[k]], {}, {"a": v, "b": items[k + 1]})
+            return v, i
+
+        assert value(0)[0] == pytest.approx(float(s.data["solution"]["solution"]), rel=1e-6), (s.id, expression)
+
+
 @pytest.mark.parametrize("name", SYMBENCH)
 def test_symbench_corrupted_solution_scores_zero(name):
     task = load_task(name)

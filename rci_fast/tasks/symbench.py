@@ -70,6 +70,15 @@ _GOLD = {
 }
 
 
+# Published samples left out, with the reason. new_operator's complexity-5 questions ("(3~4)&5@6")
+# store the value of the last operation alone (5@6 = 90) as the answer: 99 of the 100 match no
+# order of evaluation (tests/test_tasks.py checks the 100 left).
+LEFT_OUT_SAMPLES = {
+    "new_operator": (lambda row: row["solution"].get("complexity") == 5,
+                     "complexity-5 answers are the last operation's value alone"),
+}
+
+
 class SymBenchTask(Task):
     source = "symbench"
 
@@ -88,15 +97,16 @@ class SymBenchTask(Task):
         self.path = folder / f"{stems[0]}.jsonl"
 
     def _load_samples(self) -> list[Sample]:
-        samples = []
+        samples, left_out = [], LEFT_OUT_SAMPLES.get(self.task)
         with open(self.path) as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
-                    samples.append(Sample(id=row["id"], prompt=row["question"], data=row, task=self.name))
-                except (json.JSONDecodeError, KeyError) as e:
+                    if left_out is None or not left_out[0](row):
+                        samples.append(Sample(id=row["id"], prompt=row["question"], data=row, task=self.name))
+                except (json.JSONDecodeError, KeyError, AttributeError) as e:
                     raise TaskDataError(f"{self.path}:{line_no}: bad SymBench row ({e})") from None
         return samples
 
