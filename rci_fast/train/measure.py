@@ -70,13 +70,16 @@ def _load(path: str, cfg: RLConfig, dist_info: DistInfo):
 
 
 def _code_fingerprint() -> str:
-    """rci_fast's own source (rollouts and scoring live there) and the reasoning-gym version."""
+    """rci_fast's source (its sandbox and kernels packages too: folders of their own in a source
+    tree) and the reasoning-gym version."""
     from importlib.metadata import version
+    from importlib.util import find_spec
 
     digest = hashlib.sha256(version("reasoning-gym").encode())
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.cpp")):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    for package in ("rci_fast", "rci_fast.sandbox", "rci_fast.kernels"):
+        root = Path(find_spec(package).submodule_search_locations[0])
+        for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.cpp")) + sorted(root.rglob("*.h")):
+            digest.update(f"{package}:{path.relative_to(root)}".encode() + path.read_bytes())
     return digest.hexdigest()
 
 
