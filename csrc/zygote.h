@@ -17,8 +17,7 @@ struct ZygoteConfig {
   std::vector<std::string> rw_files;     // files a run may also write, e.g. /dev/null
   int run_uid = -1;                      // >= 0: runs drop to this uid/gid (only when root)
   int run_gid = -1;
-  bool uid_per_worker = false;           // runs drop to kWorkerUidBase + their worker's pid instead
-
+  bool uid_per_worker = false;           // runs drop to their worker's own uid instead (see below)
   uint32_t max_sessions = 256;           // live session children per worker
   void (*after_fork_child)() = nullptr;  // re-initialises the interpreter after a fork
 };

@@ -49,8 +49,8 @@ def test_smoke_pipeline_sft_potential_rl_eval(tmp_path, sft_model):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert [m["stage"] for m in metrics] == [0, 0, 1, 1, 2, 2]  # steps_per_stage 2
     for m in metrics:
-        for key in ("loss", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "dual_clip_frac", "entropy", "grad_norm",
-                    "rollout_s", "logprob_s", "update_s", "rollout_tokens_per_s", "update_tokens_per_s",
+        for key in ("loss", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "dual_clip_frac", "entropy",
+                    "grad_norm", "rollout_s", "logprob_s", "update_s", "rollout_tokens_per_s", "update_tokens_per_s",
                     "peak_mem_mb", "code_calls_mean"):
             assert math.isfinite(m[key]), (key, m)
     assert (rl / "checkpoints" / "latest").read_text().strip() == "step_00000006"

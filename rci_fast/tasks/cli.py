@@ -40,8 +40,10 @@ def add_parser(subparsers) -> None:
     gen.add_argument("--max-per-task", type=int, default=50, help="--teacher policy: kept per task (default 50)")
     gen.add_argument("--samples-per-task", type=int, default=None,
                      help="--teacher policy: samples tried per task (default: all of the split)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="--teacher policy: sampling temperature (default 1.0)")
-    gen.add_argument("--max-new-tokens", type=int, default=1024, help="--teacher policy: per episode (default 1024)")
+    gen.add_argument("--temperature", type=float, default=1.0,
+                     help="--teacher policy: sampling temperature (default 1.0)")
+    gen.add_argument("--max-new-tokens", type=int, default=1024,
+                     help="--teacher policy: per episode (default 1024)")
     gen.add_argument("--result-delay-steps", type=int, default=RolloutSection.result_delay_steps,
                      help="--teacher policy: decode steps after which a code result rejoins its sequence "
                           f"(default: the trainer's rollout.result_delay_steps, {RolloutSection.result_delay_steps}: "
@@ -50,12 +52,14 @@ def add_parser(subparsers) -> None:
                      help="--teacher policy: where the model runs (default: cuda, in bf16, when available; "
                           "else cpu, in float32)")
     gen.add_argument("--out", help="output JSONL file (overwritten); required unless --list-families")
-    gen.add_argument("--families", help="--teacher scripted: comma-separated teacher families (default: all; see "
-                          "--list-families)")
-    gen.add_argument("--per-family", type=int, default=50, help="--teacher scripted: samples tried per family (default 50)")
+    gen.add_argument("--families",
+                     help="--teacher scripted: comma-separated teacher families (default: all; see --list-families)")
+    gen.add_argument("--per-family", type=int, default=50,
+                     help="--teacher scripted: samples tried per family (default 50)")
     gen.add_argument("--split", choices=("train", "validation"), default="train",
                      help="per-task sample split the questions come from (default train)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the style choices, and with --teacher policy of sampling and the sandbox "
+    gen.add_argument("--seed", type=int, default=0,
+                     help="seed of the style choices, and with --teacher policy of sampling and the sandbox "
                           "(default 0)")
     gen.add_argument("--direct-share", type=float, default=0.0,
                      help="--teacher scripted: share of samples answered without code (style direct; default 0)")

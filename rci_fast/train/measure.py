@@ -109,8 +109,7 @@ def _finish(journals: list[BatchJournal], dist_info: DistInfo) -> None:
         dist.barrier()
     for journal in journals:
         journal.finish()
-    if dist_info.is_main:
-        for journal in journals:
+        if dist_info.is_main:
             output_name = journal.path.name.partition(".partial")[0]
             for stale in journal.path.parent.glob(glob.escape(output_name) + ".partial*"):
                 stale.unlink(missing_ok=True)
