@@ -144,3 +144,23 @@ def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
             gold = task.gold_answer(s)
             assert task.score_answer(s, gold) == 1.0 and task.score_answer(s, gold.upper()) in (0.99, 1.0)
             assert task.score_answer(s, gold + extra) < 1.0, (dataset, gold)
+
+
+@pytest.mark.slow  # generates samples of every dataset (~20 s)
+def test_true_false_and_yes_no_answers_score_in_any_case():
+    """Every dataset whose golds are True/False or Yes/No: the gold word in any case scores 1, the
+    other word in any case does not (four scorers compared case-sensitively: "true" scored 0)."""
+    opposite = {"true": "false", "false": "true", "yes": "no", "no": "yes"}
+    boolean = []
+    for name in RG:
+        task = load_task(name, train_size=6, validation_size=1)
+        samples = task.samples("train")
+        if not all(task.gold_answer(s).strip().lower() in opposite for s in samples):
+            continue
+        boolean.append(name.removeprefix("rg/"))
+        for s in samples:
+            gold = task.gold_answer(s).strip()
+            for form in (str.lower, str.upper, str.capitalize):
+                assert task.score(s, f"<<<{form(gold)}>>>") == 1.0, (name, gold, form(gold))
+                assert task.score(s, f"<<< {form(opposite[gold.lower()])} >>>") < 1.0, (name, gold)
+    assert {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"} <= set(boolean), boolean

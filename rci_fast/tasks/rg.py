@@ -200,6 +200,11 @@ def time_limit(seconds: float):
 # there only for the gold itself (case and spacing aside); partial credit stays below 1.
 EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
 
+# Datasets whose answer is True/False or Yes/No (as their prompts spell it) and whose scorers
+# compare case-sensitively: "true" or "yes" scored 0. Here the gold word in any case is the gold
+# (only there: where an answer is a string to transform, case is part of it).
+BOOLEAN_ANSWERS = {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"}
+
 
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
     """(the reasoning-gym dataset object, its first `size` entries), in this process."""
@@ -287,8 +292,11 @@ class ReasoningGymTask(Task):
 
     def check(self, sample: Sample, answer: str) -> float:
         guard = EVALUATED_ANSWERS.get(self.dataset)
-        if guard is not None and not guard.admits(answer, self.gold_answer(sample)):
+        gold = self.gold_answer(sample)
+        if guard is not None and not guard.admits(answer, gold):
             return 0.0
+        if self.dataset in BOOLEAN_ANSWERS and answer.strip().lower() == gold.strip().lower():
+            answer = gold
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
             self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]
         # The package scores with the dataset object; score_answer reads only `entry`.
@@ -297,7 +305,7 @@ class ReasoningGymTask(Task):
         if alarm.expired:  # the scorer caught the timeout and returned
             raise ScoringTimeout
         if score == 1.0 and self.dataset in EXACT_FOR_FULL_MARKS and \
-                answer.lower().split() != self.gold_answer(sample).lower().split():
+                answer.lower().split() != gold.lower().split():
             return 0.99
         return score
 
