@@ -147,14 +147,20 @@ def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
 
 
 @pytest.mark.slow  # generates samples of every dataset (~20 s)
-def test_true_false_and_yes_no_answers_score_in_any_case():
-    """Every dataset whose golds are True/False or Yes/No: the gold word in any case scores 1, the
-    other word in any case does not (four scorers compared case-sensitively: "true" scored 0)."""
+def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
+    """The gold in quotes or backticks or with a full stop after it scores 1 in every dataset (the
+    package's scorers gave 0); so does True/False or Yes/No in any case (four scorers compared
+    case-sensitively), while the other word in any case does not."""
     opposite = {"true": "false", "false": "true", "yes": "no", "no": "yes"}
     boolean = []
     for name in RG:
         task = load_task(name, train_size=6, validation_size=1)
         samples = task.samples("train")
+        for s in samples:
+            gold = task.gold_answer(s).strip()
+            for wrapped in (f'"{gold}"', f"`{gold}`", f"{gold}.", f"'{gold}'.", f" `{gold}` "):
+                assert task.score(s, f"<<<{wrapped}>>>") == 1.0, (name, wrapped)
+            assert task.score(s, '<<<"zzz not an answer">>>') < 1.0, name
         if not all(task.gold_answer(s).strip().lower() in opposite for s in samples):
             continue
         boolean.append(name.removeprefix("rg/"))
@@ -162,5 +168,5 @@ def test_true_false_and_yes_no_answers_score_in_any_case():
             gold = task.gold_answer(s).strip()
             for form in (str.lower, str.upper, str.capitalize):
                 assert task.score(s, f"<<<{form(gold)}>>>") == 1.0, (name, gold, form(gold))
-                assert task.score(s, f"<<< {form(opposite[gold.lower()])} >>>") < 1.0, (name, gold)
+                assert task.score(s, f"<<< {form(opposite[gold.lower()])}. >>>") < 1.0, (name, gold)
     assert {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"} <= set(boolean), boolean

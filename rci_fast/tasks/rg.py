@@ -206,6 +206,23 @@ EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
 BOOLEAN_ANSWERS = {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"}
 
 
+def _unwrapped_forms(answer: str) -> set[str]:
+    """The answer with surrounding quotes or backticks and a full stop after it taken off, in either
+    order and each or both ('"x".' -> '"x".', '"x"', 'x'): the scorers take them for part of it.
+    check() calls it only on answers at most 6 characters longer than the gold: a handful of forms."""
+    forms, todo = set(), [answer.strip()]
+    while todo:
+        form = todo.pop()
+        if form in forms:
+            continue
+        forms.add(form)
+        if form.endswith("."):
+            todo.append(form[:-1].rstrip())
+        if len(form) >= 2 and form[0] == form[-1] and form[0] in "\"'`":
+            todo.append(form[1:-1].strip())
+    return forms
+
+
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
     """(the reasoning-gym dataset object, its first `size` entries), in this process."""
     import numpy as np
@@ -293,10 +310,12 @@ class ReasoningGymTask(Task):
     def check(self, sample: Sample, answer: str) -> float:
         guard = EVALUATED_ANSWERS.get(self.dataset)
         gold = self.gold_answer(sample)
+        forms = _unwrapped_forms(answer) if len(answer.strip()) - len(gold.strip()) <= 6 else set()
+        if gold.strip() in forms or (self.dataset in BOOLEAN_ANSWERS and gold.strip().lower() in
+                                     {f.lower() for f in forms}):
+            answer = gold  # the gold in quotes or backticks, with a full stop after it (or in another case)
         if guard is not None and not guard.admits(answer, gold):
             return 0.0
-        if self.dataset in BOOLEAN_ANSWERS and answer.strip().lower() == gold.strip().lower():
-            answer = gold
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
             self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]
         # The package scores with the dataset object; score_answer reads only `entry`.
