@@ -279,6 +279,10 @@ def test_card_game_rules_follow_the_prompts():
     # elements: Wood A generates Fire B (holder of A loses); Wood A overcomes Earth C (A wins)
     assert ck._round_result("elements", 0, 1) == "loss"
     assert ck._round_result("elements", 0, 2) == "win"
+    # ... whichever card acts: Water E generates Wood A (E's holder loses), Metal D overcomes Wood A
+    assert ck._round_result("elements", 0, 4) == "win"
+    assert ck._round_result("elements", 0, 3) == "loss"
+    assert ck._round_result("elements", 2, 2) == "draw"
     # stick game: Stick A beats Tiger B, Worm D beats Stick A, two apart is a draw
     assert ck._round_result("stick_game", 0, 1) == "win"
     assert ck._round_result("stick_game", 0, 3) == "loss"
@@ -287,6 +291,30 @@ def test_card_game_rules_follow_the_prompts():
     assert ck._round_result("animal", 0, 4) == "win"
     assert ck._round_result("animal", 7, 0) == "win" and ck._round_result("animal", 0, 7) == "loss"
     assert ck._round_result("animal", 3, 3) == "draw"
+
+
+def test_elements_card_games_follow_the_prompt_not_the_data():
+    """The published elements games scored the opponent's card acting on yours as a draw: under
+    the prompt's rules 24 of 68 have no answer (left out) and the rest take any answer the rules
+    allow, the published one included only where it obeys them."""
+    rows = [json.loads(line) for line in (resolve_data_dir() / "symbench" / "constrained_linear_arrangement.jsonl").open()]
+    elements = [r for r in rows if r["solution"]["game_type"] == "elements"]
+    assert len(elements) == 68
+    task = load_task("symbench/constrained_linear_arrangement")
+    kept = {s.id for s in task.samples()}
+    assert len(rows) - len(kept) == 24 and {r["id"] for r in rows} - kept <= {r["id"] for r in elements}
+    obeyed = 0
+    for s in (s for s in task.samples() if s.data["solution"]["game_type"] == "elements"):
+        sol = s.data["solution"]
+        published = ",".join(sol["solution"])
+        valid = [",".join(a) for a in ck.card_game_answers(sol)]
+        assert valid and task.gold_answer(s) in valid
+        for cards in valid:
+            assert task.score(s, f"<<<{cards}>>>") == 1.0
+        obeyed += published in valid
+        if published not in valid:  # the data's own rule: a draw where their card acts on yours
+            assert task.score(s, f"<<<{published}>>>") == 0.0
+    assert obeyed == 12  # the 12 published answers that never rely on the data's draw rule
 
 
 def test_synthesis_answers_only_the_requested_fields():
