@@ -317,6 +317,28 @@ def test_elements_card_games_follow_the_prompt_not_the_data():
     assert obeyed == 12  # the 12 published answers that never rely on the data's draw rule
 
 
+def test_logic_puzzles_count_only_selections_that_follow_their_rules():
+    """27 of the 200 published selections break their puzzle's row/column rule: 24 of those puzzles
+    have no selection that follows it (left out), 3 have one (it scores, the published one not)."""
+    rows = [json.loads(line) for line in (resolve_data_dir() / "symbench" / "logic_puzzle_dataset.jsonl").open()]
+    broken = [r for r in rows if not ck.logic_puzzle_obeys(r["solution"]["solution"], r["solution"], r["question"])]
+    assert len(rows) == 200 and len(broken) == 27
+    task = load_task("symbench/logic_puzzle")
+    kept = {s.id: s for s in task.samples()}
+    assert len(kept) == 176 and not {r["id"] for r in rows} - kept.keys() - {r["id"] for r in broken}
+    for s in kept.values():
+        assert task.score(s, f"<<<{task.gold_answer(s)}>>>") == 1.0
+    rescued = [r for r in broken if r["id"] in kept]
+    assert len(rescued) == 3
+    for r in rescued:
+        s = kept[r["id"]]
+        published = ", ".join(f"{a} {b}" for a, b in r["solution"]["solution"])
+        assert task.gold_answer(s) != published and task.score(s, f"<<<{published}>>>") == 0.0
+    # a puzzle left out: its published selection breaks the rule, and no selection follows it
+    r = next(r for r in broken if r["id"] not in kept)
+    assert ck.logic_puzzle_answer(r["solution"], r["question"]) is None
+
+
 def test_synthesis_answers_only_the_requested_fields():
     task = load_task("symbench/synthesis_decomposition")
     s = task.samples()[0]  # asks for [remaining_A, remaining_B, obtained_X] of 3 A and 2 B

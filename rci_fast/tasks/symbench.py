@@ -50,7 +50,7 @@ _GOLD = {
     "eight_queens": lambda s, q: _positions(s["solution"]),
     "letter_logic_diagram": lambda s, q: _rows(s["solution"]),
     "light_puzzles": lambda s, q: ",".join(map(str, s["solution"])),
-    "logic_puzzle": lambda s, q: _positions(s["solution"]),
+    "logic_puzzle": lambda s, q: _positions(checkers.logic_puzzle_answer(s, q)),
     "logical_equation": lambda s, q: str(s),  # this family's solution is the list itself
     "mahjong_pattern": lambda s, q: str(s["solution"]),
     "matrix_transformation": lambda s, q: s["formatted_solution"],
@@ -81,6 +81,10 @@ LEFT_OUT_SAMPLES = {
     # (the data scored the opponent's card acting on yours as a draw; symbench_checkers).
     "constrained_linear_arrangement": (lambda row: not checkers.card_game_answers(row["solution"]),
                                        "the announced results have no answer under the prompt's rules"),
+    # 27 published selections break the puzzle's own row/column rule; 24 puzzles have no selection
+    # that follows it.
+    "logic_puzzle": (lambda row: checkers.logic_puzzle_answer(row["solution"], row["question"]) is None,
+                     "no selection follows the puzzle's rules (the published one breaks them)"),
 }
 
 
