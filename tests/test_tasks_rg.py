@@ -1,9 +1,11 @@
 """Reasoning-Gym through the registry: each registered dataset's own reference answer scores 1.0,
 a wrong answer scores below 1, generation is seeded and deterministic."""
 import json
+import re
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -149,8 +151,9 @@ def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
 @pytest.mark.slow  # generates samples of every dataset (~20 s)
 def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
     """The gold in quotes or backticks or with a full stop after it scores 1 in every dataset (the
-    package's scorers gave 0); so does True/False or Yes/No in any case (four scorers compared
-    case-sensitively), while the other word in any case does not."""
+    package's scorers gave 0 or partial credit); so does True/False or Yes/No in any case (four
+    scorers compared case-sensitively), while the other word in any case does not. Near misses
+    score full marks only where the package's own scorer gives them."""
     opposite = {"true": "false", "false": "true", "yes": "no", "no": "yes"}
     boolean = []
     for name in RG:
@@ -158,8 +161,14 @@ def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
         samples = task.samples("train")
         for s in samples:
             gold = task.gold_answer(s).strip()
-            for wrapped in (f'"{gold}"', f"`{gold}`", f"{gold}.", f"'{gold}'.", f" `{gold}` "):
+            wrappings = [f"{gold}.", f"{gold}...", f" {gold} "]
+            if name != "rg/codeio":  # quotes make a JSON string there (below)
+                wrappings += [f'"{gold}"', f"`{gold}`", f"'{gold}'.", f'"{gold}."', f'"`{gold}`"', f'" {gold} "']
+            for wrapped in wrappings:
                 assert task.score(s, f"<<<{wrapped}>>>") == 1.0, (name, wrapped)
+            for near in (f'"{gold}x"', f'"{gold[:-1]}"', f'"{gold}', f"{gold}'", f'"{gold}\'', "<<<.>>>"):
+                if task.score(s, f"<<<{near}>>>") == 1.0:  # only where the package says so too
+                    assert task._scorer.score_answer(near, s.data) == 1.0, (name, near)
             assert task.score(s, '<<<"zzz not an answer">>>') < 1.0, name
         if not all(task.gold_answer(s).strip().lower() in opposite for s in samples):
             continue
@@ -170,3 +179,25 @@ def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
                 assert task.score(s, f"<<<{form(gold)}>>>") == 1.0, (name, gold, form(gold))
                 assert task.score(s, f"<<< {form(opposite[gold.lower()])}. >>>") < 1.0, (name, gold)
     assert {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"} <= set(boolean), boolean
+    # codeio predicts a function's output as JSON: a number in quotes is a string, not the number
+    codeio = load_task("rg/codeio", train_size=40, validation_size=1)
+    numeric = [s for s in codeio.samples("train") if re.fullmatch(r"-?\d+", codeio.gold_answer(s).strip())]
+    assert numeric
+    for s in numeric:
+        gold = codeio.gold_answer(s).strip()
+        assert codeio.score(s, f'<<<"{gold}">>>') < 1.0 and codeio.score(s, f"<<<{gold}.>>>") == 1.0
+    # a case change inside quotes gains nothing where case is part of the answer
+    caesar = load_task("rg/caesar_cipher", train_size=4, validation_size=1)
+    for s in caesar.samples("train"):
+        assert caesar.score(s, f'<<<"{caesar.gold_answer(s).lower()}">>>') < 1.0
+
+
+def test_a_long_wrapped_answer_is_read_in_linear_time():
+    task = load_task("rg/chain_sum", train_size=2, validation_size=1)
+    s = task.samples("train")[0]
+    gold = task.gold_answer(s)
+    start = time.perf_counter()
+    assert task.score(s, f"<<<{gold}{'.' * 200_000}>>>") == 1.0
+    assert task.score(s, f"<<<{'`' * 50_000}{gold}{'`' * 50_000}>>>") == 1.0
+    assert task.score(s, f"<<<{'.' * 200_000}>>>") == 0.0
+    assert time.perf_counter() - start < 2.0

@@ -206,21 +206,28 @@ EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
 BOOLEAN_ANSWERS = {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"}
 
 
-def _unwrapped_forms(answer: str) -> set[str]:
-    """The answer with surrounding quotes or backticks and a full stop after it taken off, in either
-    order and each or both ('"x".' -> '"x".', '"x"', 'x'): the scorers take them for part of it.
-    check() calls it only on answers at most 6 characters longer than the gold: a handful of forms."""
-    forms, todo = set(), [answer.strip()]
-    while todo:
-        form = todo.pop()
-        if form in forms:
-            continue
-        forms.add(form)
+# codeio's answers are JSON values: quotes make a string of a number, a bool or a list (its type
+# is part of the prediction). Only a full stop after them is taken off.
+QUOTES_ARE_CONTENT = {"codeio"}
+
+
+def _is_wrapped_gold(answer: str, gold: str, any_case: bool, quotes: bool) -> bool:
+    """Whether the answer is the gold behind full stops and, where quotes are not content, pairs of
+    quotes or backticks ('"x".', '`x`', '" x ".', ...); in any case where any_case. Each step
+    takes one layer off the outside (a form that ends in '.' cannot also end in a quote): a walk
+    of at most a few steps, as the answer shrinks towards the gold's length."""
+    target, form = gold.strip(), answer.strip()
+    same = (lambda a, b: a.lower() == b.lower()) if any_case else (lambda a, b: a == b)
+    while len(form) >= len(target):
+        if same(form, target):
+            return True
         if form.endswith("."):
-            todo.append(form[:-1].rstrip())
-        if len(form) >= 2 and form[0] == form[-1] and form[0] in "\"'`":
-            todo.append(form[1:-1].strip())
-    return forms
+            form = form[:-1].rstrip()
+        elif quotes and len(form) >= 2 and form[0] == form[-1] and form[0] in "\"'`":
+            form = form[1:-1].strip()
+        else:
+            return False
+    return False
 
 
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
@@ -310,10 +317,11 @@ class ReasoningGymTask(Task):
     def check(self, sample: Sample, answer: str) -> float:
         guard = EVALUATED_ANSWERS.get(self.dataset)
         gold = self.gold_answer(sample)
-        forms = _unwrapped_forms(answer) if len(answer.strip()) - len(gold.strip()) <= 6 else set()
-        if gold.strip() in forms or (self.dataset in BOOLEAN_ANSWERS and gold.strip().lower() in
-                                     {f.lower() for f in forms}):
-            answer = gold  # the gold in quotes or backticks, with a full stop after it (or in another case)
+        # The gold behind quotes, backticks or a full stop is the gold (the package's scorers gave
+        # it 0 or partial credit); any other answer goes to the guard and the scorer as written.
+        if _is_wrapped_gold(answer, gold, any_case=self.dataset in BOOLEAN_ANSWERS,
+                            quotes=self.dataset not in QUOTES_ARE_CONTENT):
+            answer = gold
         if guard is not None and not guard.admits(answer, gold):
             return 0.0
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
