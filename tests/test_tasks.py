@@ -339,6 +339,28 @@ def test_logic_puzzles_count_only_selections_that_follow_their_rules():
     assert ck.logic_puzzle_answer(r["solution"], r["question"]) is None
 
 
+def test_mahjong_results_follow_the_stated_rules():
+    """A solver of the stated rules agrees with 183 of the 200 published results; the 17 others
+    break the rules and are left out."""
+    rows = {r["id"]: r for r in map(json.loads, (resolve_data_dir() / "symbench" / "mahjong_pattern_dataset.jsonl").open())}
+    task = load_task("symbench/mahjong_pattern")
+    kept = {s.id for s in task.samples()}
+    assert len(rows) == 200 and len(kept) == 183
+    for s in task.samples():
+        assert ck.mahjong_result(s.data["solution"], s.prompt) == s.data["solution"]["solution"]
+    # sample_156: the hand holds C and D when B is added: Chi (2); published as Pass (0)
+    r = rows["sample_156"]
+    assert r["solution"]["solution"] == 0 and ck.mahjong_result(r["solution"], r["question"]) == 2
+    # sample_6: rules without Chi, P held once: Pass (0); published as 2
+    r = rows["sample_6"]
+    assert "Chi" not in r["question"] and r["solution"]["solution"] == 2
+    assert ck.mahjong_result(r["solution"], r["question"]) == 0
+    # sample_46: '[' is no letter, so Y, Z, [ make no Chi; published as 2
+    assert rows["sample_46"]["solution"]["rounds"][-1]["add"] == "["
+    assert ck.mahjong_result(rows["sample_46"]["solution"], rows["sample_46"]["question"]) == 0
+    assert {"sample_156", "sample_6", "sample_46"}.isdisjoint(kept)
+
+
 def test_synthesis_answers_only_the_requested_fields():
     task = load_task("symbench/synthesis_decomposition")
     s = task.samples()[0]  # asks for [remaining_A, remaining_B, obtained_X] of 3 A and 2 B

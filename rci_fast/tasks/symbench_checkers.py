@@ -33,6 +33,28 @@ def check_mahjong_pattern(answer, solution, question):
     return _same_ints(answer, [solution["solution"]])
 
 
+def mahjong_result(solution, question) -> int:
+    """The final round's result under the question's rules: Peng (1) when the hand already holds
+    two of the added card, else Chi (2) where the question defines it and the card and two in hand
+    make three consecutive letters (A-Z: the rules speak of letters), else Pass (0). Rounds before
+    the last add their card and remove theirs; removal never affects a result."""
+    hand = list(solution["initial_cards"])
+    rounds = solution["rounds"]
+    for r in rounds[:-1]:
+        hand.append(r["add"])
+        hand.remove(r["remove"])
+    card = rounds[-1]["add"]
+    if hand.count(card) >= 2:
+        return 1
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    if "Chi" in question and card in letters:
+        i = letters.index(card)
+        runs = [letters[j:j + 3] for j in range(max(0, i - 2), min(i, 23) + 1)]
+        if any(all(c == card or c in hand for c in run) for run in runs):
+            return 2
+    return 0
+
+
 def check_statistical_counting(answer, solution, question):
     return _same_ints(answer, [solution["solution"]])
 
