@@ -263,6 +263,37 @@ def test_symbench_checkers_accept_other_valid_answers():
     assert calc.score(s, "<<<[6, 2, +, 7]>>>") == 0.0           # no operator between 6 and 2
 
 
+def test_symbench_arithmetic_refuses_operations_the_question_does_not_allow():
+    calc = load_task("symbench/combinatorial_calculation")
+    s = next(s for s in calc.samples() if s.data["solution"]["numbers"] == [7, 1, 4] and s.data["solution"]["target"] == 10)
+    for allowed in ("[7, -, 1, +, 4]", "7-1+4", "[7, \u2212, 1, +, 4]", "7 \u2013 1 + 4", "(7 - 1) + 4"):
+        assert calc.score(s, f"<<<{allowed}>>>") == 1.0, allowed
+    # these were read without the unknown part (7 - 1 + 4 = 10) and scored 1
+    for refused in ("7 - 1 + sqrt(4)", "[7, -, 1, +, 4, !]", "7 - 1 + 4%", "7 - 1 + abs(4)", "7 - 1 + 4^1"):
+        assert calc.score(s, f"<<<{refused}>>>") == 0.0, refused
+
+
+def test_eight_queens_takes_the_remaining_queens_alone():
+    """'Complete the placement of the remaining queens': listing only the added queens is an
+    answer too, as is listing all of them; a wrong added queen still fails."""
+    queens = load_task("symbench/eight_queens")
+    checked = 0
+    for s in queens.samples():
+        board = s.data["solution"]["initial_board"]
+        placed = {(r, c) for r, row in enumerate(board) for c, cell in enumerate(row) if cell == "1"}
+        if not placed:
+            continue
+        full = [tuple(q) for q in s.data["solution"]["solution"]]
+        added = [q for q in full if q not in placed]
+        text = ", ".join(f"{r} {c}" for r, c in added)
+        assert queens.score(s, f"<<<{text}>>>") == 1.0, s.id
+        r, c = added[-1]
+        moved = added[:-1] + [(r, (c + 1) % len(board))]
+        assert queens.score(s, "<<<" + ", ".join(f"{a} {b}" for a, b in moved) + ">>>") == 0.0, s.id
+        checked += 1
+    assert checked >= 20
+
+
 def test_symbench_answer_forms():
     sudoku = load_task("symbench/standard_sudoku")
     s = sudoku.samples()[0]

@@ -168,8 +168,16 @@ def _evaluate(tokens: list[str]) -> Fraction:
     return value
 
 
+_DASHES = str.maketrans({"\u2212": "-", "\u2013": "-"})  # a minus sign and an en dash written for '-'
+
+
 def check_combinatorial_calculation(answer, solution, question):
-    tokens = [t for item in parse_list(answer) for t in re.findall(r"\d+|[-+*/()×÷]", item)]
+    items = [item.translate(_DASHES) for item in parse_list(answer)]
+    # Anything but numbers, the four operations and brackets is an operation the question does not
+    # allow (sqrt(4), 4!, 4^2, 4%): the answer is refused, not read without it.
+    if any(re.search(r"[^\d\s+\-*/()×÷\[\]]", item) for item in items):
+        return False
+    tokens = [t for item in items for t in re.findall(r"\d+|[-+*/()×÷]", item)]
     tokens = [{"×": "*", "÷": "/"}.get(t, t) for t in tokens]
     if [int(t) for t in tokens if t.isdigit()] != [int(x) for x in solution["numbers"]]:
         return False
@@ -235,12 +243,15 @@ def check_eight_queens(answer, solution, question):
     board = solution["initial_board"]
     n = len(board)
     queens = parse_positions(answer)
+    placed = {(r, c) for r, row in enumerate(board) for c, cell in enumerate(row) if cell == "1"}
+    placed |= {tuple(q) for q in solution.get("placed_queens", [])}
+    # "Complete the placement of the remaining queens": the remaining ones alone are an answer too.
+    if queens is not None and placed and len(queens) == n - len(placed) and placed.isdisjoint(queens):
+        queens = queens + sorted(placed)
     if queens is None or len(queens) != n or len(set(queens)) != n:
         return False
     if any(not (0 <= r < n and 0 <= c < n) or board[r][c] == "X" for r, c in queens):
         return False
-    placed = {(r, c) for r, row in enumerate(board) for c, cell in enumerate(row) if cell == "1"}
-    placed |= {tuple(q) for q in solution.get("placed_queens", [])}
     if not placed <= set(queens):
         return False
     return all(len({key(r, c) for r, c in queens}) == n
