@@ -10,6 +10,7 @@ import time
 import pytest
 
 from rci_fast.tasks import list_tasks, load_task
+from rci_fast.tasks import rg_forms
 from rci_fast.tasks.rg import LEFT_OUT
 
 RG = list_tasks("rg")
@@ -148,12 +149,36 @@ def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
             assert task.score_answer(s, gold + extra) < 1.0, (dataset, gold)
 
 
-@pytest.mark.slow  # generates samples of every dataset (~20 s)
-def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
-    """The gold in quotes or backticks or with a full stop after it scores 1 in every dataset (the
-    package's scorers gave 0 or partial credit); so does True/False or Yes/No in any case (four
-    scorers compared case-sensitively), while the other word in any case does not. Near misses
-    score full marks only where the package's own scorer gives them."""
+def _other_forms(name: str, gold: str) -> list[str]:
+    """Ways to write this gold that are the same answer (rg_forms)."""
+    forms = [f"{gold}.", f"{gold}...", f" {gold} ", f"Answer: {gold}", f"final answer: {gold}."]
+    if name != "rg/codeio":  # quotes make a JSON string there (below)
+        forms += [f'"{gold}"', f"`{gold}`", f"'{gold}'.", f'"{gold}."', f'"`{gold}`"', f'" {gold} "',
+                  f'Answer: "{gold}"']
+        if re.fullmatch(r"-?\d+", gold):
+            forms += [f"{gold}.0", f"{int(gold):,}"]
+        if re.fullmatch(r"-?\d+\.\d+", gold):
+            forms += [f"{gold}0"]
+        if re.fullmatch(r"-?\d+/\d+", gold):
+            forms += [gold.replace("/", " / ")]
+        if gold[:1] in "[(" and "'" not in gold and '"' in gold:
+            forms += [gold.replace('"', "'")]
+    if gold[:1] in "[(" and ", " in gold and '"' not in gold and "'" not in gold:
+        forms += [gold.replace(", ", ",")]  # items without quotes inside: no comma in them
+    if "\n" in gold:
+        forms += ["\n".join(line + "  " for line in gold.splitlines())]
+    if gold.endswith("."):
+        forms += [gold[:-1]]
+    return forms
+
+
+@pytest.mark.slow  # generates samples of every dataset (~25 s)
+def test_an_answer_written_another_way_scores_as_the_gold():
+    """The gold behind an "Answer:" label, quotes, backticks or a full stop, 87.0 for 87, 3,544 for
+    3544, a list with other spacing or quotes, a grid with trailing spaces scores 1 in every
+    dataset (the package's scorers gave 0 or partial credit); so does True/False, Yes/No and the
+    like in any case where the prompt's case is not part of the answer, while the other word in
+    any case does not. Near misses score full marks only where the package's own scorer does."""
     opposite = {"true": "false", "false": "true", "yes": "no", "no": "yes"}
     boolean = []
     for name in RG:
@@ -161,14 +186,13 @@ def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
         samples = task.samples("train")
         for s in samples:
             gold = task.gold_answer(s).strip()
-            wrappings = [f"{gold}.", f"{gold}...", f" {gold} "]
-            if name != "rg/codeio":  # quotes make a JSON string there (below)
-                wrappings += [f'"{gold}"', f"`{gold}`", f"'{gold}'.", f'"{gold}."', f'"`{gold}`"', f'" {gold} "']
-            for wrapped in wrappings:
-                assert task.score(s, f"<<<{wrapped}>>>") == 1.0, (name, wrapped)
-            for near in (f'"{gold}x"', f'"{gold[:-1]}"', f'"{gold}', f"{gold}'", f'"{gold}\'', "<<<.>>>"):
+            for form in _other_forms(name, gold):
+                assert task.score(s, f"<<<{form}>>>") == 1.0, (name, gold, form)
+            cut = [] if gold.endswith(".") else [f'"{gold[:-1]}"']  # a sentence's own full stop may go
+            for near in [f'"{gold}x"', f'"{gold}', f"{gold}'", f'"{gold}\'', "<<<.>>>", f"Answer: {gold}x"] + cut:
                 if task.score(s, f"<<<{near}>>>") == 1.0:  # only where the package says so too
-                    assert task._scorer.score_answer(near, s.data) == 1.0, (name, near)
+                    cleaned = rg_forms.clean(near, gold, name.removeprefix("rg/"))  # less label and quotes
+                    assert task._scorer.score_answer(cleaned, s.data) == 1.0, (name, near)
             assert task.score(s, '<<<"zzz not an answer">>>') < 1.0, name
         if not all(task.gold_answer(s).strip().lower() in opposite for s in samples):
             continue
@@ -179,17 +203,52 @@ def test_wrapped_answers_and_true_false_in_any_case_score_as_the_gold():
                 assert task.score(s, f"<<<{form(gold)}>>>") == 1.0, (name, gold, form(gold))
                 assert task.score(s, f"<<< {form(opposite[gold.lower()])}. >>>") < 1.0, (name, gold)
     assert {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"} <= set(boolean), boolean
-    # codeio predicts a function's output as JSON: a number in quotes is a string, not the number
-    codeio = load_task("rg/codeio", train_size=40, validation_size=1)
-    numeric = [s for s in codeio.samples("train") if re.fullmatch(r"-?\d+", codeio.gold_answer(s).strip())]
-    assert numeric
+
+
+def test_answer_forms_the_prompts_invite_and_those_they_rule_out():
+    def samples(name, n=8):
+        task = load_task(f"rg/{name}", train_size=n, validation_size=1)
+        return task, task.samples("train")
+    # intermediate_integration: "use exp(x) or E**(x)"; the guard refused E**(x)
+    task, ss = samples("intermediate_integration")
+    golds = [(s, task.gold_answer(s)) for s in ss if "exp(" in task.gold_answer(s)]
+    assert golds
+    for s, gold in golds:
+        assert task.score(s, "<<<" + gold.replace("exp(", "E**(") + ">>>") == 1.0, gold
+    # a word answer in any case where the prompt's case is not part of it
+    for name in ("acre", "mahjong_puzzle", "calendar_arithmetic", "shortest_path"):
+        task, ss = samples(name, 40)
+        words = [s for s in ss if task.gold_answer(s).isalpha()]
+        assert words, name
+        for s in words:
+            assert task.score(s, f"<<<{task.gold_answer(s).swapcase()}>>>") == 1.0, (name, task.gold_answer(s))
+    # codeio predicts JSON: other whitespace is the same value, quotes or .0 make another type
+    task, ss = samples("codeio", 40)
+    numeric = [s for s in ss if re.fullmatch(r"-?\d+", task.gold_answer(s).strip())]
+    lists = [s for s in ss if task.gold_answer(s).strip().startswith("[") and ", " in task.gold_answer(s)]
+    assert numeric and lists
     for s in numeric:
-        gold = codeio.gold_answer(s).strip()
-        assert codeio.score(s, f'<<<"{gold}">>>') < 1.0 and codeio.score(s, f"<<<{gold}.>>>") == 1.0
+        gold = task.gold_answer(s).strip()
+        assert task.score(s, f'<<<"{gold}">>>') < 1.0 and task.score(s, f"<<<{gold}.0>>>") < 1.0
+        assert task.score(s, f"<<<{gold}.>>>") == 1.0 and task.score(s, f"<<<Answer: {gold}>>>") == 1.0
+    for s in lists:
+        gold = task.gold_answer(s).strip()
+        assert task.score(s, "<<<" + json.dumps(json.loads(gold), separators=(",", ":")) + ">>>") == 1.0
+    # letter_jumble keeps the words' capitals: its scorer gave a lower-case answer full marks
+    task, ss = samples("letter_jumble")
+    capitalised = [s for s in ss if task.gold_answer(s) != task.gold_answer(s).lower()]
+    assert capitalised
+    for s in capitalised:
+        assert task.score(s, f"<<<{task.gold_answer(s).lower()}>>>") < 1.0
     # a case change inside quotes gains nothing where case is part of the answer
-    caesar = load_task("rg/caesar_cipher", train_size=4, validation_size=1)
-    for s in caesar.samples("train"):
-        assert caesar.score(s, f'<<<"{caesar.gold_answer(s).lower()}">>>') < 1.0
+    task, ss = samples("caesar_cipher", 4)
+    for s in ss:
+        assert task.score(s, f'<<<"{task.gold_answer(s).lower()}">>>') < 1.0
+    # another number stays another number
+    task, ss = samples("gcd", 4)
+    for s in ss:
+        gold = int(task.gold_answer(s))
+        assert task.score(s, f"<<<{gold + 1}.0>>>") < 1.0 and task.score(s, f"<<<{gold}.5>>>") < 1.0
 
 
 def test_a_long_wrapped_answer_is_read_in_linear_time():

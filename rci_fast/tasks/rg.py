@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from rci_fast.tasks import rg_forms
 from rci_fast.tasks.base import Sample, Task
 
 log = logging.getLogger("rci_fast.tasks")
@@ -119,6 +120,8 @@ def _arithmetic(answer: str, allow_integral: bool) -> bool:
         if not isinstance(node, ast.BinOp) or not isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
             return False
         if isinstance(node.op, ast.Pow):
+            if isinstance(node.left, ast.Name) and node.left.id == "E":
+                return ok(node.right)  # E**(x) is exp(x), which the prompts invite and exp admits
             base_is_sum = isinstance(node.left, ast.BinOp) and isinstance(node.left.op, (ast.Add, ast.Sub))
             nested = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left))
             return not nested and constant(node.right, 5 if base_is_sum else 100) and ok(node.left)
@@ -199,36 +202,8 @@ def time_limit(seconds: float):
 # letter_jumble caps its prefix score at 1 (the gold followed by more words scores 1). Full marks
 # there only for the gold itself (case and spacing aside); partial credit stays below 1.
 EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
-
-# Datasets whose answer is True/False or Yes/No (as their prompts spell it) and whose scorers
-# compare case-sensitively: "true" or "yes" scored 0. Here the gold word in any case is the gold
-# (only there: where an answer is a string to transform, case is part of it).
-BOOLEAN_ANSWERS = {"course_schedule", "isomorphic_strings", "ransom_note", "syllogism"}
-
-
-# codeio's answers are JSON values: quotes make a string of a number, a bool or a list (its type
-# is part of the prediction). Only a full stop after them is taken off.
-QUOTES_ARE_CONTENT = {"codeio"}
-
-
-def _is_wrapped_gold(answer: str, gold: str, any_case: bool, quotes: bool) -> bool:
-    """Whether the answer is the gold behind full stops and, where quotes are not content, pairs of
-    quotes or backticks ('"x".', '`x`', '" x ".', ...); in any case where any_case. Each step
-    takes one layer off the outside (a form that ends in '.' cannot also end in a quote): a walk
-    of at most a few steps, as the answer shrinks towards the gold's length."""
-    target, form = gold.strip(), answer.strip()
-    same = (lambda a, b: a.lower() == b.lower()) if any_case else (lambda a, b: a == b)
-    while len(form) >= len(target):
-        if same(form, target):
-            return True
-        if form.endswith("."):
-            form = form[:-1].rstrip()
-        elif quotes and len(form) >= 2 and form[0] == form[-1] and form[0] in "\"'`":
-            form = form[1:-1].strip()
-        else:
-            return False
-    return False
-
+# letter_jumble's prompt keeps the words' capitals: its scorer gave a lower-case answer full marks.
+CASE_MATTERS = {"letter_jumble"}
 
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
     """(the reasoning-gym dataset object, its first `size` entries), in this process."""
@@ -317,10 +292,11 @@ class ReasoningGymTask(Task):
     def check(self, sample: Sample, answer: str) -> float:
         guard = EVALUATED_ANSWERS.get(self.dataset)
         gold = self.gold_answer(sample)
-        # The gold behind quotes, backticks or a full stop is the gold (the package's scorers gave
-        # it 0 or partial credit); any other answer goes to the guard and the scorer as written.
-        if _is_wrapped_gold(answer, gold, any_case=self.dataset in BOOLEAN_ANSWERS,
-                            quotes=self.dataset not in QUOTES_ARE_CONTENT):
+        # The gold written another way is the gold (rg_forms: the package's scorers gave "Answer:
+        # 42", '"42"' or "42.0" 0 or partial credit); any other answer goes to the guard and the
+        # scorer as written, less a leading "Answer:" and quotes around it.
+        answer = rg_forms.clean(answer, gold, self.dataset)
+        if rg_forms.same_as_gold(answer, gold, self.dataset):
             answer = gold
         if guard is not None and not guard.admits(answer, gold):
             return 0.0
@@ -331,8 +307,9 @@ class ReasoningGymTask(Task):
             score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
         if alarm.expired:  # the scorer caught the timeout and returned
             raise ScoringTimeout
-        if score == 1.0 and self.dataset in EXACT_FOR_FULL_MARKS and \
-                answer.lower().split() != gold.lower().split():
+        if score == 1.0 and self.dataset in EXACT_FOR_FULL_MARKS and (
+                (answer.split() != gold.split()) if self.dataset in CASE_MATTERS
+                else (answer.lower().split() != gold.lower().split())):
             return 0.99
         return score
 
