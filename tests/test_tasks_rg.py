@@ -244,6 +244,19 @@ def test_answer_forms_the_prompts_invite_and_those_they_rule_out():
     task, ss = samples("caesar_cipher", 4)
     for s in ss:
         assert task.score(s, f'<<<"{task.gold_answer(s).lower()}">>>') < 1.0
+    # a second guess after a comment, strings run together, a number with leading zeros: not the gold
+    task, ss = samples("list_functions")
+    s = next(s for s in ss if ", " in task.gold_answer(s))
+    gold = task.gold_answer(s)
+    assert task.score(s, f"<<<{gold}  # or maybe [1, 2, 3]>>>") < 1.0
+    assert task.score(s, f"<<<{gold}\n# alternatively [1, 2, 3]>>>") < 1.0
+    task, ss = samples("palindrome_partitioning", 20)
+    s = next(s for s in ss if '"' in task.gold_answer(s) and '", "' in task.gold_answer(s))
+    joined = task.gold_answer(s).replace('", "', '" "', 1)  # two items read as one string by Python
+    assert task.score(s, f"<<<{joined}>>>") < 1.0
+    task, ss = samples("manipulate_matrix", 60)
+    s = next(s for s in ss if task.gold_answer(s).strip() == "0")
+    assert task.score(s, "<<<00>>>") < 1.0 and task.score(s, "<<<0,000>>>") < 1.0
     # another number stays another number
     task, ss = samples("gcd", 4)
     for s in ss:

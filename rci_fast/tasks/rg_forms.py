@@ -10,8 +10,10 @@ else goes to the scorer as written: these rules only ever map an answer onto its
 from __future__ import annotations
 
 import ast
+import io
 import json
 import re
+import tokenize
 from decimal import Decimal, InvalidOperation
 
 # Datasets whose answer is a word the prompt spells in one case (True/False, Yes/No, Pass/Peng,
@@ -28,7 +30,8 @@ QUOTES_ARE_CONTENT = {"codeio"}
 
 _QUOTES = "\"'`"
 _LABEL = re.compile(r"(?:final\s+)?answer\s*[:：]\s*", re.I)
-_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")  # 3544, -3,544.5
+# 3544, -3,544.5; no leading zeros ("00" is a row of two cells, "0,000" a list of roots)
+_NUMBER = re.compile(r"[+-]?(?:0|[1-9]\d{0,2}(?:,\d{3})+|[1-9]\d*)(?:\.\d+)?")
 _PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 _FRACTION = re.compile(r"\s*([+-]?\d+)\s*/\s*(\d+)\s*")
 MAX_STRUCTURED_CHARS = 100_000  # longer lists are compared as text only
@@ -92,9 +95,23 @@ def _same_fraction(answer: str, gold: str) -> bool:
     return bool(a and g and a.groups() == g.groups())
 
 
+def _one_literal(text: str) -> bool:
+    """Whether Python reads text as one literal and nothing else: no comment (a second guess
+    after '#') and no two strings in a row ("u" "u" is "uu" to Python, not to the scorers)."""
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                  if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER)]
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    return all(t.type != tokenize.COMMENT for t in tokens) and not any(
+        a.type == b.type == tokenize.STRING for a, b in zip(tokens, tokens[1:]))
+
+
 def _canonical(text: str, parse) -> str | None:
     """A list, tuple or dict as compact JSON (JSON keeps 1, 1.0 and true apart), or None."""
     if not text[:1] in "[({" or len(text) > MAX_STRUCTURED_CHARS:
+        return None
+    if parse is ast.literal_eval and not _one_literal(text):
         return None
     try:
         value = parse(text)
@@ -118,7 +135,7 @@ def same_as_gold(answer: str, gold: str, dataset: str) -> bool:
     if _is_wrapped_gold(answer, g, any_case=dataset in CASE_FREE_ANSWERS, quotes=quotes):
         return True
     answer = answer.strip()
-    if "\n" in g and [line.rstrip() for line in answer.splitlines()] == [line.rstrip() for line in g.splitlines()]:
+    if "\n" in g and [line.rstrip() for line in answer.split("\n")] == [line.rstrip() for line in g.split("\n")]:
         return True  # a grid with spaces after its lines
     if g.endswith(".") and answer == g[:-1].rstrip():
         return True  # a sentence without its full stop
