@@ -8,6 +8,7 @@ import pytest
 
 from rci_fast.tasks import TaskDataError, list_tasks, load_task, task_split
 from rci_fast.tasks import symbench_checkers as ck
+from rci_fast.tasks.answer import extract_answer
 from rci_fast.tasks.base import DATA_ENV_VAR, resolve_data_dir
 from rci_fast.tasks.bbh import _choice_letter as bbh_choice_letter
 from rci_fast.tasks.split import SPLIT_FILE, load_split, make_split
@@ -294,6 +295,17 @@ def test_eight_queens_takes_the_remaining_queens_alone():
     assert checked >= 20
 
 
+def test_an_answer_label_is_not_part_of_the_answer():
+    """'<<<Answer: (B)>>>' scored 0 in every BBH and most SymBench tasks (and 94 reasoning-gym ones)."""
+    for name in BBH + SYMBENCH:
+        task = load_task(name)
+        for s in task.samples("train")[:2]:
+            gold = task.gold_answer(s)
+            for labelled in (f"Answer: {gold}", f"Final answer:{gold}", f"ANSWER: {gold}"):
+                assert task.score(s, _wrap(labelled)) == 1.0, (name, labelled)
+    assert extract_answer("<<<Answer: >>>") == "" and extract_answer("<<<answers: 4>>>") == "answers: 4"
+
+
 def test_symbench_answer_forms():
     sudoku = load_task("symbench/standard_sudoku")
     s = sudoku.samples()[0]
@@ -431,7 +443,7 @@ def test_answers_with_huge_numbers_or_many_openers_are_read_quickly():
     import time
     from fractions import Fraction
 
-    from rci_fast.tasks.answer import extract_answer, numbers_in, parse_number
+    from rci_fast.tasks.answer import numbers_in, parse_number
 
     start = time.monotonic()
     assert parse_number("1e999999999") is None and parse_number("1/1e9000000") is None

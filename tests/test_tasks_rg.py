@@ -11,6 +11,7 @@ import pytest
 
 from rci_fast.tasks import list_tasks, load_task
 from rci_fast.tasks import rg_forms
+from rci_fast.tasks.answer import extract_answer
 from rci_fast.tasks.rg import LEFT_OUT
 
 RG = list_tasks("rg")
@@ -191,7 +192,7 @@ def test_an_answer_written_another_way_scores_as_the_gold():
             cut = [] if gold.endswith(".") else [f'"{gold[:-1]}"']  # a sentence's own full stop may go
             for near in [f'"{gold}x"', f'"{gold}', f"{gold}'", f'"{gold}\'', "<<<.>>>", f"Answer: {gold}x"] + cut:
                 if task.score(s, f"<<<{near}>>>") == 1.0:  # only where the package says so too
-                    cleaned = rg_forms.clean(near, gold, name.removeprefix("rg/"))  # less label and quotes
+                    cleaned = rg_forms.clean(extract_answer(f"<<<{near}>>>"), gold, name.removeprefix("rg/"))
                     assert task._scorer.score_answer(cleaned, s.data) == 1.0, (name, near)
             assert task.score(s, '<<<"zzz not an answer">>>') < 1.0, name
         if not all(task.gold_answer(s).strip().lower() in opposite for s in samples):

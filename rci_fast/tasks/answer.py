@@ -49,10 +49,19 @@ def answer_state(text: str) -> str | None:
     return "open" if answer.end() == len(prose) else "closed"
 
 
+# "<<<Answer: 42>>>": a label is never part of an answer (every verifier scored it 0 or less).
+_LABEL_RE = re.compile(r"(?:final\s+)?answer\s*[:：]\s*", re.I)
+
+
 def extract_answer(text: str | None) -> str | None:
-    """The stripped text inside the last <<<...>>> in `text`, or None when there is none."""
+    """The stripped text inside the last <<<...>>> in `text`, less a leading "Answer:" label, or
+    None when there is none."""
     matches = ANSWER_RE.findall(_answer_region(_prose(text or "")))
-    return matches[-1].strip() if matches else None
+    if not matches:
+        return None
+    answer = matches[-1].strip()
+    label = _LABEL_RE.match(answer)
+    return answer[label.end():].strip() if label else answer
 
 
 _QUOTES = "\"'`"

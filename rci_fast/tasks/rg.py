@@ -265,6 +265,7 @@ class ReasoningGymTask(Task):
         self.config = config
         self._parts: dict[str, list[Sample]] = {}
         self._scorer = None
+        self._warm = False  # the scorer has run once (outside the time limit)
 
     def _generate(self, seed: int, size: int):
         if self.dataset in HASH_DEPENDENT and os.environ.get("PYTHONHASHSEED") != "0":
@@ -302,6 +303,9 @@ class ReasoningGymTask(Task):
             return 0.0
         if self._scorer is None:  # in this process: scoring does not depend on the hash seed
             self._scorer = generate_entries(self.dataset, TRAIN_SEED, 1, self.config)[0]
+        if guard is not None and not self._warm:  # sympy's first parse takes ~0.3 s, seconds on a
+            self._scorer.score_answer(gold, sample.data)  # busy machine: not inside the limit
+            self._warm = True
         # The package scores with the dataset object; score_answer reads only `entry`.
         with time_limit(EVALUATED_ANSWER_TIME_LIMIT_S if guard is not None else 0.0) as alarm:
             score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))

@@ -1,9 +1,10 @@
 """Reasoning-gym answers written another way than their gold: what counts as the gold.
 
-The package's scorers compare text: a leading "Answer:", quotes the prompt's own example shows,
+The package's scorers compare text: quotes the prompt's own example shows,
 "87.0" for 87, "3,544" for 3544, a list without spaces after its commas, trailing spaces on a
 grid's lines or "true" for True scored 0 or partial credit (an audit of all 99 datasets,
-session 20). `clean` takes off what is never part of an answer; `same_as_gold` says whether the
+session 20; a leading "Answer:", which scored 0 in 94 datasets, extract_answer takes off for
+every source). `clean` takes off what is never part of an answer; `same_as_gold` says whether the
 rest is the gold written another way, and the scorer is then given the gold itself. Anything
 else goes to the scorer as written: these rules only ever map an answer onto its own gold.
 """
@@ -29,7 +30,6 @@ CASE_FREE_ANSWERS = {"course_schedule", "isomorphic_strings", "ransom_note", "sy
 QUOTES_ARE_CONTENT = {"codeio"}
 
 _QUOTES = "\"'`"
-_LABEL = re.compile(r"(?:final\s+)?answer\s*[:：]\s*", re.I)
 # 3544, -3,544.5; no leading zeros ("00" is a row of two cells, "0,000" a list of roots)
 _NUMBER = re.compile(r"[+-]?(?:0|[1-9]\d{0,2}(?:,\d{3})+|[1-9]\d*)(?:\.\d+)?")
 _PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
@@ -43,13 +43,10 @@ def _wrapped(text: str) -> bool:
 
 
 def clean(answer: str, gold: str, dataset: str) -> str:
-    """The answer without a leading "Answer:" label and, unless quotes are content (codeio) or the
-    gold itself is quoted, without quotes or backticks around it (polynomial_equations' prompt
-    shows its example in quotes)."""
+    """The answer (extract_answer took a leading "Answer:" label off) without quotes or backticks
+    around it, unless quotes are content (codeio) or the gold itself is quoted
+    (polynomial_equations' prompt shows its example in quotes)."""
     answer = answer.strip()
-    label = _LABEL.match(answer)
-    if label:
-        answer = answer[label.end():].strip()
     if dataset not in QUOTES_ARE_CONTENT and not _wrapped(gold.strip()):
         while _wrapped(answer):
             answer = answer[1:-1].strip()
