@@ -1,6 +1,6 @@
 """Reasoning-gym answers written another way than their gold: what counts as the gold.
 
-The package's scorers compare text: quotes the prompt's own example shows,
+The package's scorers compare text: an answer in quotes as a prompt's own example writes it,
 "87.0" for 87, "3,544" for 3544, a list without spaces after its commas, trailing spaces on a
 grid's lines or "true" for True scored 0 or partial credit (an audit of all 99 datasets,
 session 20; a leading "Answer:", which scored 0 in 94 datasets, extract_answer takes off for
