@@ -205,6 +205,7 @@ EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
 # letter_jumble's prompt keeps the words' capitals: its scorer gave a lower-case answer full marks.
 CASE_MATTERS = {"letter_jumble"}
 
+
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
     """(the reasoning-gym dataset object, its first `size` entries), in this process."""
     import numpy as np
@@ -293,9 +294,9 @@ class ReasoningGymTask(Task):
     def check(self, sample: Sample, answer: str) -> float:
         guard = EVALUATED_ANSWERS.get(self.dataset)
         gold = self.gold_answer(sample)
-        # The gold written another way is the gold (rg_forms: the package's scorers gave "Answer:
-        # 42", '"42"' or "42.0" 0 or partial credit); any other answer goes to the guard and the
-        # scorer as written, less a leading "Answer:" and quotes around it.
+        # The gold written another way is the gold (rg_forms: the package's scorers gave '"42"' or
+        # "42.0" 0 or partial credit); any other answer goes to the guard and the scorer as
+        # written, less quotes around it (extract_answer took a leading "Answer:" off).
         answer = rg_forms.clean(answer, gold, self.dataset)
         if rg_forms.same_as_gold(answer, gold, self.dataset):
             answer = gold
