@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from rci_fast.tasks import list_tasks, load_task
@@ -148,6 +151,56 @@ def test_full_marks_need_the_gold_itself_where_the_package_gives_more():
             gold = task.gold_answer(s)
             assert task.score_answer(s, gold) == 1.0 and task.score_answer(s, gold.upper()) in (0.99, 1.0)
             assert task.score_answer(s, gold + extra) < 1.0, (dataset, gold)
+
+
+def _near_and_right(dataset: str, s) -> tuple[list[str], list[str]]:
+    """Answers other than the gold that dataset's scorer may give full marks: wrong ones (within
+    its tolerance) and right ones (the gold to the precision asked, with a unit, ...)."""
+    gold = s.data["answer"]
+    if dataset == "number_sorting":
+        numbers = [Decimal(x) for x in json.loads(gold.replace("'", '"'))]
+        rounded = [Decimal(round(x)) for x in numbers]
+        return ([json.dumps(list(map(str, rounded)))] if rounded != numbers else [],
+                ["[" + ", ".join(map(str, numbers)) + "]"])
+    if dataset == "coin_flip":
+        exact = Fraction(s.data["metadata"]["rational"]["numerator"], s.data["metadata"]["rational"]["denominator"])
+        return ([x for x in (f"{float(gold) + 9e-5:.6f}", f"{float(exact):.1g}", "0") if Fraction(x) != exact],
+                [f"{exact.numerator}/{exact.denominator}", f"{float(exact):.4g}", f"{float(exact):.12f}"])
+    if dataset == "pool_matrix":
+        rows = [[float(x) for x in line.split()] for line in gold.splitlines()]
+        m, k = np.array(s.data["metadata"]["matrix"]), s.data["metadata"]["pool_size"]
+        pool = np.mean if s.data["metadata"]["pool_type"] == "average" else np.max
+        exact = [[pool(m[i:i + k, j:j + k]) for j in range(0, m.shape[1], k)] for i in range(0, m.shape[0], k)]
+        return (["\n".join(" ".join(f"{x * 1.009:.2f}" for x in row) for row in rows)],
+                ["\n".join(" ".join(f"{x:.4f}" for x in row) for row in exact)])
+    if dataset == "game_of_life":
+        grid = json.loads(gold)
+        return [json.dumps(grid + [[0] * len(grid[0])])], [json.dumps(grid, indent=1)]
+    if dataset == "gsm_symbolic":
+        return [f"{gold} or {int(gold) + 1}", f"{gold}, maybe {int(gold) * 2}"], [f"{gold} bricks", f"${gold}"]
+    if dataset == "time_intervals" and re.fullmatch(r"\d+ days", gold):
+        days = gold.split()[0]
+        return [f"{days} weeks", f"{days} days and 4 hours"], [days, f"{days} day", f"{days} Days"]
+    return [], []
+
+
+@pytest.mark.parametrize("dataset", ["number_sorting", "coin_flip", "pool_matrix", "game_of_life",
+                                     "gsm_symbolic", "time_intervals"])
+def test_full_marks_only_within_the_precision_the_question_asks(dataset):
+    """The package's own scorer gives these wrong answers full marks (asserted: the rule is
+    needed); rg_full_marks takes them down to partial credit and leaves right ones whole."""
+    task = load_task(f"rg/{dataset}", train_size=40, validation_size=1)
+    tested = 0
+    for s in task.samples("train"):
+        near, right = _near_and_right(dataset, s)
+        for answer in near:
+            if task._scorer.score_answer(answer, s.data) == 1.0:
+                assert task.score_answer(s, answer) < 1.0, (dataset, s.data["answer"], answer)
+                tested += 1
+        for answer in right:
+            assert task.score_answer(s, answer) == 1.0, (dataset, s.data["answer"], answer)
+        assert task.score_answer(s, task.gold_answer(s)) == 1.0
+    assert tested >= 5, (dataset, tested)
 
 
 def _other_forms(name: str, gold: str) -> list[str]:

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from rci_fast.tasks import rg_forms
+from rci_fast.tasks import rg_forms, rg_full_marks
 from rci_fast.tasks.base import Sample, Task
 
 log = logging.getLogger("rci_fast.tasks")
@@ -197,15 +197,6 @@ def time_limit(seconds: float):
             signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3), outer_interval)
 
 
-# Scorers that give full marks to wrong answers: spell_backward's prefix score can sum to
-# 1.0000000000000002, past the package's own "== 1.0" check, and is then clamped to 1;
-# letter_jumble caps its prefix score at 1 (the gold followed by more words scores 1). Full marks
-# there only for the gold itself (case and spacing aside); partial credit stays below 1.
-EXACT_FOR_FULL_MARKS = {"spell_backward", "letter_jumble"}
-# letter_jumble's prompt keeps the words' capitals: its scorer gave a lower-case answer full marks.
-CASE_MATTERS = {"letter_jumble"}
-
-
 def generate_entries(dataset_name: str, seed: int, size: int, config: dict):
     """(the reasoning-gym dataset object, its first `size` entries), in this process."""
     import numpy as np
@@ -312,10 +303,8 @@ class ReasoningGymTask(Task):
             score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
         if alarm.expired:  # the scorer caught the timeout and returned
             raise ScoringTimeout
-        if score == 1.0 and self.dataset in EXACT_FOR_FULL_MARKS and (
-                (answer.split() != gold.split()) if self.dataset in CASE_MATTERS
-                else (answer.lower().split() != gold.lower().split())):
-            return 0.99
+        if score == 1.0 and not rg_full_marks.deserves_full_marks(self.dataset, answer, gold, sample.data):
+            return 0.99  # the package's tolerance admitted another answer (rg_full_marks)
         return score
 
     def score_answer(self, sample: Sample, answer: str) -> float:
