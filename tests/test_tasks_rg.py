@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from decimal import Decimal
 from fractions import Fraction
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from rci_fast.tasks import list_tasks, load_task
-from rci_fast.tasks import rg_forms
+from rci_fast.tasks import rg_codeio, rg_forms
 from rci_fast.tasks.answer import extract_answer
 from rci_fast.tasks.rg import LEFT_OUT
 
@@ -201,6 +202,61 @@ def test_full_marks_only_within_the_precision_the_question_asks(dataset):
             assert task.score_answer(s, answer) == 1.0, (dataset, s.data["answer"], answer)
         assert task.score_answer(s, task.gold_answer(s)) == 1.0
     assert tested >= 5, (dataset, tested)
+
+
+def _same_output_inputs(code: str, inputs: dict, output) -> tuple[list[dict], list[dict]]:
+    """Inputs one change away from the stored one (a number +-1 or doubled, a string or list
+    reversed, a string's case) that give the same output, and some that give another: found by
+    running the package's own reference code here (trusted code; answers go to the sandbox)."""
+    namespace: dict = {}
+    with warnings.catch_warnings():  # the package's code has invalid escapes ('\\d')
+        warnings.simplefilter("ignore", DeprecationWarning)
+        exec(compile(code, "<codeio reference>", "exec"), namespace)
+    same, other = [], []
+    for key, value in inputs.items():
+        if isinstance(value, bool):
+            changes = [not value]
+        elif isinstance(value, (int, float)):
+            changes = [value + 1, value - 1, value * 2]
+        elif isinstance(value, (str, list)):
+            changes = [value[::-1]] + ([value.upper(), value.lower()] if isinstance(value, str) else [])
+        else:
+            changes = []
+        for changed in changes:
+            candidate = dict(inputs, **{key: changed})
+            if changed == value:
+                continue
+            try:
+                result = json.loads(json.dumps(namespace["main_solution"](**candidate)))
+            except Exception:
+                continue
+            (same if result == json.loads(json.dumps(output)) else other).append(candidate)
+    return same, other
+
+
+def test_codeio_takes_any_input_that_gives_the_stated_output():
+    """codeio asks for "a feasible input"; the package gives full marks only to the input it
+    stored. Another that the reference code (run in the sandbox) maps to the stated output scores
+    1, one that it maps elsewhere, one with other keys or not JSON does not."""
+    task = load_task("rg/codeio", train_size=60, validation_size=1)
+    found = refused = 0
+    for s in task.samples("train"):
+        if not rg_codeio.asks_for_an_input(s.data):
+            continue
+        meta = s.data["metadata"]
+        code = s.data["question"].split(rg_codeio.CODE_MARK, 1)[1].split("\n", 1)[1]
+        same, other = _same_output_inputs(code, meta["input_data"], meta["output_data"])
+        for inputs in same[:1]:
+            answer = json.dumps(inputs)
+            assert task._scorer.score_answer(answer, s.data) < 1.0  # the package's verdict
+            assert task.score(s, f"<<<{answer}>>>") == 1.0, (s.id, answer)
+            found += 1
+        for inputs in other[:1]:
+            assert task.score(s, f"<<<{json.dumps(inputs)}>>>") < 1.0, (s.id, inputs)
+            refused += 1
+        wrong_keys = json.dumps({**meta["input_data"], "extra": 1})
+        assert task.score(s, f"<<<{wrong_keys}>>>") < 1.0 and task.score(s, "<<<{not json>>>") < 1.0
+    assert found >= 5 and refused >= 5, (found, refused)
 
 
 def _other_forms(name: str, gold: str) -> list[str]:

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from rci_fast.tasks import rg_forms, rg_full_marks
+from rci_fast.tasks import rg_codeio, rg_forms, rg_full_marks
 from rci_fast.tasks.base import Sample, Task
 
 log = logging.getLogger("rci_fast.tasks")
@@ -303,6 +303,8 @@ class ReasoningGymTask(Task):
             score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
         if alarm.expired:  # the scorer caught the timeout and returned
             raise ScoringTimeout
+        if score < 1.0 and self.dataset == "codeio" and rg_codeio.is_feasible_input(answer, sample.data):
+            return 1.0  # another input that gives the stated output (the package knows only its own)
         if score == 1.0 and not rg_full_marks.deserves_full_marks(self.dataset, answer, gold, sample.data):
             return 0.99  # the package's tolerance admitted another answer (rg_full_marks)
         return score
