@@ -404,6 +404,34 @@ def test_mahjong_results_follow_the_stated_rules():
     assert {"sample_156", "sample_6", "sample_46"}.isdisjoint(kept)
 
 
+def _shown_board(prompt: str) -> list[str]:
+    return re.search(r"The previous round of the game was: *\n((?:[01*]+\n)+)", prompt).group(1).split()
+
+
+def test_reversi_questions_show_the_board_before_the_moves():
+    """Every published question showed its answer (the board after the moves) as the previous
+    round: copying it scored 1 on all 200. The questions now show the starting board, from which a
+    player of the rules (checked by hand on sample_0 below) reaches every published answer."""
+    rows = {r["id"]: r for r in map(json.loads, (resolve_data_dir() / "symbench" / "reversi_dataset.jsonl").open())}
+    task = load_task("symbench/reversi")
+    assert len(task.samples()) == len(rows) == 200
+    for s in task.samples():
+        old, new = _shown_board(rows[s.id]["question"]), _shown_board(s.prompt)
+        assert ",".join("".join(old)) == s.data["solution"]["solution"]  # the published question gave it away
+        n = len(new)
+        assert sum(c != "*" for line in new for c in line) == 4 and new == ["".join(r) for r in ck.reversi_start(n)]
+        assert task.score(s, f"<<<{','.join(''.join(new))}>>>") == 0.0
+        assert task.score(s, _wrap(task.gold_answer(s))) == 1.0
+        assert s.prompt.replace("\n".join(new), "\n".join(old)) == rows[s.id]["question"]  # nothing else changed
+    # sample_0: black at (4,3) encloses the white piece at (3,3) with the black one at (2,3)
+    s = next(s for s in task.samples() if s.id == "sample_0")
+    assert _shown_board(s.prompt) == ["****", "*10*", "*01*", "****"] and "(4,3)" in s.prompt
+    assert task.gold_answer(s) == "*,*,*,*,*,1,0,*,*,0,0,*,*,*,0,*"
+    # a row whose moves do not reach its published board is left out
+    bad = dict(rows["sample_0"], solution=dict(rows["sample_0"]["solution"], solution="*," * 15 + "*"))
+    assert ck.reversi_question(bad) is None and ck.reversi_question(rows["sample_0"]) == s.prompt
+
+
 def test_synthesis_answers_only_the_requested_fields():
     task = load_task("symbench/synthesis_decomposition")
     s = task.samples()[0]  # asks for [remaining_A, remaining_B, obtained_X] of 3 A and 2 B

@@ -95,6 +95,73 @@ def check_reversi(answer, solution, question):
     return re.findall(r"[01*]", answer) == solution["solution"].split(",")
 
 
+# The published reversi questions show the board after the moves as "the previous round" (copying
+# it scored on all 200). Every game starts from the four centre pieces its question describes (the
+# moves from there give each published board): reversi_question shows that board instead.
+_REVERSI_BOARD = re.compile(r"(The previous round of the game was: *\n)((?:[01*]+\n)+)")
+_REVERSI_MOVE = re.compile(r"Round \d+: (Your's|The opponent's) landing position is \((\d+),\s*(\d+)\)")
+_DIRECTIONS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+
+
+def _reversi_moves(question: str) -> list[tuple[str, int, int]]:
+    """(colour, row, column) per round, 0-based; the question's player is black (0) or white (1)."""
+    mine = "0" if re.search(r"you play black", question) else "1"
+    theirs = "1" if mine == "0" else "0"
+    return [(mine if who == "Your's" else theirs, int(r) - 1, int(c) - 1)
+            for who, r, c in _REVERSI_MOVE.findall(question)]
+
+
+def _ray(board, r, c, dr, dc):
+    n = len(board)
+    r, c = r + dr, c + dc
+    while 0 <= r < n and 0 <= c < n:
+        yield r, c
+        r, c = r + dr, c + dc
+
+
+def reversi_play(board: list[list[str]], moves) -> list[list[str]]:
+    """The board after the moves: each piece flips the opponent's pieces it encloses in a line with
+    one of its own (the question's rule 3)."""
+    board = [row[:] for row in board]
+    for colour, r, c in moves:
+        board[r][c] = colour
+        for dr, dc in _DIRECTIONS:
+            run = []
+            for rr, cc in _ray(board, r, c, dr, dc):
+                if board[rr][cc] == colour:
+                    for fr, fc in run:
+                        board[fr][fc] = colour
+                    break
+                if board[rr][cc] == "*":
+                    break
+                run.append((rr, cc))
+    return board
+
+
+def reversi_start(n: int) -> list[list[str]]:
+    """Two black (0) and two white (1) pieces in the centre, arranged diagonally."""
+    board = [["*"] * n for _ in range(n)]
+    m = n // 2
+    board[m - 1][m - 1] = board[m][m] = "1"
+    board[m - 1][m] = board[m][m - 1] = "0"
+    return board
+
+
+def reversi_question(row) -> str | None:
+    """The question with the starting board in place of the final one, or None where its moves
+    from there do not give the published board."""
+    solution, n = row["solution"], row["solution"]["board_size"]
+    final = [solution["solution"].split(",")[i * n:(i + 1) * n] for i in range(n)]
+    board = reversi_start(n)
+    moves = _reversi_moves(row["question"])
+    if not _REVERSI_BOARD.search(row["question"]) or [[r + 1, c + 1] for _, r, c in moves] != solution["moves"]:
+        return None
+    if not moves or reversi_play(board, moves) != final:
+        return None
+    text = "".join("".join(line) + "\n" for line in board)
+    return _REVERSI_BOARD.sub(lambda m: m.group(1) + text, row["question"], count=1)
+
+
 def check_cryptanalysis(answer, solution, question):
     return [x.upper() for x in parse_list(answer)] == [x.upper() for x in solution["answer"]]
 
