@@ -3,6 +3,7 @@ corrupted ones score 0, and the split has the paper's shape."""
 import json
 import random
 import re
+from fractions import Fraction
 
 import pytest
 
@@ -402,6 +403,22 @@ def test_mahjong_results_follow_the_stated_rules():
     assert rows["sample_46"]["solution"]["rounds"][-1]["add"] == "["
     assert ck.mahjong_result(rows["sample_46"]["solution"], rows["sample_46"]["question"]) == 0
     assert {"sample_156", "sample_6", "sample_46"}.isdisjoint(kept)
+
+
+def test_average_pooling_takes_averages_rounded_to_two_or_more_places():
+    """The prompt states no rounding; the published averages are floats (3.5555555555555554 for
+    32/9). 3.56 or 3.556 counts (it scored 0), 3.6 or 3.57 does not."""
+    task = load_task("symbench/pooling")
+    ninths = [s for s in task.samples() if any(len(x.partition(".")[2]) > 3 for x in task.gold_answer(s).split(","))]
+    assert len(ninths) >= 20
+    for s in ninths:
+        exact = [Fraction(x).limit_denominator(1000) for x in task.gold_answer(s).split(",")]
+        written = lambda places, shift=0: ",".join(f"{float(x) + shift:.{places}f}" for x in exact)  # noqa: E731
+        assert task.score(s, _wrap(task.gold_answer(s))) == 1.0
+        assert task.score(s, _wrap(written(2))) == 1.0 and task.score(s, _wrap(written(3))) == 1.0
+        assert task.score(s, _wrap(written(2, shift=0.01))) == 0.0
+        assert task.score(s, _wrap(written(1))) == 0.0  # some average is not a multiple of 0.1
+        assert task.score(s, _wrap(",".join(str(x) for x in exact))) == 0.0  # '32/9' reads as two numbers
 
 
 def _shown_board(prompt: str) -> list[str]:

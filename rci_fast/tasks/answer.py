@@ -121,6 +121,22 @@ def numbers_equal(a: Fraction | float | None, b: Fraction | float | None, rel: f
     return abs(float(a) - float(b)) <= rel * max(1.0, abs(float(b)))
 
 
+def decimals_in(s: str) -> list[tuple[Fraction, int]]:
+    """Every number in `s` with its places after the point as written ('3.560, 7' -> [(89/25, 3),
+    (7, 0)]; '1.5e-3' has 4); ValueError as numbers_in."""
+    out = []
+    for text in _NUMBER_RE.findall(s):
+        mantissa, _, exponent = text.lower().partition("e")
+        value = _fraction(text)  # checks the exponent's size first
+        out.append((value, max(len(mantissa.partition(".")[2]) - int(exponent or 0), 0)))
+    return out
+
+
+def rounds_to(value: Fraction, exact: Fraction, places: int) -> bool:
+    """Whether value is exact rounded to `places` decimals (either way at a tie)."""
+    return abs(value - exact) <= Fraction(1, 2 * 10**places)
+
+
 def numbers_in(s: str) -> list[Fraction]:
     """Every number in `s`, in order ('[[1, -2], [3.5, 4]]' -> [1, -2, 7/2, 4]); ValueError for
     one beyond MAX_EXPONENT or MAX_NUMBER_CHARS."""

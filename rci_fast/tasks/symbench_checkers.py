@@ -12,8 +12,8 @@ import itertools
 import re
 from fractions import Fraction
 
-from rci_fast.tasks.answer import (ints_in, numbers_equal, numbers_in, parse_list,
-                                   parse_number, parse_positions, strip_wrapping)
+from rci_fast.tasks.answer import (decimals_in, ints_in, numbers_equal, numbers_in, parse_list,
+                                   parse_number, parse_positions, rounds_to, strip_wrapping)
 
 
 # --- exact answers ----------------------------------------------------------------------------
@@ -79,10 +79,18 @@ def check_new_operator(answer, solution, question):
     return numbers_equal(parse_number(answer), Fraction(str(solution["solution"])))
 
 
+POOLING_MIN_DECIMALS = 2  # a window's average rounded to 2 or more decimals (3.56 for 32/9)
+
+
 def check_pooling(answer, solution, question):
-    gold = [Fraction(str(x)) for row in solution["solution"] for x in row]
-    got = numbers_in(answer)
-    return len(got) == len(gold) and all(numbers_equal(a, b) for a, b in zip(got, gold))
+    # The published averages are floats (3.5555555555555554): exact, they are fractions with the
+    # window's size as denominator. The prompt states no rounding: an average rounded to
+    # POOLING_MIN_DECIMALS or more places counts.
+    gold = [Fraction(str(x)).limit_denominator(1000) for row in solution["solution"] for x in row]
+    got = decimals_in(answer)
+    return len(got) == len(gold) and all(
+        numbers_equal(value, exact) or (places >= POOLING_MIN_DECIMALS and rounds_to(value, exact, places))
+        for (value, places), exact in zip(got, gold))
 
 
 def check_matrix_transformation(answer, solution, question):
