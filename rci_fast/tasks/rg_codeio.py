@@ -8,6 +8,7 @@ both go to the sandbox.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -68,10 +69,15 @@ def is_feasible_input(answer: str, entry: dict) -> bool:
         return False
     if not isinstance(inputs, dict) or set(inputs) != set(entry["metadata"]["input_data"]):
         return False
+    return _gives_output(entry["question"], answer, json.dumps(entry["metadata"]["output_data"]))
+
+
+@functools.lru_cache(maxsize=4096)  # a GRPO group often repeats an answer
+def _gives_output(question: str, answer: str, output_json: str) -> bool:
     sandbox = _get_sandbox()
     if sandbox is None:
         return False
-    result = sandbox.run(program(entry["question"], answer))
+    result = sandbox.run(program(question, answer))
     lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT)]
     if not result.ok or len(lines) != 1:
         return False
@@ -79,5 +85,4 @@ def is_feasible_input(answer: str, entry: dict) -> bool:
         output = json.loads(lines[0][len(_RESULT):])
     except ValueError:
         return False
-    # the stored output as JSON reads it back (tuples as lists)
-    return output == json.loads(json.dumps(entry["metadata"]["output_data"]))
+    return output == json.loads(output_json)  # the stored output as JSON reads it back (tuples as lists)
