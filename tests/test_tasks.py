@@ -445,8 +445,18 @@ def test_reversi_questions_show_the_board_before_the_moves():
     assert _shown_board(s.prompt) == ["****", "*10*", "*01*", "****"] and "(4,3)" in s.prompt
     assert task.gold_answer(s) == "*,*,*,*,*,1,0,*,*,0,0,*,*,*,0,*"
     # a row whose moves do not reach its published board is left out
-    bad = dict(rows["sample_0"], solution=dict(rows["sample_0"]["solution"], solution="*," * 15 + "*"))
+    bad = dict(rows["sample_0"], id="sample_bad", solution=dict(rows["sample_0"]["solution"], solution="*," * 15 + "*"))
     assert ck.reversi_question(bad) is None and ck.reversi_question(rows["sample_0"]) == s.prompt
+
+
+def test_a_question_that_cannot_be_rewritten_is_left_out_with_a_warning(tmp_path, caplog):
+    row = json.loads((resolve_data_dir() / "symbench" / "reversi_dataset.jsonl").open().readline())
+    bad = dict(row, id="sample_bad", solution=dict(row["solution"], solution="*," * 15 + "*"))
+    (tmp_path / "symbench").mkdir()
+    (tmp_path / "symbench" / "reversi_dataset.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(bad) + "\n")
+    with caplog.at_level("WARNING", logger="rci_fast.tasks"):
+        assert [s.id for s in load_task("symbench/reversi", data_dir=tmp_path).samples()] == [row["id"]]
+    assert "1 rows left out" in caplog.text
 
 
 def test_synthesis_answers_only_the_requested_fields():

@@ -166,7 +166,8 @@ def _near_and_right(dataset: str, s) -> tuple[list[str], list[str]]:
     if dataset == "coin_flip":
         exact = Fraction(s.data["metadata"]["rational"]["numerator"], s.data["metadata"]["rational"]["denominator"])
         return ([x for x in (f"{float(gold) + 9e-5:.6f}", f"{float(exact):.1g}", "0") if Fraction(x) != exact],
-                [f"{exact.numerator}/{exact.denominator}", f"{float(exact):.4g}", f"{float(exact):.12f}"])
+                [f"{exact.numerator}/{exact.denominator}", f"{float(exact):.4g}", f"{float(exact):.12f}",
+                 f"{Decimal(float(exact)):.3g}", f"{float(exact):.2e}"])  # rounded up too: the package gave 0.8
     if dataset == "pool_matrix":
         rows = [[float(x) for x in line.split()] for line in gold.splitlines()]
         m, k = np.array(s.data["metadata"]["matrix"]), s.data["metadata"]["pool_size"]
@@ -178,7 +179,8 @@ def _near_and_right(dataset: str, s) -> tuple[list[str], list[str]]:
         grid = json.loads(gold)
         return [json.dumps(grid + [[0] * len(grid[0])])], [json.dumps(grid, indent=1)]
     if dataset == "gsm_symbolic":
-        return [f"{gold} or {int(gold) + 1}", f"{gold}, maybe {int(gold) * 2}"], [f"{gold} bricks", f"${gold}"]
+        return ([f"{gold} or {int(gold) + 1}", f"{gold}, maybe {int(gold) * 2}", f"-{gold}" if int(gold) else "-1", f"at least {gold}",
+                 f"{gold} or seven"], [f"${gold}", f"{gold}.00", f"+{gold}"])
     if dataset == "time_intervals" and re.fullmatch(r"\d+ days", gold):
         days = gold.split()[0]
         return [f"{days} weeks", f"{days} days and 4 hours"], [days, f"{days} day", f"{days} Days"]
@@ -189,7 +191,8 @@ def _near_and_right(dataset: str, s) -> tuple[list[str], list[str]]:
                                      "gsm_symbolic", "time_intervals"])
 def test_full_marks_only_within_the_precision_the_question_asks(dataset):
     """The package's own scorer gives these wrong answers full marks (asserted: the rule is
-    needed); rg_full_marks takes them down to partial credit and leaves right ones whole."""
+    needed); rg_full_marks takes them down to partial credit, and gives right ones full marks
+    (coin_flip rounded up scored 0.8)."""
     task = load_task(f"rg/{dataset}", train_size=40, validation_size=1)
     tested = 0
     for s in task.samples("train"):
@@ -257,6 +260,28 @@ def test_codeio_takes_any_input_that_gives_the_stated_output():
         wrong_keys = json.dumps({**meta["input_data"], "extra": 1})
         assert task.score(s, f"<<<{wrong_keys}>>>") < 1.0 and task.score(s, "<<<{not json>>>") < 1.0
     assert found >= 5 and refused >= 5, (found, refused)
+
+
+def _codeio_entry(code: str, inputs: dict, output) -> dict:
+    question = (f"{rg_codeio.INPUT_QUESTION} without writing any code?\n\n{rg_codeio.CODE_MARK} You can "
+                f"refer to this code.\n\n{code}\n")
+    return {"question": question, "answer": json.dumps(inputs),
+            "metadata": {"input_data": inputs, "output_data": output}}
+
+
+def test_codeio_feasible_inputs_keep_the_stored_kinds_and_a_reproducible_program():
+    parity = "def main_solution(n, tag):\n    return {'odd': n % 2 == 1, 'tag': len(tag)}\n"
+    entry = _codeio_entry(parity, {"n": 7, "tag": "ab"}, {"odd": True, "tag": 2})
+    assert rg_codeio.is_feasible_input('{"n": 9, "tag": "xy"}', entry)
+    assert not rg_codeio.is_feasible_input('{"n": 8, "tag": "xy"}', entry)  # another output
+    assert not rg_codeio.is_feasible_input('{"n": 9.0, "tag": "xy"}', entry)  # a float for an int
+    assert not rg_codeio.is_feasible_input('{"n": true, "tag": "xy"}', entry)  # True % 2 == 1 in Python
+    assert not rg_codeio.is_feasible_input('{"n": 9, "tag": ["x", "y"]}', entry)  # len 2, not a string
+    assert not rg_codeio.is_feasible_input('{"n": 9}', entry) and not rg_codeio.is_feasible_input("[9]", entry)
+    # the stored output came from another random state: the program takes no other input
+    drawn = "import random\ndef main_solution(n):\n    return round(random.random() + n, 9)\n"
+    entry = _codeio_entry(drawn, {"n": 1}, 1.123456789)
+    assert not rg_codeio.is_feasible_input('{"n": 1}', entry) and not rg_codeio.is_feasible_input('{"n": 2}', entry)
 
 
 def _other_forms(name: str, gold: str) -> list[str]:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from rci_fast.tasks import rg_codeio, rg_forms, rg_full_marks
+from rci_fast.tasks.answer import MAX_EXPONENT
 from rci_fast.tasks.base import Sample, Task
 
 log = logging.getLogger("rci_fast.tasks")
@@ -65,13 +66,18 @@ PROMPT_NOTES = {
 @dataclass(frozen=True)
 class EvaluatedAnswer:
     """What an answer to a task whose reasoning-gym scorer evaluates it may hold: characters (a
-    regex class body) and its longest length; for sympy an arithmetic expression (_arithmetic)."""
+    regex class body) and its longest length; for sympy an arithmetic expression (_arithmetic);
+    where the scorer builds Fraction(answer), exponents up to answer.MAX_EXPONENT (1e-99999999 is
+    10**99999999 exactly: it does not finish)."""
     chars: str
     max_chars: int
     sympy: bool = False
+    exponents: bool = False
 
     def admits(self, answer: str, gold: str) -> bool:
         if len(answer) > self.max_chars or not answer.isascii() or not re.fullmatch(f"[{self.chars}]*", answer):
+            return False
+        if self.exponents and any(len(e) > 5 or int(e) > MAX_EXPONENT for e in re.findall(r"[eE][-+]?(\d+)", answer)):
             return False
         # Integral(...) only where the gold itself stays unevaluated: elsewhere it restates the
         # question, and the scorer's derivative of it is the integrand (full marks).
@@ -131,7 +137,8 @@ def _arithmetic(answer: str, allow_integral: bool) -> bool:
     return ok(tree.body) and len(symbols) <= MAX_SYMBOLS
 
 
-# reasoning-gym scorers that hand the answer to eval() or sympy's parse_expr (itself an eval):
+# reasoning-gym scorers that hand the answer to eval() or sympy's parse_expr (itself an eval), or
+# to Fraction (coin_flip):
 # model text reaches them from the trainer's process ("__import__(...)", "exit()", "9**9**9").
 # Their answers are scored only when EvaluatedAnswer admits them; others score 0 unseen.
 EVALUATED_ANSWERS = {
@@ -144,6 +151,7 @@ EVALUATED_ANSWERS = {
     "polynomial_multiplication": EvaluatedAnswer(r"\w\s+\-*/().", 600, sympy=True),
     "simple_integration": EvaluatedAnswer(r"\w\s+\-*/().,", 400, sympy=True),
     "intermediate_integration": EvaluatedAnswer(r"\w\s+\-*/().,", 400, sympy=True),
+    "coin_flip": EvaluatedAnswer(r"\d\s+\-./,eE", 100, exponents=True),  # Fraction(answer)
 }
 
 
@@ -305,8 +313,9 @@ class ReasoningGymTask(Task):
             raise ScoringTimeout
         if score < 1.0 and self.dataset == "codeio" and rg_codeio.is_feasible_input(answer, sample.data):
             return 1.0  # another input that gives the stated output (the package knows only its own)
-        if score == 1.0 and not rg_full_marks.deserves_full_marks(self.dataset, answer, gold, sample.data):
-            return 0.99  # the package's tolerance admitted another answer (rg_full_marks)
+        right = rg_full_marks.full_marks(self.dataset, answer, gold, sample.data)
+        if right is not None:  # the rule decides a pass; the package's score is partial credit
+            return 1.0 if right else min(score, 0.99)
         return score
 
     def score_answer(self, sample: Sample, answer: str) -> float:

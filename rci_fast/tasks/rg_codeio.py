@@ -3,12 +3,16 @@ reference code returns the stated output. The package's scorer gives full marks 
 it stored (any other scored by its likeness to that one), although about a third of them have
 others easily found (session 21: 10 of 29 with one number or string changed). An answer that is not
 the stored input is run through the reference code in the sandbox, and is right when the code
-returns the stated output. The trainer's process never runs it: model text and the question's code
-both go to the sandbox.
+returns the stated output, as JSON writes it (1 and 1.0 and true differ). The trainer's process
+never runs it: model text and the question's code both go to the sandbox.
+
+Only where the stored input itself gives the stated output again (a program that draws random
+numbers does not: its stored output came from another random state), and only inputs with the
+stored input's keys and kinds of values (an int where it holds an int or a float, ...).
 """
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import logging
 import threading
@@ -17,13 +21,15 @@ log = logging.getLogger("rci_fast.tasks")
 
 INPUT_QUESTION = "Can you predict a feasible input"
 CODE_MARK = "Tip: Here is a reference code snippet for this question."
-RUN_TIMEOUT_S = 5.0  # the reference programs run in milliseconds
+RUN_TIMEOUT_S = 2.0  # the reference programs run in milliseconds
 MAX_ANSWER_CHARS = 100_000
+MAX_CACHED = 4096
 _RESULT = "__rci_feasible_input_output__ "
 
 _lock = threading.Lock()
 _sandbox = None  # one per process, started at the first answer that needs it
 _unavailable = False
+_outputs: dict[bytes, str | None] = {}  # (question, input) digest -> the output as JSON, None: no output
 
 
 def asks_for_an_input(entry: dict) -> bool:
@@ -35,54 +41,88 @@ def _reference_code(question: str) -> str:
     return question.split(CODE_MARK, 1)[1].split("\n", 1)[1].strip("\n")
 
 
-def program(question: str, answer: str) -> str:
-    """The reference code, then main_solution called on the answer's JSON object, its output printed
+def program(question: str, inputs_json: str) -> str:
+    """The reference code, then main_solution called on the JSON object's items, its output printed
     as JSON on a marked line (the code may print too)."""
     return (f"{_reference_code(question)}\n\n"
             "import json as _rci_json\n"
-            f"_rci_output = main_solution(**_rci_json.loads({answer!r}))\n"
-            f"print('\\n{_RESULT}' + _rci_json.dumps(_rci_output))\n")
+            f"_rci_output = main_solution(**_rci_json.loads({inputs_json!r}))\n"
+            f"print('\\n{_RESULT}' + _rci_json.dumps(_rci_output, sort_keys=True))\n")
 
 
 def _get_sandbox():
     global _sandbox, _unavailable
     with _lock:
         if _sandbox is None and not _unavailable:
-            from rci_fast.sandbox import Sandbox, SandboxError
             try:
-                _sandbox = Sandbox(workers=1, timeout_s=RUN_TIMEOUT_S)
-            except (SandboxError, OSError) as e:
+                from rci_fast.sandbox import Sandbox
+                # seeded: a program that draws random numbers gives the same output on each run
+                _sandbox = Sandbox(workers=1, timeout_s=RUN_TIMEOUT_S, seed=0)
+            except (ImportError, RuntimeError, OSError) as e:  # SandboxError is a RuntimeError
                 _unavailable = True
                 log.warning("codeio: the sandbox did not start (%s); feasible inputs other than the "
                             "stored one get the package's partial credit", e)
         return _sandbox
 
 
+def _output(question: str, inputs_json: str) -> str | None:
+    """The reference code's output for these inputs as sorted JSON, or None (it raised, ran out of
+    time or memory, printed no result line, or the sandbox is not there). Definite results are
+    kept: a GRPO group often repeats an answer."""
+    key = hashlib.sha256(f"{question}\0{inputs_json}".encode()).digest()
+    if key in _outputs:
+        return _outputs[key]
+    sandbox = _get_sandbox()
+    if sandbox is None:
+        return None
+    try:
+        result = sandbox.run(program(question, inputs_json))
+    except RuntimeError:  # SandboxError: the sandbox itself failed
+        return None
+    lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT)]
+    output = lines[0][len(_RESULT):] if result.ok and len(lines) == 1 else None
+    if result.status in ("ok", "error") and len(_outputs) < MAX_CACHED:
+        _outputs[key] = output
+    return output
+
+
+def _kind(value) -> str:
+    return "bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _same_kinds(answer, stored) -> bool:
+    """Values of the kinds the stored input holds: an int where it holds an int (a float where it
+    holds a float or an int), a list of such items, a dict with its keys, a string, ..."""
+    if isinstance(stored, bool) or isinstance(answer, bool):
+        return isinstance(answer, bool) and isinstance(stored, bool)
+    if isinstance(stored, int):
+        return isinstance(answer, int)
+    if isinstance(stored, float):
+        return isinstance(answer, (int, float))
+    if isinstance(stored, dict):
+        return (isinstance(answer, dict) and set(answer) == set(stored)
+                and all(_same_kinds(answer[k], stored[k]) for k in stored))
+    if isinstance(stored, list):
+        if not isinstance(answer, list):
+            return False
+        kinds = {_kind(x) for x in stored}
+        return not stored or all(_kind(x) in kinds for x in answer)
+    return type(answer) is type(stored)
+
+
 def is_feasible_input(answer: str, entry: dict) -> bool:
-    """Whether the answer, a JSON object with the stored input's keys, makes the question's reference
-    code return the stated output (run in the sandbox)."""
+    """Whether the answer, a JSON object like the stored input, makes the question's reference code
+    return the stated output, where the stored input does so too (module doc)."""
     if len(answer) > MAX_ANSWER_CHARS or not asks_for_an_input(entry):
         return False
     try:
         inputs = json.loads(answer)
     except (ValueError, RecursionError):
         return False
-    if not isinstance(inputs, dict) or set(inputs) != set(entry["metadata"]["input_data"]):
+    stored = entry["metadata"]["input_data"]
+    if not _same_kinds(inputs, stored):
         return False
-    return _gives_output(entry["question"], answer, json.dumps(entry["metadata"]["output_data"]))
-
-
-@functools.lru_cache(maxsize=4096)  # a GRPO group often repeats an answer
-def _gives_output(question: str, answer: str, output_json: str) -> bool:
-    sandbox = _get_sandbox()
-    if sandbox is None:
-        return False
-    result = sandbox.run(program(question, answer))
-    lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT)]
-    if not result.ok or len(lines) != 1:
-        return False
-    try:
-        output = json.loads(lines[0][len(_RESULT):])
-    except ValueError:
-        return False
-    return output == json.loads(output_json)  # the stored output as JSON reads it back (tuples as lists)
+    stated = json.dumps(entry["metadata"]["output_data"], sort_keys=True)
+    question = entry["question"]
+    return (_output(question, json.dumps(stored)) == stated
+            and _output(question, json.dumps(inputs)) == stated)

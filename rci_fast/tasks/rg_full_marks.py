@@ -1,14 +1,15 @@
-"""Reasoning-gym scorers that give full marks to an answer other than their gold: the rule a full
-mark must also pass there.
+"""Reasoning-gym datasets whose full marks a rule here decides: their scorers' tolerances give
+wrong answers full marks, or their text comparisons refuse right ones.
 
-An audit of all 99 datasets (session 20) found scorers whose tolerance admits wrong answers:
-number_sorting takes each number within 1 (`-6` for `-6.42`), coin_flip within 1e-4 absolute (`0`
-for 3.05e-05), pool_matrix within 1% (`3.8` for `3.78`, where the prompt asks for 2 decimals),
-game_of_life ignores extra rows, gsm_symbolic reads the first number (`6 or 7`), time_intervals
-the number before any unit (`12 weeks` for `12 days`); spell_backward's and letter_jumble's
-prefix scores reach 1 with words added. An answer the package scores 1 that breaks its dataset's
-rule scores 0.99 instead: partial credit, not a pass. The rules see answers that are not the gold
-written another way (rg_forms maps those onto the gold first).
+An audit of all 99 datasets (session 20) found: number_sorting takes each number within 1 (`-6`
+for `-6.42`), coin_flip within 1e-4 absolute (`0` for 3.05e-05) but refuses a probability rounded
+up (`0.153` for 0.15274: 0.8), pool_matrix within 1% (`3.8` for `3.78`, where the prompt asks
+for 2 decimals), game_of_life ignores extra rows, gsm_symbolic reads the first number (`6 or 7`,
+`at least 6`, `-6` for 6), time_intervals the number before any unit (`12 weeks` for `12 days`);
+spell_backward's and letter_jumble's prefix scores reach 1 with words added. There an answer
+scores 1 when its rule says it is right, and otherwise keeps the package's score below 1 (0.99
+at most): partial credit, not a pass. Answers that are the gold written another way reach the
+rules as the gold (rg_forms).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
 import numpy as np
+
+from rci_fast.tasks.answer import decimals_in, parse_number, rounds_to
 
 MIN_SIGNIFICANT_DIGITS = 3  # coin_flip's prompt states no precision: 0.00195 for 0.001953125, not 0.002
 
@@ -48,18 +51,12 @@ def _probability(answer: str, gold: str, entry: dict) -> bool:
     rational = entry["metadata"]["rational"]
     exact = Fraction(rational["numerator"], rational["denominator"])
     text = answer.replace(",", "").strip()
-    try:
-        if "/" in text:
-            return Fraction(text) == exact
-        value = Decimal(text)
-    except (ValueError, ZeroDivisionError, InvalidOperation):
-        return False
-    if not value.is_finite() or len(value.as_tuple().digits) > 1000:
-        return False
-    if Fraction(value) == exact:
-        return True
-    unit = Fraction(10) ** value.as_tuple().exponent
-    return len(value.as_tuple().digits) >= MIN_SIGNIFICANT_DIGITS and abs(Fraction(value) - exact) <= unit / 2
+    value = parse_number(text)  # None for other text or an exponent past answer.MAX_EXPONENT
+    if value is None or value == exact or "/" in text:
+        return value == exact
+    (_, places), = decimals_in(text)
+    digits = len(re.sub(r"\D", "", text.lower().partition("e")[0]).lstrip("0"))
+    return digits >= MIN_SIGNIFICANT_DIGITS and rounds_to(value, exact, places)
 
 
 def _two_decimals(answer: str, gold: str, entry: dict) -> bool:
@@ -80,17 +77,22 @@ def _same_grid(answer: str, gold: str, entry: dict) -> bool:
         return False
 
 
-def _one_number(answer: str, gold: str, entry: dict) -> bool:
-    """One number in the answer (units around it allowed): '6 or 7' names two."""
-    return len(re.findall(r"\d+(?:\.\d+)?", answer.replace(",", ""))) == 1
+def _the_number(answer: str, gold: str, entry: dict) -> bool:
+    """The gold's value and nothing else (the prompt: "Do not include units"; a dollar sign aside)."""
+    text = answer.replace(",", "").strip().removeprefix("$").strip()
+    if not re.fullmatch(r"[+-]?\d+(?:\.\d+)?", text):
+        return False
+    return Decimal(text) == Decimal(gold.strip())
 
 
-def _in_days(answer: str, gold: str, entry: dict) -> bool:
-    """A date difference ('12 days') answered in days or without a unit; time differences
-    ('10:06', '16 days, 22:48') are read whole by the scorer."""
-    if not re.fullmatch(r"\d+ days?", gold.strip()):
-        return True
-    return re.fullmatch(r"[+-]?\d+(?:\s*days?)?\.?", answer.strip(), re.IGNORECASE) is not None
+def _in_days(answer: str, gold: str, entry: dict) -> bool | None:
+    """A date difference ('12 days') in days or without a unit; the scorer reads time differences
+    ('10:06', '16 days, 22:48') whole (None: its verdict stands)."""
+    days = re.fullmatch(r"(\d+) days?", gold.strip())
+    if days is None:
+        return None
+    got = re.fullmatch(r"\+?(\d+)(?:\s*days?)?\.?", answer.strip(), re.IGNORECASE)
+    return got is not None and int(got.group(1)) == int(days.group(1))
 
 
 RULES = {
@@ -98,7 +100,7 @@ RULES = {
     "coin_flip": _probability,
     "pool_matrix": _two_decimals,
     "game_of_life": _same_grid,
-    "gsm_symbolic": _one_number,
+    "gsm_symbolic": _the_number,
     "time_intervals": _in_days,
     "spell_backward": lambda answer, gold, entry: _same_words(answer, gold, case_matters=False),
     # the prompt keeps the words' capitals: the scorer gave a lower-case answer full marks
@@ -106,8 +108,10 @@ RULES = {
 }
 
 
-def deserves_full_marks(dataset: str, answer: str, gold: str, entry: dict) -> bool:
-    """Whether an answer the package's scorer gave 1.0 passes its dataset's rule (module doc);
+def full_marks(dataset: str, answer: str, gold: str, entry: dict) -> bool | None:
+    """Whether the answer is right by its dataset's rule (module doc); None where no rule decides.
     `entry` is the sample's reasoning-gym entry."""
     rule = RULES.get(dataset)
-    return rule is None or answer == gold or rule(answer, gold, entry)
+    if rule is None:
+        return None
+    return True if answer == gold else rule(answer, gold, entry)

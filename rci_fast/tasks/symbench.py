@@ -7,10 +7,13 @@ family and share its verifier (symbench_checkers.py). The question already asks 
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 from rci_fast.tasks import symbench_checkers as checkers
 from rci_fast.tasks.base import Sample, Task, TaskDataError, resolve_data_dir
+
+log = logging.getLogger("rci_fast.tasks")
 
 _VARIANT_SUFFIX = re.compile(r"(_varied_complexity|_2|_hard)$")
 
@@ -92,11 +95,11 @@ LEFT_OUT_SAMPLES = {
 }
 
 
-# Published questions rewritten, with the reason: the new question is the sample's prompt and its
-# data's "question"; a row whose fix gives None is left out.
+# Published questions rewritten: the new question is the sample's prompt and its data's "question";
+# a row the fix cannot rewrite is left out, with a warning.
 QUESTION_FIXES = {
     # every reversi question showed the board after its moves (the answer) as the one before them
-    "reversi": (checkers.reversi_question, "the board shown was the answer; now the starting board"),
+    "reversi": checkers.reversi_question,
 }
 
 
@@ -119,7 +122,7 @@ class SymBenchTask(Task):
 
     def _load_samples(self) -> list[Sample]:
         samples, left_out = [], LEFT_OUT_SAMPLES.get(self.task)
-        fix = QUESTION_FIXES.get(self.family, (None,))[0]
+        fix, unfixable = QUESTION_FIXES.get(self.family), 0
         with open(self.path) as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -128,10 +131,16 @@ class SymBenchTask(Task):
                     row = json.loads(line)
                     if fix is not None:
                         row = dict(row, question=fix(row))
-                    if row["question"] is not None and (left_out is None or not left_out[0](row)):
+                        if row["question"] is None:
+                            unfixable += 1
+                            continue
+                    if left_out is None or not left_out[0](row):
                         samples.append(Sample(id=row["id"], prompt=row["question"], data=row, task=self.name))
                 except (json.JSONDecodeError, KeyError, AttributeError) as e:
                     raise TaskDataError(f"{self.path}:{line_no}: bad SymBench row ({e})") from None
+        if unfixable:
+            log.warning("%s: %d rows left out: their question could not be rewritten (QUESTION_FIXES)",
+                        self.path, unfixable)
         return samples
 
     def check(self, sample: Sample, answer: str) -> bool:

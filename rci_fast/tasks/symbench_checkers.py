@@ -113,7 +113,7 @@ _DIRECTIONS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) !=
 
 def _reversi_moves(question: str) -> list[tuple[str, int, int]]:
     """(colour, row, column) per round, 0-based; the question's player is black (0) or white (1)."""
-    mine = "0" if re.search(r"you play black", question) else "1"
+    mine = "0" if re.search(r"you play black", question, re.IGNORECASE) else "1"
     theirs = "1" if mine == "0" else "0"
     return [(mine if who == "Your's" else theirs, int(r) - 1, int(c) - 1)
             for who, r, c in _REVERSI_MOVE.findall(question)]
