@@ -278,6 +278,13 @@ def test_codeio_feasible_inputs_keep_the_stored_kinds_and_a_reproducible_program
     assert not rg_codeio.is_feasible_input('{"n": true, "tag": "xy"}', entry)  # True % 2 == 1 in Python
     assert not rg_codeio.is_feasible_input('{"n": 9, "tag": ["x", "y"]}', entry)  # len 2, not a string
     assert not rg_codeio.is_feasible_input('{"n": 9}', entry) and not rg_codeio.is_feasible_input("[9]", entry)
+    # without the sandbox (its extension not built) an answer keeps the package's partial credit
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "rci_fast.sandbox", None)  # import fails
+        mp.setattr(rg_codeio, "_sandbox", None)
+        mp.setattr(rg_codeio, "_unavailable", False)
+        mp.setattr(rg_codeio, "_outputs", {})
+        assert not rg_codeio.is_feasible_input('{"n": 9, "tag": "xy"}', entry) and rg_codeio._unavailable
     # the stored output came from another random state: the program takes no other input
     drawn = "import random\ndef main_solution(n):\n    return round(random.random() + n, 9)\n"
     entry = _codeio_entry(drawn, {"n": 1}, 1.123456789)
