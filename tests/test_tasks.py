@@ -421,6 +421,65 @@ def test_average_pooling_takes_averages_rounded_to_two_or_more_places():
         assert task.score(s, _wrap(",".join(str(x) for x in exact))) == 0.0  # '32/9' reads as two numbers
 
 
+def test_string_deletion_takes_every_reading_of_its_question():
+    """'Cycle through the operations one at a time' reads as passes through them in order; the
+    published answers restart from the first operation after each one (27 of 100 differ), and an
+    even-length string has two middle characters. Each reading's answer scores."""
+    from rci_fast.tasks.symbench_rules import _operation, _passes, deletion_answers
+
+    task = load_task("symbench/string_deletion_and_modification")
+    differing = 0
+    for s in task.samples():
+        answers = deletion_answers(s.prompt)
+        assert s.data["solution"]["final_string"] in answers, s.id
+        lines = re.findall(r"^\d+\. (.*\S)\s*$", s.prompt, re.MULTILINE)
+        start = re.search(r'For the string "([a-z]*)"', s.prompt).group(1)
+        in_passes = _passes(start, [_operation(line, upper_middle=False) for line in lines])
+        if in_passes not in (None, s.data["solution"]["final_string"]):  # None: the passes never end
+            differing += 1
+            assert task.score(s, f'<<<"{in_passes}">>>') == 1.0
+        assert task.score(s, f'<<<"{start}">>>') == float(start in answers)
+        assert task.score(s, '<<<"zzz">>>') == 0.0
+    assert differing >= 20
+    # a question with an operation no rule reads: only the published answer
+    s = task.samples()[0]
+    odd = s.prompt.replace("1. ", "1. If the moon is full, double the string.\n0. ", 1)
+    assert deletion_answers(odd) == frozenset()
+    # by hand: 'bbacab' loses the 'ba' after its first character ('bcab'), then its last character
+    question = ("1. If the string contains 'ba' (not at the start), remove the first occurrence found after "
+                "the first character.\n2. If the string ends with 'ab', remove the last character.\n"
+                'For the string "bbacab", what is the final string')
+    assert deletion_answers(question) == {"bca"}
+
+
+def test_string_synthesis_takes_every_reading_of_its_question():
+    """'Cycle through Methods 1..6 repeatedly' reads as passes doing each method once; the
+    published counts do each as often as it can be before the next (142 of 200 differ)."""
+    from rci_fast.tasks.symbench_rules import _synthesise, synthesis_answers
+
+    task = load_task("symbench/string_synthesis")
+    blocks = ["[A]", "[B]", "[C]", "{A}", "{B}", "{C}", "(A)", "(B)", "(C)"]
+    methods = [([1, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0, 0]),  # the questions' six, by hand
+               ([1, 1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0, 0]),
+               ([0, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0]),
+               ([0, 0, 2, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0, 0]),
+               ([0, 0, 0, 1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1, 0]),
+               ([0, 0, 0, 0, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 1])]
+    differing = 0
+    for s in task.samples():
+        counts = [0] * 9
+        for number, block in re.findall(r"(\d+) ([\[{(][A-Z][\]})])", s.prompt.split("If we now have")[1].split("what")[0]):
+            counts[blocks.index(block)] += int(number)
+        published = tuple(s.data["solution"]["final_counts"])
+        assert _synthesise(counts, methods, "exhaust") == published
+        once = _synthesise(counts, methods, "once")
+        assert synthesis_answers(s.prompt) == {published, once}
+        assert task.score(s, "<<<" + " ".join(map(str, once)) + ">>>") == 1.0
+        differing += once != published
+        assert task.score(s, "<<<" + " ".join(map(str, counts)) + ">>>") == float(tuple(counts) in {published, once})
+    assert differing >= 100
+
+
 def _shown_board(prompt: str) -> list[str]:
     return re.search(r"The previous round of the game was: *\n((?:[01*]+\n)+)", prompt).group(1).split()
 

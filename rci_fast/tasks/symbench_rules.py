@@ -1,0 +1,179 @@
+"""Solvers for SymBench questions that state their rules but leave how to apply them open: every
+final answer a reading the question allows gives (the checkers take any of them).
+
+string_deletion_and_modification: "Cycle through the following operations one at a time until no
+further operations can be performed" reads as a pass through the operations in order, each done
+once where it applies, repeated until a pass does nothing; the published answers apply the first
+operation that applies and start again from the first (27 of 100 differ). "Remove the middle
+character" of a string of even length can take either of its two middle characters.
+
+string_synthesis: "Cycle through Methods 1..6 repeatedly until no more changes can be made" reads
+as passes through the methods, each done once where it can be, or each done as often as it can
+be before the next (the published answers), or the first method that can be done, then again from
+the first.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+MAX_STEPS = 10_000  # operations done before a reading counts as never ending
+
+_S = r"'([a-z]+)'"  # a quoted substring in an operation's text
+# Each operation: its text as a pattern, and what it does to a string (None where it does not apply).
+_OPERATIONS = [
+    (rf"If the string (?:ends with|suffix is) {_S}, replace it with {_S}\.",
+     lambda s, a, b: s[:-len(a)] + b if s.endswith(a) else None),
+    (rf"If the string contains {_S} \(not at the start\), remove the first occurrence found after the first character\.",
+     lambda s, a: s[:i] + s[i + len(a):] if (i := s.find(a, 1)) >= 1 else None),
+    (rf"If the string contains {_S}, replace the first occurrence with (?:its reverse \()?{_S}\)?\.",
+     lambda s, a, b: s.replace(a, b, 1) if a in s else None),
+    (rf"If the string contains {_S}, delete the first occurrence entirely\.",
+     lambda s, a: s.replace(a, "", 1) if a in s else None),
+    (rf"If the string starts with {_S}, remove the second character\.",
+     lambda s, a: s[0] + s[2:] if s.startswith(a) else None),
+    (rf"If the string suffix is {_S}, replace it with {_S} and prepend {_S} to the start\.",
+     lambda s, a, b, c: c + s[:-len(a)] + b if s.endswith(a) else None),
+    (r"If the string contains an even number of '([a-z])'s \(and at least one '[a-z]'\), append " + _S + r" at the end\.",
+     lambda s, x, a: s + a if s.count(x) and s.count(x) % 2 == 0 else None),
+    (rf"If the string prefix is {_S}, delete the first two characters and append {_S} to the end\.",
+     lambda s, a, b: s[2:] + b if s.startswith(a) else None),
+    (rf"If the string suffix is {_S}, delete the last two characters\.",
+     lambda s, a: s[:-2] if s.endswith(a) else None),
+    (rf"If the string prefix is {_S}, replace it with {_S}\.",
+     lambda s, a, b: b + s[len(a):] if s.startswith(a) else None),
+    (rf"If the string prefix is {_S}, replace it with {_S} and append {_S} to the end\.",
+     lambda s, a, b, c: b + s[len(a):] + c if s.startswith(a) else None),
+    (rf"If the string prefix is {_S}, remove the first character\.",
+     lambda s, a: s[1:] if s.startswith(a) else None),
+    (rf"If the string prefix is {_S}, replace it with {_S} and delete the last character\.",
+     lambda s, a, b: (b + s[len(a):])[:-1] if s.startswith(a) else None),
+    (rf"If the string starts with {_S}, remove the first two characters\.",
+     lambda s, a: s[2:] if s.startswith(a) else None),
+    (rf"If the string starts with {_S}, replace the first two characters with {_S}\.",
+     lambda s, a, b: b + s[2:] if s.startswith(a) else None),
+    (rf"If the string ends with {_S}, remove the last character\.",
+     lambda s, a: s[:-1] if s.endswith(a) else None),
+]
+_MIDDLE = r"If the string length is greater than (\d+), remove the middle character\."
+
+
+def _operation(text: str, upper_middle: bool):
+    """The operation a line of the question states, as a function of the string; KeyError where
+    no pattern reads it."""
+    m = re.fullmatch(_MIDDLE, text)
+    if m:
+        def remove_middle(s, limit=int(m.group(1))):
+            i = (len(s) - 1) // 2 if upper_middle else len(s) // 2
+            return s[:i] + s[i + 1:] if len(s) > limit else None
+        return remove_middle
+    for pattern, apply in _OPERATIONS:
+        m = re.fullmatch(pattern, text)
+        if m:
+            return lambda s, apply=apply, args=m.groups(): apply(s, *args)
+    raise KeyError(f"no rule reads {text!r}")
+
+
+def _restart(s: str, operations) -> str | None:
+    """The first operation that applies, then again from the first, until none applies."""
+    for _ in range(MAX_STEPS):
+        for op in operations:
+            t = op(s)
+            if t is not None:
+                s = t
+                break
+        else:
+            return s
+    return None
+
+
+def _passes(s: str, operations) -> str | None:
+    """Each operation in turn, done once where it applies, until a whole pass does nothing."""
+    for _ in range(MAX_STEPS):
+        done = False
+        for op in operations:
+            t = op(s)
+            if t is not None:
+                s, done = t, True
+        if not done:
+            return s
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def deletion_answers(question: str) -> frozenset[str]:
+    """The final strings of string_deletion_and_modification's question under each reading (module
+    doc); empty where an operation's text is not one these rules read."""
+    start = re.search(r'For the string "([a-z]*)"', question)
+    lines = re.findall(r"^\d+\. (.*\S)\s*$", question, re.MULTILINE)
+    if start is None or not lines:
+        return frozenset()
+    answers = set()
+    for upper_middle in (False, True):
+        try:
+            operations = [_operation(line, upper_middle) for line in lines]
+        except KeyError:
+            return frozenset()
+        answers |= {run(start.group(1), operations) for run in (_restart, _passes)}
+    return frozenset(answers - {None})
+
+
+_COUNTS = {"one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def _method(line: str, blocks: list[str]) -> tuple[list[int], list[int]]:
+    """'One [A] and one [B] can be combined to form one {C}.' -> (blocks used, blocks made) as
+    counts per block; KeyError or ValueError where the line reads otherwise."""
+    used, made = re.fullmatch(r"(.+) can be combined to form (.+)\.", line).groups()
+
+    def counts(text):
+        out = [0] * len(blocks)
+        for number, block in re.findall(r"(\w+) ([\[{(][A-Z][\]})])", text):
+            out[blocks.index(block)] += _COUNTS[number.lower()]
+        return out
+    return counts(used), counts(made)
+
+
+def _synthesise(counts: list[int], methods, reading: str) -> tuple[int, ...] | None:
+    counts = list(counts)
+
+    def do(method) -> bool:
+        used, made = method
+        if any(c < u for c, u in zip(counts, used)):
+            return False
+        counts[:] = [c - u + m for c, u, m in zip(counts, used, made)]
+        return True
+
+    for _ in range(MAX_STEPS):
+        if reading == "restart":
+            changed = any(do(m) for m in methods)  # any() stops at the first that is done
+        elif reading == "once":
+            changed = [do(m) for m in methods].count(True) > 0
+        else:  # "exhaust": each as often as it can be before the next
+            changed = False
+            for m in methods:
+                while do(m):
+                    changed = True
+        if not changed:
+            return tuple(counts)
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def synthesis_answers(question: str) -> frozenset[tuple[int, ...]]:
+    """The final counts of string_synthesis's nine blocks under each reading (module doc); empty
+    where the question reads otherwise."""
+    head = re.search(r"There are \w+ different blocks (.+?) that satisfy", question)
+    start = re.search(r"If we now have (.+?), what will", question)
+    lines = re.findall(r"^\d+\. (.*\S)\s*$", question, re.MULTILINE)
+    if head is None or start is None or not lines:
+        return frozenset()
+    blocks = re.findall(r"[\[{(][A-Z][\]})]", head.group(1))
+    try:
+        methods = [_method(line, blocks) for line in lines]
+        counts = [0] * len(blocks)
+        for number, block in re.findall(r"(\d+) ([\[{(][A-Z][\]})])", start.group(1)):
+            counts[blocks.index(block)] += int(number)
+    except (AttributeError, KeyError, ValueError):
+        return frozenset()
+    return frozenset({_synthesise(counts, methods, r) for r in ("once", "exhaust", "restart")} - {None})
