@@ -3,6 +3,7 @@ corrupted ones score 0, and the split has the paper's shape."""
 import json
 import random
 import re
+import time
 from fractions import Fraction
 
 import pytest
@@ -425,7 +426,7 @@ def test_string_deletion_takes_every_reading_of_its_question():
     """'Cycle through the operations one at a time' reads as passes through them in order; the
     published answers restart from the first operation after each one (27 of 100 differ), and an
     even-length string has two middle characters. Each reading's answer scores."""
-    from rci_fast.tasks.symbench_rules import _operation, _passes, deletion_answers
+    from rci_fast.tasks.symbench_rules import _operation, _passes, deletion_answers, synthesis_answers
 
     task = load_task("symbench/string_deletion_and_modification")
     differing = 0
@@ -434,7 +435,7 @@ def test_string_deletion_takes_every_reading_of_its_question():
         assert s.data["solution"]["final_string"] in answers, s.id
         lines = re.findall(r"^\d+\. (.*\S)\s*$", s.prompt, re.MULTILINE)
         start = re.search(r'For the string "([a-z]*)"', s.prompt).group(1)
-        in_passes = _passes(start, [_operation(line, upper_middle=False) for line in lines])
+        in_passes = _passes(start, [_operation(line, upper_middle=False) for line in lines], max_chars=10_000)
         if in_passes not in (None, s.data["solution"]["final_string"]):  # None: the passes never end
             differing += 1
             assert task.score(s, f'<<<"{in_passes}">>>') == 1.0
@@ -450,6 +451,19 @@ def test_string_deletion_takes_every_reading_of_its_question():
                 "the first character.\n2. If the string ends with 'ab', remove the last character.\n"
                 'For the string "bbacab", what is the final string')
     assert deletion_answers(question) == {"bca"}
+    # readings that never end give no answer, and quickly: a string that grows for ever, a state
+    # that comes back, a method that makes what it uses
+    grows = "\n".join(f"{i}. If the string prefix is 'a', replace it with 'a' and append 'bcb' to the end."
+                       for i in range(1, 7)) + '\nFor the string "abc", what is the final string'
+    loops = ("1. If the string ends with 'ab', replace it with 'ba'.\n2. If the string ends with 'ba', replace it "
+             'with \'ab\'.\nFor the string "cab", what is the final string')
+    start = time.perf_counter()
+    assert deletion_answers(grows) == frozenset() and deletion_answers(loops) == frozenset()
+    synthesis = load_task("symbench/string_synthesis").samples()[0].prompt
+    endless = synthesis.replace("1. One [A], one [B], and one [C] can be combined to form one {A}.",
+                                "1. One [A] can be combined to form one [A] and one (A).")
+    assert endless != synthesis and synthesis_answers(endless) == frozenset()
+    assert time.perf_counter() - start < 2.0
 
 
 def test_string_synthesis_takes_every_reading_of_its_question():

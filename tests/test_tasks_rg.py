@@ -161,7 +161,10 @@ def _near_and_right(dataset: str, s) -> tuple[list[str], list[str]]:
     if dataset == "number_sorting":
         numbers = [Decimal(x) for x in json.loads(gold.replace("'", '"'))]
         rounded = [Decimal(round(x)) for x in numbers]
-        return ([json.dumps(list(map(str, rounded)))] if rounded != numbers else [],
+        near = [json.dumps(list(map(str, rounded)))] if rounded != numbers else []
+        near.append("[" + ", ".join(f"{x}000000000000000000001" if "." in str(x) else f"{x}.000000000000000000001"
+                                    for x in numbers) + "]")  # equal as floats
+        return (near,
                 ["[" + ", ".join(map(str, numbers)) + "]"])
     if dataset == "coin_flip":
         exact = Fraction(s.data["metadata"]["rational"]["numerator"], s.data["metadata"]["rational"]["denominator"])
@@ -177,7 +180,8 @@ def _near_and_right(dataset: str, s) -> tuple[list[str], list[str]]:
                 ["\n".join(" ".join(f"{x:.4f}" for x in row) for row in exact)])
     if dataset == "game_of_life":
         grid = json.loads(gold)
-        return [json.dumps(grid + [[0] * len(grid[0])])], [json.dumps(grid, indent=1)]
+        as_bools = json.dumps([[bool(x) for x in row] for row in grid])
+        return [json.dumps(grid + [[0] * len(grid[0])]), as_bools], [json.dumps(grid, indent=1)]
     if dataset == "gsm_symbolic":
         return ([f"{gold} or {int(gold) + 1}", f"{gold}, maybe {int(gold) * 2}", f"-{gold}" if int(gold) else "-1", f"at least {gold}",
                  f"{gold} or seven"], [f"${gold}", f"{gold}.00", f"+{gold}"])
@@ -278,6 +282,10 @@ def test_codeio_feasible_inputs_keep_the_stored_kinds_and_a_reproducible_program
     assert not rg_codeio.is_feasible_input('{"n": true, "tag": "xy"}', entry)  # True % 2 == 1 in Python
     assert not rg_codeio.is_feasible_input('{"n": 9, "tag": ["x", "y"]}', entry)  # len 2, not a string
     assert not rg_codeio.is_feasible_input('{"n": 9}', entry) and not rg_codeio.is_feasible_input("[9]", entry)
+    assert rg_codeio._same_kinds({"a": [1.5, 2]}, {"a": [0.5]}) and rg_codeio._same_kinds({"a": [[1]]}, {"a": [[2, 3]]})
+    assert not rg_codeio._same_kinds({"a": [1.5]}, {"a": [1]})  # a float for an int, inside a list too
+    assert not rg_codeio._same_kinds({"a": [["x"]]}, {"a": [[1]]})
+    assert not rg_codeio._same_kinds({"a": [{"zz": 1}]}, {"a": [{"k": 1}]})
     # without the sandbox (its extension not built) an answer keeps the package's partial credit
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "rci_fast.sandbox", None)  # import fails

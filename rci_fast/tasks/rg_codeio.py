@@ -12,6 +12,7 @@ stored input's keys and kinds of values (an int where it holds an int or a float
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -29,7 +30,10 @@ _RESULT = "__rci_feasible_input_output__ "
 _lock = threading.Lock()
 _sandbox = None  # one per process, started at the first answer that needs it
 _unavailable = False
-_outputs: dict[bytes, str | None] = {}  # (question, input) digest -> the output as JSON, None: no output
+# (question, input) digest -> the output as JSON (None: none), least recently used first; the
+# stored inputs' outputs apart, never evicted (one per question)
+_outputs: collections.OrderedDict[bytes, str | None] = collections.OrderedDict()
+_stored_outputs: dict[bytes, str | None] = {}
 
 
 def asks_for_an_input(entry: dict) -> bool:
@@ -65,13 +69,16 @@ def _get_sandbox():
         return _sandbox
 
 
-def _output(question: str, inputs_json: str) -> str | None:
+def _output(question: str, inputs_json: str, stored: bool = False) -> str | None:
     """The reference code's output for these inputs as sorted JSON, or None (it raised, ran out of
     time or memory, printed no result line, or the sandbox is not there). Definite results are
     kept: a GRPO group often repeats an answer."""
     key = hashlib.sha256(f"{question}\0{inputs_json}".encode()).digest()
-    if key in _outputs:
-        return _outputs[key]
+    cache = _stored_outputs if stored else _outputs
+    if key in cache:
+        if not stored:
+            _outputs.move_to_end(key)
+        return cache[key]
     sandbox = _get_sandbox()
     if sandbox is None:
         return None
@@ -81,8 +88,10 @@ def _output(question: str, inputs_json: str) -> str | None:
         return None
     lines = [line for line in result.stdout.splitlines() if line.startswith(_RESULT)]
     output = lines[0][len(_RESULT):] if result.ok and len(lines) == 1 else None
-    if result.status in ("ok", "error") and len(_outputs) < MAX_CACHED:
-        _outputs[key] = output
+    if result.status in ("ok", "error"):
+        cache[key] = output
+        if len(_outputs) > MAX_CACHED:
+            _outputs.popitem(last=False)
     return output
 
 
@@ -91,8 +100,8 @@ def _kind(value) -> str:
 
 
 def _same_kinds(answer, stored) -> bool:
-    """Values of the kinds the stored input holds: an int where it holds an int (a float where it
-    holds a float or an int), a list of such items, a dict with its keys, a string, ..."""
+    """Values of the kinds the stored input holds: an int where it holds an int, an int or a float
+    where it holds a float, a list of items like its items, a dict with its keys, a string, ..."""
     if isinstance(stored, bool) or isinstance(answer, bool):
         return isinstance(answer, bool) and isinstance(stored, bool)
     if isinstance(stored, int):
@@ -105,8 +114,11 @@ def _same_kinds(answer, stored) -> bool:
     if isinstance(stored, list):
         if not isinstance(answer, list):
             return False
-        kinds = {_kind(x) for x in stored}
-        return not stored or all(_kind(x) in kinds for x in answer)
+        examples = {}  # a stored item of each kind stands for the kind; a float admits numbers
+        for x in stored:
+            if _kind(x) not in examples or isinstance(x, float):
+                examples[_kind(x)] = x
+        return not stored or all(_kind(x) in examples and _same_kinds(x, examples[_kind(x)]) for x in answer)
     return type(answer) is type(stored)
 
 
@@ -124,5 +136,5 @@ def is_feasible_input(answer: str, entry: dict) -> bool:
         return False
     stated = json.dumps(entry["metadata"]["output_data"], sort_keys=True)
     question = entry["question"]
-    return (_output(question, json.dumps(stored)) == stated
+    return (_output(question, json.dumps(stored), stored=True) == stated
             and _output(question, json.dumps(inputs)) == stated)

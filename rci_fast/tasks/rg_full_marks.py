@@ -34,8 +34,10 @@ def _same_words(answer: str, gold: str, case_matters: bool) -> bool:
 def _decimals(text: str) -> list[Decimal] | None:
     """A list of numbers as number_sorting's scorer reads it (JSON after ' -> "), or None."""
     try:
-        items = json.loads(text.replace("'", '"'))
-        return [Decimal(str(x)) for x in items] if isinstance(items, list) else None
+        items = json.loads(text.replace("'", '"'), parse_float=Decimal, parse_int=Decimal)
+        if not isinstance(items, list) or not all(isinstance(x, (str, Decimal)) for x in items):
+            return None
+        return [Decimal(x) for x in items]
     except (ValueError, TypeError, InvalidOperation, RecursionError):
         return None
 
@@ -71,8 +73,9 @@ def _two_decimals(answer: str, gold: str, entry: dict) -> bool:
 
 
 def _same_grid(answer: str, gold: str, entry: dict) -> bool:
+    """The gold's cells, as JSON writes them (true or 1.0 is not 1)."""
     try:
-        return json.loads(answer) == json.loads(gold)
+        return json.dumps(json.loads(answer)) == json.dumps(json.loads(gold))
     except (ValueError, RecursionError):
         return False
 

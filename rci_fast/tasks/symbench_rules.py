@@ -4,8 +4,9 @@ final answer a reading the question allows gives (the checkers take any of them)
 string_deletion_and_modification: "Cycle through the following operations one at a time until no
 further operations can be performed" reads as a pass through the operations in order, each done
 once where it applies, repeated until a pass does nothing; the published answers apply the first
-operation that applies and start again from the first (27 of 100 differ). "Remove the middle
-character" of a string of even length can take either of its two middle characters.
+operation that applies and start again from the first (27 of 100 differ). Doing one operation
+as often as it applies before the next is not taken: "one at a time" rules it out. "Remove the
+middle character" of a string of even length can take either of its two middle characters.
 
 string_synthesis: "Cycle through Methods 1..6 repeatedly until no more changes can be made" reads
 as passes through the methods, each done once where it can be, or each done as often as it can
@@ -26,7 +27,9 @@ _OPERATIONS = [
      lambda s, a, b: s[:-len(a)] + b if s.endswith(a) else None),
     (rf"If the string contains {_S} \(not at the start\), remove the first occurrence found after the first character\.",
      lambda s, a: s[:i] + s[i + len(a):] if (i := s.find(a, 1)) >= 1 else None),
-    (rf"If the string contains {_S}, replace the first occurrence with (?:its reverse \()?{_S}\)?\.",
+    (rf"If the string contains {_S}, replace the first occurrence with {_S}\.",
+     lambda s, a, b: s.replace(a, b, 1) if a in s else None),
+    (rf"If the string contains {_S}, replace the first occurrence with its reverse \({_S}\)\.",
      lambda s, a, b: s.replace(a, b, 1) if a in s else None),
     (rf"If the string contains {_S}, delete the first occurrence entirely\.",
      lambda s, a: s.replace(a, "", 1) if a in s else None),
@@ -34,7 +37,7 @@ _OPERATIONS = [
      lambda s, a: s[0] + s[2:] if s.startswith(a) else None),
     (rf"If the string suffix is {_S}, replace it with {_S} and prepend {_S} to the start\.",
      lambda s, a, b, c: c + s[:-len(a)] + b if s.endswith(a) else None),
-    (r"If the string contains an even number of '([a-z])'s \(and at least one '[a-z]'\), append " + _S + r" at the end\.",
+    (r"If the string contains an even number of '([a-z])'s \(and at least one '\1'\), append " + _S + r" at the end\.",
      lambda s, x, a: s + a if s.count(x) and s.count(x) % 2 == 0 else None),
     (rf"If the string prefix is {_S}, delete the first two characters and append {_S} to the end\.",
      lambda s, a, b: s[2:] + b if s.startswith(a) else None),
@@ -74,9 +77,12 @@ def _operation(text: str, upper_middle: bool):
     raise KeyError(f"no rule reads {text!r}")
 
 
-def _restart(s: str, operations) -> str | None:
-    """The first operation that applies, then again from the first, until none applies."""
-    for _ in range(MAX_STEPS):
+def _restart(s: str, operations, max_chars: int) -> str | None:
+    """The first operation that applies, then again from the first, until none applies; None where
+    that never ends (a string seen before, MAX_STEPS operations, or longer than max_chars)."""
+    seen = set()
+    while s not in seen and len(seen) < MAX_STEPS and len(s) <= max_chars:
+        seen.add(s)
         for op in operations:
             t = op(s)
             if t is not None:
@@ -87,9 +93,12 @@ def _restart(s: str, operations) -> str | None:
     return None
 
 
-def _passes(s: str, operations) -> str | None:
-    """Each operation in turn, done once where it applies, until a whole pass does nothing."""
-    for _ in range(MAX_STEPS):
+def _passes(s: str, operations, max_chars: int) -> str | None:
+    """Each operation in turn, done once where it applies, until a whole pass does nothing; None
+    where that never ends (as _restart)."""
+    seen = set()
+    while s not in seen and len(seen) < MAX_STEPS and len(s) <= max_chars:
+        seen.add(s)
         done = False
         for op in operations:
             t = op(s)
@@ -114,7 +123,9 @@ def deletion_answers(question: str) -> frozenset[str]:
             operations = [_operation(line, upper_middle) for line in lines]
         except KeyError:
             return frozenset()
-        answers |= {run(start.group(1), operations) for run in (_restart, _passes)}
+        # no operation in the data makes a string more than a few characters longer for good
+        max_chars = 4 * len(start.group(1)) + 200
+        answers |= {run(start.group(1), operations, max_chars) for run in (_restart, _passes)}
     return frozenset(answers - {None})
 
 
@@ -134,29 +145,43 @@ def _method(line: str, blocks: list[str]) -> tuple[list[int], list[int]]:
     return counts(used), counts(made)
 
 
+class _Endless(Exception):
+    pass
+
+
 def _synthesise(counts: list[int], methods, reading: str) -> tuple[int, ...] | None:
-    counts = list(counts)
+    """The counts at the end under one reading ("once", "exhaust" or "restart"); None where
+    MAX_STEPS combinations do not reach an end."""
+    counts, steps = list(counts), 0
 
     def do(method) -> bool:
+        nonlocal steps
         used, made = method
         if any(c < u for c, u in zip(counts, used)):
             return False
+        steps += 1
+        if steps > MAX_STEPS:
+            raise _Endless
         counts[:] = [c - u + m for c, u, m in zip(counts, used, made)]
         return True
 
-    for _ in range(MAX_STEPS):
-        if reading == "restart":
-            changed = any(do(m) for m in methods)  # any() stops at the first that is done
-        elif reading == "once":
-            changed = [do(m) for m in methods].count(True) > 0
-        else:  # "exhaust": each as often as it can be before the next
-            changed = False
-            for m in methods:
-                while do(m):
-                    changed = True
-        if not changed:
-            return tuple(counts)
-    return None
+    try:
+        while True:
+            if reading == "restart":
+                changed = any(do(m) for m in methods)  # stops at the first method done
+            elif reading == "once":
+                changed = any([do(m) for m in methods])  # a list: every method has its turn
+            elif reading == "exhaust":
+                changed = False
+                for m in methods:
+                    while do(m):
+                        changed = True
+            else:
+                raise ValueError(f"unknown reading {reading!r}")
+            if not changed:
+                return tuple(counts)
+    except _Endless:
+        return None
 
 
 @functools.lru_cache(maxsize=1024)
