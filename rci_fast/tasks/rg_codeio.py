@@ -8,7 +8,7 @@ never runs it: model text and the question's code both go to the sandbox.
 
 Only where the stored input itself gives the stated output again (a program that draws random
 numbers does not: its stored output came from another random state), and only inputs with the
-stored input's keys and kinds of values (an int where it holds an int or a float, ...).
+stored input's keys and kinds of values (no float where it holds an int, no string for a list, ...).
 """
 from __future__ import annotations
 
