@@ -426,7 +426,7 @@ def test_string_deletion_takes_every_reading_of_its_question():
     """'Cycle through the operations one at a time' reads as passes through them in order; the
     published answers restart from the first operation after each one (27 of 100 differ), and an
     even-length string has two middle characters. Each reading's answer scores."""
-    from rci_fast.tasks.symbench_rules import _operation, _passes, deletion_answers, synthesis_answers
+    from rci_fast.tasks.symbench_rules import _apply, _operation, deletion_answers, synthesis_answers
 
     task = load_task("symbench/string_deletion_and_modification")
     differing = 0
@@ -435,7 +435,7 @@ def test_string_deletion_takes_every_reading_of_its_question():
         assert s.data["solution"]["final_string"] in answers, s.id
         lines = re.findall(r"^\d+\. (.*\S)\s*$", s.prompt, re.MULTILINE)
         start = re.search(r'For the string "([a-z]*)"', s.prompt).group(1)
-        in_passes = _passes(start, [_operation(line, upper_middle=False) for line in lines], max_chars=10_000)
+        in_passes = _apply(start, [_operation(line, upper_middle=False) for line in lines], 10_000, restart=False)
         if in_passes not in (None, s.data["solution"]["final_string"]):  # None: the passes never end
             differing += 1
             assert task.score(s, f'<<<"{in_passes}">>>') == 1.0

@@ -31,7 +31,7 @@ def _same_words(answer: str, gold: str, case_matters: bool) -> bool:
     return answer.split() == gold.split()
 
 
-def _decimals(text: str) -> list[Decimal] | None:
+def _number_list(text: str) -> list[Decimal] | None:
     """A list of numbers as number_sorting's scorer reads it (JSON after ' -> "), or None."""
     try:
         items = json.loads(text.replace("'", '"'), parse_float=Decimal, parse_int=Decimal)
@@ -43,8 +43,8 @@ def _decimals(text: str) -> list[Decimal] | None:
 
 
 def _same_numbers(answer: str, gold: str, entry: dict) -> bool:
-    a = _decimals(answer)
-    return a is not None and a == _decimals(gold)
+    a = _number_list(answer)
+    return a is not None and a == _number_list(gold)
 
 
 def _probability(answer: str, gold: str, entry: dict) -> bool:

@@ -77,25 +77,10 @@ def _operation(text: str, upper_middle: bool):
     raise KeyError(f"no rule reads {text!r}")
 
 
-def _restart(s: str, operations, max_chars: int) -> str | None:
-    """The first operation that applies, then again from the first, until none applies; None where
-    that never ends (a string seen before, MAX_STEPS operations, or longer than max_chars)."""
-    seen = set()
-    while s not in seen and len(seen) < MAX_STEPS and len(s) <= max_chars:
-        seen.add(s)
-        for op in operations:
-            t = op(s)
-            if t is not None:
-                s = t
-                break
-        else:
-            return s
-    return None
-
-
-def _passes(s: str, operations, max_chars: int) -> str | None:
-    """Each operation in turn, done once where it applies, until a whole pass does nothing; None
-    where that never ends (as _restart)."""
+def _apply(s: str, operations, max_chars: int, restart: bool) -> str | None:
+    """The string once no operation applies: each operation in turn, done once where it applies,
+    in passes until one does nothing; with restart, back to the first after each one done. None
+    where that never ends (a string seen again, MAX_STEPS passes, or longer than max_chars)."""
     seen = set()
     while s not in seen and len(seen) < MAX_STEPS and len(s) <= max_chars:
         seen.add(s)
@@ -104,6 +89,8 @@ def _passes(s: str, operations, max_chars: int) -> str | None:
             t = op(s)
             if t is not None:
                 s, done = t, True
+                if restart:
+                    break
         if not done:
             return s
     return None
@@ -125,7 +112,7 @@ def deletion_answers(question: str) -> frozenset[str]:
             return frozenset()
         # no operation in the data makes a string more than a few characters longer for good
         max_chars = 4 * len(start.group(1)) + 200
-        answers |= {run(start.group(1), operations, max_chars) for run in (_restart, _passes)}
+        answers |= {_apply(start.group(1), operations, max_chars, restart) for restart in (True, False)}
     return frozenset(answers - {None})
 
 
