@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from rci_fast.tasks import rg_codeio, rg_forms, rg_full_marks
+from rci_fast.tasks import rg_forms, rg_full_marks
 from rci_fast.tasks.answer import MAX_EXPONENT
 from rci_fast.tasks.base import Sample, Task
 
@@ -311,8 +311,6 @@ class ReasoningGymTask(Task):
             score = min(1.0, max(0.0, float(self._scorer.score_answer(answer, sample.data) or 0.0)))
         if alarm.expired:  # the scorer caught the timeout and returned
             raise ScoringTimeout
-        if score < 1.0 and self.dataset == "codeio" and rg_codeio.is_feasible_input(answer, sample.data):
-            return 1.0  # another input that gives the stated output (the package knows only its own)
         right = rg_full_marks.full_marks(self.dataset, answer, gold, sample.data)
         if right is not None:  # the rule decides a pass; the package's score is partial credit
             return 1.0 if right else min(score, 0.99)

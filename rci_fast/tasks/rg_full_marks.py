@@ -6,10 +6,11 @@ for `-6.42`), coin_flip within 1e-4 absolute (`0` for 3.05e-05) but refuses a pr
 up (`0.153` for 0.15274: 0.8), pool_matrix within 1% (`3.8` for `3.78`, where the prompt asks
 for 2 decimals), game_of_life ignores extra rows, gsm_symbolic reads the first number (`6 or 7`,
 `at least 6`, `-6` for 6), time_intervals the number before any unit (`12 weeks` for `12 days`);
-spell_backward's and letter_jumble's prefix scores reach 1 with words added. There an answer
-scores 1 when its rule says it is right, and otherwise keeps the package's score below 1 (0.99
-at most): partial credit, not a pass. Answers that are the gold written another way reach the
-rules as the gold (rg_forms).
+spell_backward's and letter_jumble's prefix scores reach 1 with words added; codeio's input
+questions took only the stored input (rg_codeio runs others). There an answer scores 1 when its
+rule says it is right, keeps the package's score below 1 (0.99 at most: partial credit, not a
+pass) when the rule says it is not, and the package's score when the rule says nothing (None).
+Answers that are the gold written another way reach the rules as the gold (rg_forms).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from rci_fast.tasks import rg_codeio
 from rci_fast.tasks.answer import decimals_in, parse_number, rounds_to
 
 MIN_SIGNIFICANT_DIGITS = 3  # coin_flip's prompt states no precision: 0.00195 for 0.001953125, not 0.002
@@ -105,6 +107,8 @@ RULES = {
     "game_of_life": _same_grid,
     "gsm_symbolic": _the_number,
     "time_intervals": _in_days,
+    # an input that gives the stated output, run in the sandbox (the package knows only its own)
+    "codeio": lambda answer, gold, entry: True if rg_codeio.is_feasible_input(answer, entry) else None,
     "spell_backward": lambda answer, gold, entry: _same_words(answer, gold, case_matters=False),
     # the prompt keeps the words' capitals: the scorer gave a lower-case answer full marks
     "letter_jumble": lambda answer, gold, entry: _same_words(answer, gold, case_matters=True),
